@@ -97,7 +97,8 @@ class DatasetSpec:
 
 def _parse_int(v: Any, key: str, source: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int | str) or not str(v).strip().isdigit():
-        raise DatasetError(f"{source}: '{key}' must be a non-negative integer, found {v!r}.")
+        raise DatasetError(f"{source}: '{key}' must be a non-negative integer (the number of training "
+                           f"cases, e.g. 8), found {v!r}.")
     return int(v)
 
 
@@ -106,14 +107,16 @@ def _parse_channels(v: Any, source: str) -> tuple[str, ...]:
         raise DatasetError(f"{source}: 'channel_names' must be a non-empty object like "
                            f'{{"0": "T1", "1": "T2"}}, found {v!r}.')
     try:
-        keys = sorted(int(k) for k in v)
+        by_index = {int(k): name for k, name in v.items()}
     except (TypeError, ValueError) as err:
         raise DatasetError(f"{source}: 'channel_names' keys must be channel indices \"0\", \"1\", ...; "
-                           f"found {list(v)}.") from err
-    if keys != list(range(len(keys))):
-        raise DatasetError(f"{source}: 'channel_names' keys must be 0..{len(keys) - 1} without gaps, "
-                           f"found {keys}.")
-    return tuple(str(v[str(k)] if str(k) in v else v[k]) for k in keys)
+                           f"found {list(v)}. Number the channels from \"0\".") from err
+    keys = sorted(by_index)
+    if len(by_index) != len(v) or keys != list(range(len(keys))):
+        raise DatasetError(f"{source}: 'channel_names' keys must be \"0\"..\"{len(v) - 1}\" without gaps or "
+                           f"repeats, found {list(v)}. Number the channels 0, 1, ... as in the file names "
+                           "CASE_0000, CASE_0001, ...")
+    return tuple(str(by_index[k]) for k in keys)
 
 
 def _parse_labels(v: Any, source: str) -> dict[str, int | tuple[int, ...]]:
@@ -229,9 +232,14 @@ def read_dataset_json(path: Path) -> DatasetSpec:
     return DatasetSpec.from_json(d, source=str(path))
 
 
-def _inside(root: Path, rel: str, source: str) -> Path:
-    p = (root / os.path.expandvars(rel)).resolve()
-    if not p.is_relative_to(root.resolve()):
+def _inside(root: Path, rel: Any, source: str) -> Path:
+    if not isinstance(rel, str) or not rel:
+        raise DatasetError(f"{source}: file entries in 'dataset' must be path strings relative to the dataset "
+                           f"folder, found {rel!r}.")
+    # Normalise lexically (no symlink resolution): '..' may not leave the folder, but imagesTr may be a link.
+    base = Path(os.path.normpath(root.absolute()))
+    p = Path(os.path.normpath(base / os.path.expandvars(rel)))
+    if not p.is_relative_to(base):
         raise DatasetError(f"{source}: path {rel!r} points outside the dataset folder {root}. "
                            "List files inside the dataset folder only.")
     return p
@@ -277,7 +285,8 @@ def load_dataset(root: str | os.PathLike[str]) -> Dataset:
     if not images.is_dir():
         raise DatasetError(f"{images}: folder not found. Put training images there as "
                            f"CASE_0000{spec.file_ending} (one file per channel).")
-    cases, stray = find_cases(images, spec.file_ending, spec.n_channels, root / "labelsTr")
+    cases, image_strays = find_cases(images, spec.file_ending, spec.n_channels, root / "labelsTr")
+    stray = list(image_strays)
     ids = {c.case_id for c in cases}
     labels = root / "labelsTr"
     for p in sorted(labels.iterdir()) if labels.is_dir() else []:
