@@ -1,7 +1,54 @@
-"""autoseg: self-configuring medical image segmentation."""
+"""autoseg: self-configuring medical image segmentation.
 
-from autoseg.errors import AutosegError
+The public API (``autoseg.__all__``) is loaded on first use, so ``import autoseg`` stays fast and worker
+processes import only what they need::
+
+    import autoseg
+    report = autoseg.check("Dataset001_Brain")
+    plans = autoseg.plan("Dataset001_Brain", preset="cpu", jobs=2)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AutosegError", "__version__"]
+#: public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "check": "autoseg.api",
+    "plan": "autoseg.api",
+    "workdir_for": "autoseg.api",
+    "load_dataset": "autoseg.io.dataset",
+    "Dataset": "autoseg.io.dataset",
+    "DatasetSpec": "autoseg.io.dataset",
+    "read_image": "autoseg.io.image",
+    "read_label": "autoseg.io.image",
+    "write_image": "autoseg.io.image",
+    "write_label": "autoseg.io.image",
+    "Geometry": "autoseg.io.image",
+    "CheckReport": "autoseg.io.check",
+    "DatasetFingerprint": "autoseg.fingerprint.model",
+    "load_fingerprint": "autoseg.fingerprint.model",
+    "Plans": "autoseg.planner.plans",
+    "load_plans": "autoseg.planner.plans",
+    "AutosegError": "autoseg.errors",
+}
+
+__all__ = sorted([*_EXPORTS, "fingerprint", "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name == "fingerprint":  # the package is callable: autoseg.fingerprint(dataset, ...)
+        return importlib.import_module("autoseg.fingerprint")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autoseg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from tqdm import tqdm
@@ -68,7 +69,13 @@ def imap_ordered(fn: Callable[[T], R], items: Iterable[T], *, jobs: int = 1, des
                     if nxt_yield not in done:
                         finished, _ = wait(pending.values(), return_when=FIRST_COMPLETED)
                         for i in [i for i, f in pending.items() if f in finished]:
-                            done[i] = pending.pop(i).result()
+                            try:
+                                done[i] = pending.pop(i).result()
+                            except BrokenProcessPool as err:
+                                raise WorkerError(
+                                    f"a worker process died while processing {label(items[i])} (it was killed, "
+                                    "most often for running out of memory, or could not start). Rerun with fewer "
+                                    "processes (-j 1); if it still fails, check that case's files.") from err
                             bar.update()
                     while nxt_yield in done:
                         yield _unwrap(done.pop(nxt_yield), label(items[nxt_yield]))

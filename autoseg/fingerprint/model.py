@@ -3,8 +3,9 @@
 Conventions (shared with the planner):
 
 * spacings and shapes are in numpy axis order (``z, y, x``);
-* a 2D dataset is stored as 3D with a leading axis of size 1 and spacing :data:`DUMMY_2D_SPACING`, so one
-  set of rules plans 2D and 3D data (the dummy axis always has the largest spacing);
+* a 2D dataset is stored as 3D with a leading axis of size 1 and spacing :data:`DUMMY_2D_SPACING` times
+  the largest in-plane spacing, so one set of rules plans 2D and 3D data (the dummy axis always has the
+  largest spacing);
 * intensity statistics are over the foreground voxels (label > 0, ignore label excluded), every case
   weighted equally, as nnU-Net does.
 """
@@ -67,6 +68,7 @@ class DatasetFingerprint:
     cases: tuple[CaseFingerprint, ...]
     intensity: tuple[IntensityStats, ...]  # one per channel
     version: int = FINGERPRINT_VERSION
+    dataset_signature: str = ""  # names, sizes and times of the files it was computed from
 
     # ---- aggregates -------------------------------------------------------------------------------
     @property
@@ -144,7 +146,8 @@ class DatasetFingerprint:
             )
             return cls(dataset_name=d["dataset_name"], channel_names=tuple(d["channel_names"]),
                        labels=dict(d["labels"]), num_training=int(d["num_training"]), is_2d=bool(d["is_2d"]),
-                       cases=cases, intensity=tuple(IntensityStats(**s) for s in d["intensity"]))
+                       cases=cases, intensity=tuple(IntensityStats(**s) for s in d["intensity"]),
+                       dataset_signature=str(d.get("dataset_signature", "")))
         except (KeyError, TypeError) as err:
             raise FileFormatError(f"fingerprint JSON is missing or has a malformed field ({err}); rerun "
                                   "`autoseg plan` to recompute it.") from err
@@ -161,3 +164,12 @@ class DatasetFingerprint:
             raise FileFormatError(f"{path}: cannot be read as a fingerprint ({err}); rerun `autoseg plan`.") from err
         except FileFormatError as err:
             raise FileFormatError(f"{path}: {err}") from err
+
+
+def load_fingerprint(path: str | os.PathLike[str]) -> DatasetFingerprint:
+    """Load a saved ``fingerprint.json``.
+
+    Raises:
+        FileFormatError: the file is missing, not JSON, or of an unknown version.
+    """
+    return DatasetFingerprint.load(path)

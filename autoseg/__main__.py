@@ -1,0 +1,7 @@
+"""``python -m autoseg``: the same as the ``autoseg`` command."""
+
+import sys
+
+from autoseg.cli import main
+
+sys.exit(main())

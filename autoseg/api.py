@@ -1,0 +1,137 @@
+"""The notebook API: each function runs one pipeline stage and saves its result in the work folder.
+
+    >>> import autoseg
+    >>> report = autoseg.check("Dataset001_Brain")                     # doctest: +SKIP
+    >>> plans = autoseg.plan("Dataset001_Brain", preset="cpu", jobs=2)  # doctest: +SKIP
+    >>> print(plans.summary_table())                                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from autoseg.fingerprint.extract import analyze_dataset, dataset_signature
+from autoseg.fingerprint.model import DatasetFingerprint
+from autoseg.io.atomic import write_text_atomic
+from autoseg.io.check import CheckReport, check_dataset
+from autoseg.io.dataset import Dataset, load_dataset
+from autoseg.planner.plans import Plans
+from autoseg.planner.planner import plan_experiment
+
+DatasetLike = Dataset | str | os.PathLike[str]
+
+
+def _dataset(dataset: DatasetLike) -> Dataset:
+    return dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
+
+
+def workdir_for(dataset: DatasetLike, workdir: str | os.PathLike[str] | None = None) -> Path:
+    """The work folder of a dataset: ``workdir`` if given, else ``$AUTOSEG_HOME/<name>`` when that
+    variable is set, else ``./autoseg_work/<name>``. The folder is created."""
+    if workdir is None:
+        ds = _dataset(dataset)
+        home = os.environ.get("AUTOSEG_HOME")
+        workdir = Path(home) / ds.name if home else Path("autoseg_work") / ds.name
+    path = Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check(dataset: DatasetLike, *, jobs: int = 1, progress: bool = True,
+          strict_geometry: bool = False) -> CheckReport:
+    """Run the integrity check and return every problem found (it never raises on a bad dataset).
+
+    Args:
+        dataset: dataset folder (nnU-Net v2 raw layout) or a loaded :class:`Dataset`.
+        jobs: worker processes.
+        progress: show a progress bar.
+        strict_geometry: origin/direction mismatches inside a case are errors, not warnings.
+
+    Returns:
+        The report; ``report.ok`` is False when there are errors, ``report.format_table()`` lists them.
+    """
+    return check_dataset(dataset if isinstance(dataset, Dataset) else Path(dataset), jobs=jobs,
+                         progress=progress, strict_geometry=strict_geometry)
+
+
+def fingerprint(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None, jobs: int = 1,
+                progress: bool = True, strict_geometry: bool = False, reuse: bool = True,
+                on_report: Callable[[CheckReport], None] | None = None) -> DatasetFingerprint:
+    """Check the dataset and compute its fingerprint, saved as ``<workdir>/fingerprint.json``.
+
+    A saved fingerprint is reused when the dataset's files are unchanged (same names, sizes and
+    modification times) and ``reuse`` is True.
+
+    Args:
+        dataset: dataset folder or a loaded :class:`Dataset`.
+        workdir: work folder (see :func:`workdir_for`).
+        jobs: worker processes.
+        progress: show a progress bar.
+        strict_geometry: origin/direction mismatches inside a case are errors.
+        reuse: reuse a saved fingerprint of unchanged files.
+        on_report: called with the integrity report (e.g. to print its warnings).
+
+    Returns:
+        The fingerprint.
+
+    Raises:
+        DatasetError: the dataset folder or dataset.json is unusable.
+        DatasetIntegrityError: the integrity check found errors (the message holds the table).
+    """
+    ds = _dataset(dataset)
+    out = workdir_for(ds, workdir) / "fingerprint.json"
+    signature = dataset_signature(ds)
+    if reuse and out.is_file():
+        try:
+            saved = DatasetFingerprint.load(out)
+        except Exception:  # noqa: BLE001 - an unreadable cache is recomputed
+            saved = None
+        if saved is not None and saved.dataset_signature == signature:
+            return saved
+    report, fp = analyze_dataset(ds, jobs=jobs, progress=progress, strict_geometry=strict_geometry)
+    if on_report is not None:
+        on_report(report)
+    report.raise_for_errors()
+    assert fp is not None
+    fp = dataclasses.replace(fp, dataset_signature=signature)
+    fp.save(out)
+    return fp
+
+
+def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None, gpu_memory_gb: float = 8.0,
+         preset: str = "default", jobs: int = 1, progress: bool = True, strict_geometry: bool = False,
+         reuse_fingerprint: bool = True, seed: int = 12345,
+         on_report: Callable[[CheckReport], None] | None = None) -> Plans:
+    """Check, fingerprint and plan a dataset; saves ``fingerprint.json``, ``plans.json`` and a copy of
+    ``dataset.json`` in the work folder.
+
+    Args:
+        dataset: dataset folder or a loaded :class:`Dataset`.
+        workdir: work folder (see :func:`workdir_for`).
+        gpu_memory_gb: GPU memory the training configurations are sized for.
+        preset: planner preset (``default`` = nnU-Net v2's rules; ``cpu`` = sized to train on a CPU).
+        jobs: worker processes for the check and fingerprint.
+        progress: show progress bars.
+        strict_geometry: origin/direction mismatches inside a case are errors.
+        reuse_fingerprint: reuse a saved fingerprint of unchanged files.
+        seed: the seed recorded in the plans, from which all later randomness flows.
+        on_report: called with the integrity report (e.g. to print its warnings).
+
+    Returns:
+        The plans (``plans.summary_table()``, ``plans.explain()``).
+
+    Raises:
+        DatasetError, DatasetIntegrityError: the dataset is unusable (the message says why and how to fix).
+        PlanningError: an option is invalid (e.g. an unknown preset).
+    """
+    ds = _dataset(dataset)
+    wd = workdir_for(ds, workdir)
+    fp = fingerprint(ds, workdir=wd, jobs=jobs, progress=progress, strict_geometry=strict_geometry,
+                     reuse=reuse_fingerprint, on_report=on_report)
+    plans = plan_experiment(fp, gpu_memory_gb=gpu_memory_gb, preset=preset, seed=seed)
+    plans.save(wd / "plans.json")
+    write_text_atomic(wd / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
+    return plans

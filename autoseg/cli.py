@@ -1,0 +1,113 @@
+"""The ``autoseg`` command line: parse, call the API, print. No pipeline logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from autoseg import __version__
+from autoseg.errors import AutosegError
+
+
+def _jobs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-j", "--jobs", type=int, default=2, metavar="N",
+                        help="worker processes (default 2)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autoseg", description="Self-configuring medical image segmentation.")
+    p.add_argument("--version", action="version", version=f"autoseg {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    c = sub.add_parser("check", help="check a dataset folder and list every problem at once")
+    c.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
+    c.add_argument("--strict-geometry", action="store_true",
+                   help="treat origin/direction mismatches inside a case as errors")
+    c.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    _jobs(c)
+
+    pl = sub.add_parser("plan", help="check, fingerprint and plan a dataset (writes plans.json)")
+    pl.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
+    pl.add_argument("--workdir", type=Path, help="work folder (default ./autoseg_work/<dataset>)")
+    pl.add_argument("--gpu-memory", type=float, default=8.0, metavar="GB",
+                    help="GPU memory to plan for, in GB (default 8)")
+    pl.add_argument("--preset", default="default",
+                    help="planner preset: default (nnU-Net v2 rules), cpu (sized for CPU training), ...")
+    pl.add_argument("--explain", action="store_true", help="print each planning decision and why")
+    pl.add_argument("--strict-geometry", action="store_true",
+                    help="treat origin/direction mismatches inside a case as errors")
+    pl.add_argument("--force", action="store_true", help="recompute the fingerprint even if files are unchanged")
+    pl.add_argument("--seed", type=int, default=12345, help="seed recorded in the plans (default 12345)")
+    _jobs(pl)
+
+    m = sub.add_parser("convert-msd", help="convert a Medical Segmentation Decathlon task to the nnU-Net layout")
+    m.add_argument("src", type=Path, help="MSD task folder (dataset.json, imagesTr/, labelsTr/)")
+    m.add_argument("dst", type=Path, help="new dataset folder to write")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty destination")
+    return p
+
+
+def _print_warnings(report) -> None:  # type: ignore[no-untyped-def]
+    if report.warnings:
+        print(report.format_table(), file=sys.stderr)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from autoseg.api import check
+    from autoseg.io.atomic import write_json_atomic
+
+    report = check(args.dataset, jobs=args.jobs, progress=not args.quiet, strict_geometry=args.strict_geometry)
+    print(report.format_table())
+    if args.json:
+        write_json_atomic(args.json, report.to_json())
+    return 0 if report.ok else 1
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from autoseg.api import plan, workdir_for
+
+    workdir = workdir_for(args.dataset, args.workdir)
+    plans = plan(args.dataset, workdir=workdir, gpu_memory_gb=args.gpu_memory, preset=args.preset,
+                 jobs=args.jobs, progress=not args.quiet, strict_geometry=args.strict_geometry,
+                 reuse_fingerprint=not args.force, seed=args.seed, on_report=_print_warnings)
+    if args.explain:
+        print("\n".join(plans.explain()))
+        print()
+    print(plans.summary_table())
+    print(f"\nwrote {workdir / 'fingerprint.json'} and {workdir / 'plans.json'}")
+    return 0
+
+
+def _cmd_convert_msd(args: argparse.Namespace) -> int:
+    from autoseg.io.msd import convert_msd
+
+    out = convert_msd(args.src, args.dst, overwrite=args.overwrite)
+    print(f"wrote {out}; next: autoseg check {out}")
+    return 0
+
+
+COMMANDS = {"check": _cmd_check, "plan": _cmd_plan, "convert-msd": _cmd_convert_msd}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 problems found, 2 error, 130 interrupted)."""
+    args = _build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except AutosegError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"autoseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"autoseg {args.command}: interrupted; finished files are kept, rerun to continue.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
