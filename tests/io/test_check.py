@@ -1,213 +1,400 @@
-"""The integrity check: every problem kind is reported, all at once, with the file, values and a fix."""
+"""The dataset integrity check: every problem a user can make is reported at once, with case, file and fix."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from autoseg.errors import DatasetIntegrityError
-from autoseg.io.check import check_dataset
+from autoseg.io.check import CheckReport, Problem, check_case, check_dataset
+from autoseg.io.dataset import load_dataset
 from autoseg.io.image import Geometry, write_image, write_label
 
-G = Geometry.from_array_spacing((2.0, 1.0, 1.0))
+SHAPE = (8, 8, 8)
+GEO = Geometry.identity(3, (1.0, 1.0, 2.0))
 
 
-def make(root: Path, n: int = 3, channels: int = 2, labels=None, shape=(6, 8, 8)) -> Path:
-    """A clean tiny dataset: ``n`` cases, ``channels`` channels, a cube of label 1 in each case."""
-    rng = np.random.default_rng(0)
+# ----------------------------------------------------------------------------------------------- helpers
+def write_json(root: Path, **fields) -> None:
+    d = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "tumour": 1}, "numTraining": 3,
+         "file_ending": ".nii.gz"}
+    d.update(fields)
+    (root / "dataset.json").write_text(json.dumps(d))
+
+
+def make_dataset(root: Path, n_cases: int = 3, channels: tuple[str, ...] = ("MR",),
+                 labels: dict | None = None, ending: str = ".nii.gz", seed: int = 0) -> Path:
+    """A clean dataset: random images, each label value present as a small block in every case."""
+    labels = labels or {"background": 0, "tumour": 1}
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
-    for i in range(n):
-        for c in range(channels):
-            write_image(root / "imagesTr" / f"c{i}_{c:04d}.nii.gz",
-                        rng.normal(10, 1, (1, *shape)).astype(np.float32), G)
-        seg = np.zeros(shape, np.uint8)
-        seg[1:3, 2:4, 2:4] = 1
-        write_label(root / "labelsTr" / f"c{i}.nii.gz", seg, G)
-    js = {"channel_names": {str(c): f"ch{c}" for c in range(channels)},
-          "labels": labels or {"background": 0, "tumour": 1}, "numTraining": n, "file_ending": ".nii.gz"}
-    (root / "dataset.json").write_text(json.dumps(js))
+    rng = np.random.default_rng(seed)
+    fg = sorted({v for v in labels.values() if isinstance(v, int) and v > 0})
+    for i in range(n_cases):
+        cid = f"case_{i:03d}"
+        for c in range(len(channels)):
+            write_image(root / "imagesTr" / f"{cid}_{c:04d}{ending}", rng.normal(size=SHAPE).astype(np.float32), GEO)
+        seg = np.zeros(SHAPE, np.uint8)
+        for j, v in enumerate(fg):
+            seg[j, 2:5, 2:5] = v
+        write_label(root / "labelsTr" / f"{cid}{ending}", seg, GEO)
+    write_json(root, channel_names={str(c): n for c, n in enumerate(channels)}, labels=labels, numTraining=n_cases,
+               file_ending=ending)
     return root
 
 
-def kinds(report, severity=None):
-    return {(p.kind, p.case_id) for p in report.problems if severity is None or p.severity == severity}
+def image(root: Path, case: int = 0, channel: int = 0) -> Path:
+    return root / "imagesTr" / f"case_{case:03d}_{channel:04d}.nii.gz"
 
 
-def only(report, kind):
+def label(root: Path, case: int = 0) -> Path:
+    return root / "labelsTr" / f"case_{case:03d}.nii.gz"
+
+
+def check(root: Path, **kw) -> CheckReport:
+    return check_dataset(root, progress=False, **kw)
+
+
+def only(report: CheckReport, kind: str) -> Problem:
     found = [p for p in report.problems if p.kind == kind]
-    assert found, report.format_table()
+    assert len(found) == 1, report.format_table()
     return found[0]
 
 
-def test_clean_dataset_is_ok(tmp_path):
-    r = check_dataset(make(tmp_path / "d"), progress=False)
-    assert r.ok and r.problems == [] and r.n_cases == 3
-    r.raise_for_errors()  # no error, no exception
+@pytest.fixture
+def ds(tmp_path) -> Path:
+    return make_dataset(tmp_path / "Dataset001_Test")
 
 
-def test_missing_channel_and_missing_label(tmp_path):
-    ds = make(tmp_path / "d")
-    (ds / "imagesTr" / "c1_0001.nii.gz").unlink()
-    (ds / "labelsTr" / "c2.nii.gz").unlink()
-    r = check_dataset(ds, progress=False)
-    p = only(r, "missing_channel")
-    assert p.severity == "error" and p.case_id == "c1" and p.path.name == "c1_0001.nii.gz"
-    p = only(r, "missing_label")
-    assert p.case_id == "c2" and "c2.nii.gz" in p.message
-    assert {("missing_channel", "c1"), ("missing_label", "c2")} <= kinds(r, "error")  # both at once
+# ----------------------------------------------------------------------------------------------- clean data
+def test_clean_dataset_is_ok_without_problems(ds):
+    report = check(ds)
+    assert report.ok and report.problems == [] and report.n_cases == 3
+    assert report.format_table().splitlines()[-1] == "0 errors, 0 warnings in 3 cases"
+    report.raise_for_errors()  # nothing to raise
 
 
-def test_case_count_differs_from_num_training(tmp_path):
-    ds = make(tmp_path / "d")
-    js = json.loads((ds / "dataset.json").read_text())
-    js["numTraining"] = 5
-    (ds / "dataset.json").write_text(json.dumps(js))
-    p = only(check_dataset(ds, progress=False), "num_training")
+def test_keep_arrays_hands_on_float_images_and_integer_labels(ds):
+    dataset = load_dataset(ds)
+    result = check_case(dataset.cases[0], dataset.spec, keep_arrays=True)
+    assert result.problems == [] and result.image_hash
+    assert result.data.images.dtype == np.float32 and result.data.images.shape == (1, *SHAPE)
+    assert result.data.label.dtype.kind == "i" and result.data.label.max() == 1
+    assert result.data.geometry.spacing == GEO.spacing
+    assert check_case(dataset.cases[0], dataset.spec).data is None
+    label(ds, 1).unlink()
+    assert check_case(dataset.cases[1], dataset.spec, keep_arrays=True).data is None  # errors: nothing handed on
+
+
+# ----------------------------------------------------------------------------------------------- missing files
+def test_missing_channel_file(tmp_path):
+    root = make_dataset(tmp_path / "ds", channels=("T1", "T2"))
+    image(root, 1, 1).unlink()
+    p = only(check(root), "missing_channel")
+    assert (p.severity, p.case_id, p.path) == ("error", "case_001", image(root, 1, 1))
+    assert "case_001_0001.nii.gz" in p.message and "1 of 2" in p.message
+
+
+def test_missing_label(ds):
+    label(ds, 2).unlink()
+    p = only(check(ds), "missing_label")
+    assert (p.severity, p.case_id, p.path) == ("error", "case_002", label(ds, 2))
+
+
+def test_case_listed_in_dataset_json_but_absent(ds):
+    listing = {f"case_{i:03d}": {"images": [f"imagesTr/case_{i:03d}_0000.nii.gz"],
+                                 "label": f"labelsTr/case_{i:03d}.nii.gz"} for i in range(3)}
+    listing["ghost"] = {"images": ["imagesTr/ghost_0000.nii.gz"], "label": "labelsTr/ghost.nii.gz"}
+    write_json(ds, numTraining=4, dataset=listing)
+    report = check(ds)
+    p = only(report, "missing_case")
+    assert (p.severity, p.case_id) == ("error", "ghost") and "ghost_0000.nii.gz" in p.message
+    assert len(report.errors) == 1
+
+
+def test_num_training_differs_from_cases_found(ds):
+    write_json(ds, numTraining=5)
+    p = only(check(ds), "num_training")
     assert p.severity == "error" and "5" in p.message and "3" in p.message and '"numTraining": 3' in p.fix
 
 
-def test_shape_and_spacing_mismatch_are_errors_origin_is_a_warning(tmp_path):
-    ds = make(tmp_path / "d")
-    write_image(ds / "imagesTr" / "c0_0001.nii.gz", np.ones((1, 6, 8, 9), np.float32), G)
-    write_image(ds / "imagesTr" / "c1_0001.nii.gz", np.ones((1, 6, 8, 8), np.float32),
-                Geometry.from_array_spacing((3.0, 1.0, 1.0)))
-    shifted = Geometry(G.spacing, (5.0, 0.0, 0.0), G.direction)
-    write_image(ds / "imagesTr" / "c2_0001.nii.gz", np.ones((1, 6, 8, 8), np.float32), shifted)
-    r = check_dataset(ds, progress=False)
-    shape = only(r, "shape")
-    assert shape.case_id == "c0" and "(6, 8, 9)" in shape.message and shape.severity == "error"
-    geo = {p.case_id: p for p in r.problems if p.kind == "geometry"}
-    assert geo["c1"].severity == "error" and "spacing" in geo["c1"].message
-    assert geo["c2"].severity == "warning" and "origin" in geo["c2"].message
-    strict = check_dataset(ds, progress=False, strict_geometry=True)
-    assert any(p.kind == "geometry" and p.case_id == "c2" and p.severity == "error" for p in strict.problems)
+def test_no_cases_at_all(tmp_path):
+    root = tmp_path / "empty"
+    (root / "imagesTr").mkdir(parents=True)
+    write_json(root, numTraining=0)
+    report = check(root)
+    assert not report.ok and only(report, "no_cases").severity == "error"
 
 
-def test_undeclared_labels_are_named_and_255_masks_get_a_hint(tmp_path):
-    ds = make(tmp_path / "d")
-    seg = np.zeros((6, 8, 8), np.uint8)
-    seg[0, 0, 0] = 255
-    write_label(ds / "labelsTr" / "c0.nii.gz", seg, G)
-    seg[0, 0, 0] = 7
-    write_label(ds / "labelsTr" / "c1.nii.gz", seg, G)
-    r = check_dataset(ds, progress=False)
-    by_case = {p.case_id: p for p in r.problems if p.kind == "label_values"}
-    assert "[255]" in by_case["c0"].message and "map 255 to 1" in by_case["c0"].fix
-    assert "[7]" in by_case["c1"].message and "declare" in by_case["c1"].fix
+def test_stray_files_are_named(ds):
+    wrong_ending = ds / "imagesTr" / "case_009_0000.nii"
+    no_suffix = ds / "imagesTr" / "case_010.nii.gz"
+    orphan_label = ds / "labelsTr" / "case_011.nii.gz"
+    for p in (wrong_ending, no_suffix, orphan_label):
+        p.write_bytes(b"x")
+    report = check(ds)
+    strays = {p.path: p for p in report.problems if p.kind == "stray_file"}
+    assert set(strays) == {wrong_ending, no_suffix, orphan_label} and report.ok
+    assert all(p.severity == "warning" for p in strays.values())
+    assert "'.nii.gz'" in strays[wrong_ending].message and "case_010_0000.nii.gz" in strays[no_suffix].fix
+    assert "no images" in strays[orphan_label].message
+    assert "imagesTr/case_009_0000.nii" in report.format_table()
 
 
-def test_non_integer_and_negative_labels(tmp_path):
-    ds = make(tmp_path / "d")
-    soft = np.zeros((6, 8, 8), np.float32)
-    soft[1, 1, 1] = 0.5
-    write_image(ds / "labelsTr" / "c0.nii.gz", soft, G)
-    neg = np.zeros((6, 8, 8), np.int16)
-    neg[1, 1, 1] = -1
-    write_image(ds / "labelsTr" / "c1.nii.gz", neg, G)
-    r = check_dataset(ds, progress=False)
-    by_case = {p.case_id: p for p in r.problems if p.kind == "label_values"}
-    assert "0.5" in by_case["c0"].message and "nearest" in by_case["c0"].fix
-    assert "-1" in by_case["c1"].message
+# ----------------------------------------------------------------------------------------------- dataset.json
+def test_dataset_json_missing_field_is_one_error_not_a_crash(ds):
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "numTraining": 3}))
+    report = check(ds)
+    p = only(report, "dataset_json")
+    assert len(report.problems) == 1 and p.severity == "error" and p.path == ds / "dataset.json"
+    assert "labels" in p.message and "file_ending" in p.message
 
 
-def test_nan_and_inf_voxels_are_errors(tmp_path):
-    # NRRD keeps NaN; ITK's NIfTI reader turns NaN into 0, so NIfTI files can only show inf.
-    root = tmp_path / "n"
+def test_dataset_json_wrong_type_and_invalid_json(ds):
+    write_json(ds, numTraining="three")
+    assert "numTraining" in only(check(ds), "dataset_json").message
+    (ds / "dataset.json").write_text("{not json")
+    assert "not valid JSON" in only(check(ds), "dataset_json").message
+
+
+def test_missing_dataset_folder_is_reported(tmp_path):
+    report = check(tmp_path / "nope")
+    assert not report.ok and only(report, "layout").severity == "error"
+
+
+def test_label_gaps_are_a_warning_only(tmp_path):
+    root = make_dataset(tmp_path / "ds", labels={"background": 0, "liver": 1, "tumour": 3})
+    report = check(root)
+    p = only(report, "label_gaps")
+    assert report.ok and p.severity == "warning" and "[2]" in p.message and "nnU-Net" in p.fix
+
+
+def test_ignore_label_must_be_max_plus_one(tmp_path):
+    root = make_dataset(tmp_path / "ds", labels={"background": 0, "tumour": 1, "ignore": 5})
+    p = only(check(root), "label_declaration")
+    assert p.severity == "error" and "5" in p.message and '"ignore": 2' in p.fix
+
+
+def test_class_absent_from_every_case(ds):
+    write_json(ds, labels={"background": 0, "tumour": 1, "edema": 2})
+    report = check(ds)
+    p = only(report, "absent_class")
+    assert report.ok and p.severity == "warning" and "'edema'" in p.message and "2" in p.message
+
+
+# ----------------------------------------------------------------------------------------------- label values
+def test_0_255_mask_names_the_value_and_hints_map_to_1(ds):
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[2:4, 2:4, 2:4] = 255
+    write_label(label(ds, 1), seg, GEO)
+    p = only(check(ds), "label_values")
+    assert (p.severity, p.case_id, p.path) == ("error", "case_001", label(ds, 1))
+    assert "255 (8 voxels)" in p.message and "map 255 to 1" in p.fix
+
+
+def test_undeclared_label_values_are_named(ds):
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[0], seg[1], seg[2] = 1, 4, 7
+    write_label(label(ds, 0), seg, GEO)
+    p = only(check(ds), "label_values")
+    assert "4 (64 voxels)" in p.message and "7 (64 voxels)" in p.message and "declared: [0, 1]" in p.message
+
+
+def test_anti_aliased_float_labels(ds):
+    seg = np.zeros(SHAPE, np.float32)
+    seg[2:5, 2:5, 2:5] = 1.0
+    seg[1, 2:5, 2:5] = 0.25
+    write_image(label(ds, 0), seg, GEO)
+    p = only(check(ds), "label_not_integer")
+    assert p.severity == "error" and p.case_id == "case_000" and "0.25" in p.message
+    assert "round" in p.fix and "threshold" in p.fix
+
+
+def test_whole_float_labels_are_accepted(ds):
+    seg = np.zeros(SHAPE, np.float32)
+    seg[2:5, 2:5, 2:5] = 1.0
+    write_image(label(ds, 0), seg, GEO)
+    assert check(ds).problems == []
+
+
+def test_negative_label_values(ds):
+    seg = np.zeros(SHAPE, np.int16)
+    seg[0], seg[1] = -1, 1
+    write_image(label(ds, 2), seg, GEO)
+    p = only(check(ds), "negative_label")
+    assert (p.severity, p.case_id) == ("error", "case_002") and "-1" in p.message
+
+
+def test_empty_label_is_a_warning(ds):
+    write_label(label(ds, 0), np.zeros(SHAPE, np.uint8), GEO)
+    report = check(ds)
+    p = only(report, "empty_label")
+    assert report.ok and (p.severity, p.case_id, p.path) == ("warning", "case_000", label(ds, 0))
+
+
+# ----------------------------------------------------------------------------------------------- voxels and geometry
+def test_nan_and_inf_voxels(tmp_path):
+    root = make_dataset(tmp_path / "ds", ending=".nrrd")
+    arr = np.zeros(SHAPE, np.float32)
+    arr[0, 0, :3] = np.nan
+    arr[1, 1, 1] = np.inf
+    path = root / "imagesTr" / "case_001_0000.nrrd"
+    write_image(path, arr, GEO)
+    p = only(check(root), "nan_inf")
+    assert (p.severity, p.case_id, p.path) == ("error", "case_001", path)
+    assert "3 NaN and 1 inf" in p.message
+
+
+def test_nan_in_nifti_is_found_on_request_although_simpleitk_reads_it_as_zero(ds):
+    arr = np.ones(SHAPE, np.float32)
+    arr[0, 0, :2] = np.nan
+    arr[0, 1, 0] = -np.inf
+    write_image(image(ds, 2), arr, GEO)
+    assert check(ds).ok  # the default check sees the zeros SimpleITK delivers (fast path)
+    p = only(check(ds, scan_nifti_nan=True), "nan_inf")
+    assert (p.case_id, p.path) == ("case_002", image(ds, 2)) and "2 NaN and 1 inf" in p.message
+
+
+def test_shape_mismatch_between_channel_and_label(ds):
+    write_label(label(ds, 0), np.ones((8, 8, 7), np.uint8), GEO)
+    p = only(check(ds), "shape")
+    assert (p.severity, p.case_id, p.path) == ("error", "case_000", image(ds, 0))
+    assert "(8, 8, 8)" in p.message and "(8, 8, 7)" in p.message
+
+
+def test_spacing_mismatch_is_an_error(ds):
+    write_image(image(ds, 0), np.zeros(SHAPE, np.float32), Geometry.identity(3, (1.0, 1.0, 3.0)))
+    p = only(check(ds), "geometry")
+    assert p.severity == "error" and "spacing" in p.message and "(1, 1, 3)" in p.message and "(1, 1, 2)" in p.message
+
+
+def test_origin_and_direction_mismatch_warn_unless_strict(ds):
+    write_image(image(ds, 0), np.zeros(SHAPE, np.float32), Geometry(GEO.spacing, (5.0, 0.0, 0.0), GEO.direction))
+    flipped = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    write_image(image(ds, 1), np.zeros(SHAPE, np.float32), Geometry(GEO.spacing, GEO.origin, flipped))
+    lenient = check(ds)
+    found = {p.case_id: p for p in lenient.problems if p.kind == "geometry"}
+    assert lenient.ok and {p.severity for p in found.values()} == {"warning"}
+    assert "origin (5, 0, 0)" in found["case_000"].message and "direction" in found["case_001"].message
+    strict = check(ds, strict_geometry=True)
+    assert [p.severity for p in strict.problems if p.kind == "geometry"] == ["error", "error"]
+
+
+def test_non_positive_spacing_is_an_error(tmp_path):
+    root = make_dataset(tmp_path / "ds", ending=".mha")
+    path = root / "imagesTr" / "case_001_0000.mha"
+    write_image(path, np.zeros(SHAPE, np.float32), GEO, compress=False)
+    path.write_bytes(path.read_bytes().replace(b"ElementSpacing = 1 1 2", b"ElementSpacing = -1 1 2"))
+    p = only(check(root), "spacing")
+    assert (p.severity, p.case_id, p.path) == ("error", "case_001", path) and "-1" in p.message
+
+
+def test_4d_file_where_3d_is_expected(ds):
+    vol = sitk.GetImageFromArray(np.zeros(SHAPE, np.float32))
+    sitk.WriteImage(sitk.JoinSeries([vol, vol]), str(image(ds, 1)))
+    p = only(check(ds), "dimensionality")
+    assert (p.severity, p.case_id, p.path) == ("error", "case_001", image(ds, 1))
+    assert "4D" in p.message and "(2, 8, 8, 8)" in p.message
+
+
+def test_case_dimensionality_differs_from_the_majority(ds):
+    write_image(image(ds, 2), np.zeros((8, 8), np.float32), Geometry.identity(2))
+    write_label(label(ds, 2), np.ones((8, 8), np.uint8), Geometry.identity(2))
+    p = only(check(ds), "dimensionality")
+    assert (p.severity, p.case_id) == ("error", "case_002") and "2D" in p.message and "3D" in p.message
+
+
+def test_rgb_png_holds_all_channels_when_declared(tmp_path):
+    root = tmp_path / "rgb"
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
-    bad = np.ones((1, 6, 8, 8), np.float32)
-    bad[0, 0, 0, 0] = np.inf
-    bad[0, 1, 0, 0] = np.nan
-    write_image(root / "imagesTr" / "a_0000.nrrd", bad, G)
-    write_label(root / "labelsTr" / "a.nrrd", np.ones((6, 8, 8), np.uint8), G)
-    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "x"}, "numTraining": 1,
-                                                   "labels": {"background": 0, "t": 1}, "file_ending": ".nrrd"}))
-    p = only(check_dataset(root, progress=False), "nan_inf")
-    assert p.severity == "error" and "2 voxels" in p.message and p.path.name == "a_0000.nrrd"
+    for i in range(3):
+        write_image(root / "imagesTr" / f"case_{i:03d}_0000.png", np.full((3, 8, 8), 10 * i, np.uint8),
+                    Geometry.identity(2))
+        write_label(root / "labelsTr" / f"case_{i:03d}.png", np.eye(8, dtype=np.uint8), Geometry.identity(2))
+    write_json(root, channel_names={"0": "R", "1": "G", "2": "B"}, file_ending=".png")
+    assert check(root).problems == []
+    write_json(root, channel_names={"0": "gray"}, file_ending=".png")
+    report = check(root)
+    assert len(report.errors) == 3 and {p.kind for p in report.errors} == {"channels"}
+    assert "3 values per voxel" in report.errors[0].message and "grayscale" in report.errors[0].fix
 
 
-def test_4d_channel_file_is_wrong_dimensionality(tmp_path):
-    ds = make(tmp_path / "d", channels=1)
-    write_image(ds / "imagesTr" / "c0_0000.nii.gz", np.ones((3, 6, 8, 8), np.float32), G)
-    p = only(check_dataset(ds, progress=False), "dimensionality")
-    assert p.case_id == "c0" and "3 channels" in p.message and "convert-msd" in p.fix
+def test_unreadable_and_truncated_files(ds):
+    image(ds, 0).write_bytes(b"this is not an image at all")
+    write_image(image(ds, 1), np.random.default_rng(1).normal(size=(32, 32, 32)).astype(np.float32), GEO)
+    data = image(ds, 1).read_bytes()
+    image(ds, 1).write_bytes(data[: len(data) // 2])
+    report = check(ds)
+    bad = {p.case_id: p for p in report.problems if p.kind == "unreadable"}
+    assert set(bad) == {"case_000", "case_001"} and all(p.severity == "error" for p in bad.values())
+    assert bad["case_000"].path == image(ds, 0) and "truncated" in bad["case_001"].message
 
 
-def test_a_2d_case_in_a_3d_dataset(tmp_path):
-    ds = make(tmp_path / "d", channels=1)
-    g2 = Geometry.from_array_spacing((1.0, 1.0))
-    write_image(ds / "imagesTr" / "c2_0000.nii.gz", np.ones((1, 8, 8), np.float32), g2)
-    write_label(ds / "labelsTr" / "c2.nii.gz", np.ones((8, 8), np.uint8), g2)
-    p = only(check_dataset(ds, progress=False), "dimensionality")
-    assert p.case_id == "c2" and "2D" in p.message and "3D" in p.message
+def test_duplicate_cases(ds):
+    shutil.copy(image(ds, 0), image(ds, 3))
+    shutil.copy(label(ds, 0), label(ds, 3))
+    write_json(ds, numTraining=4)
+    p = only(check(ds), "duplicate")
+    assert (p.severity, p.case_id) == ("warning", "case_003") and "case_000" in p.message
 
 
-@pytest.mark.parametrize("content", [b"", b"not an image at all"])
-def test_unreadable_files_are_reported_not_raised(tmp_path, content):
-    ds = make(tmp_path / "d")
-    (ds / "imagesTr" / "c0_0000.nii.gz").write_bytes(content)
-    p = only(check_dataset(ds, progress=False), "unreadable")
-    assert p.severity == "error" and p.path.name == "c0_0000.nii.gz"
+# ----------------------------------------------------------------------------------------------- the report
+def _broken(root: Path) -> Path:
+    """Three different problems in three cases, plus a stray file."""
+    label(root, 0).unlink()
+    write_label(label(root, 1), np.ones((8, 8, 7), np.uint8), GEO)
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[:2] = 255
+    write_label(label(root, 2), seg, GEO)
+    (root / "imagesTr" / "notes.txt").write_text("x")
+    return root
 
 
-def test_truncated_file_is_reported(tmp_path):
-    ds = make(tmp_path / "d", shape=(16, 32, 32))
-    f = ds / "imagesTr" / "c1_0000.nii.gz"
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    p = only(check_dataset(ds, progress=False), "unreadable")
-    assert p.case_id == "c1" and "truncated" in p.message
+def test_every_problem_is_reported_at_once(ds):
+    report = check(_broken(ds))
+    assert {(p.kind, p.case_id) for p in report.errors} == {
+        ("missing_label", "case_000"), ("shape", "case_001"), ("label_values", "case_002")}
+    assert [p.kind for p in report.warnings] == ["stray_file"]
+    table = report.format_table()
+    lines = table.splitlines()
+    assert lines[0].split() == ["severity", "case", "file", "problem", "fix"]
+    assert lines[-1] == "3 errors, 1 warning in 3 cases"
+    assert table.index("case_000") < table.index("notes.txt")  # errors first
+    assert "labelsTr/case_002.nii.gz" in table and str(ds) not in table  # paths relative to the dataset
 
 
-def test_empty_label_is_a_warning_and_absent_class_is_named(tmp_path):
-    ds = make(tmp_path / "d", labels={"background": 0, "tumour": 1, "oedema": 2})
-    write_label(ds / "labelsTr" / "c0.nii.gz", np.zeros((6, 8, 8), np.uint8), G)
-    r = check_dataset(ds, progress=False)
-    assert r.ok
-    assert only(r, "empty_label").case_id == "c0"
-    assert "oedema" in only(r, "absent_class").message
-
-
-def test_duplicate_cases_are_found_by_content(tmp_path):
-    ds = make(tmp_path / "d", channels=1)
-    (ds / "imagesTr" / "c2_0000.nii.gz").write_bytes((ds / "imagesTr" / "c0_0000.nii.gz").read_bytes())
-    p = only(check_dataset(ds, progress=False), "duplicate")
-    assert p.case_id == "c2" and "c0" in p.message
-
-
-def test_stray_files_and_bad_dataset_json(tmp_path):
-    ds = make(tmp_path / "d")
-    (ds / "imagesTr" / "c0_0000.nii").write_bytes(b"x")
-    (ds / "labelsTr" / "orphan.nii.gz").write_bytes(b"x")
-    r = check_dataset(ds, progress=False)
-    strays = {p.path.name for p in r.problems if p.kind == "stray_file"}
-    assert strays == {"c0_0000.nii", "orphan.nii.gz"}
-    (ds / "dataset.json").write_text('{"labels": {"background": 0}}')
-    r = check_dataset(ds, progress=False)
-    p = only(r, "dataset_json")
-    assert not r.ok and "channel_names" in p.message
-
-
-def test_every_problem_reported_in_one_table_and_raise(tmp_path):
-    ds = make(tmp_path / "d")
-    (ds / "labelsTr" / "c0.nii.gz").unlink()
-    (ds / "imagesTr" / "c1_0001.nii.gz").unlink()
-    r = check_dataset(ds, progress=False)
-    table = r.format_table()
-    assert "c0.nii.gz" in table and "c1_0001.nii.gz" in table and "2 errors" in table
+def test_raise_for_errors_carries_the_table(ds):
+    report = check(_broken(ds))
     with pytest.raises(DatasetIntegrityError) as exc:
-        r.raise_for_errors()
-    assert exc.value.report is r and "c1_0001.nii.gz" in str(exc.value)
+        report.raise_for_errors()
+    assert exc.value.report is report
+    assert "3 errors" in str(exc.value) and "labelsTr/case_002.nii.gz" in str(exc.value)
 
 
-def test_check_never_changes_the_dataset_and_parallel_gives_the_same_report(tmp_path):
-    ds = make(tmp_path / "d", n=4)
-    (ds / "labelsTr" / "c3.nii.gz").unlink()
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in ds.rglob("*") if p.is_file()}
-    serial = check_dataset(ds, progress=False)
-    parallel = check_dataset(ds, jobs=2, progress=False)
-    assert serial.problems == parallel.problems
-    assert before == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in ds.rglob("*") if p.is_file()}
+def test_table_says_how_many_rows_were_left_out(tmp_path):
+    probs = [Problem("warning", "empty_label", f"c{i}", tmp_path / f"labelsTr/c{i}.nii.gz", "m", "f") for i in range(9)]
+    report = CheckReport(str(tmp_path), 9, [*probs, Problem("error", "shape", "c9", None, "bad", "fix it")])
+    table = report.format_table(max_rows=4)
+    assert "6 more problems not shown (0 errors, 6 warnings)" in table
+    assert table.splitlines()[2].startswith("error")  # errors come first even when truncated
+    out = json.loads(json.dumps(report.to_json()))
+    assert out["n_errors"] == 1 and out["problems"][0]["file"] == "labelsTr/c0.nii.gz"
+
+
+def test_parallel_check_gives_the_same_report(ds):
+    _broken(ds)
+    assert check(ds, jobs=2).to_json() == check(ds, jobs=1).to_json()
+
+
+def test_check_never_modifies_the_dataset(ds):
+    _broken(ds)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in ds.rglob("*") if p.is_file()}
+    check(ds)
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in ds.rglob("*") if p.is_file()}
+    assert after == before

@@ -1,0 +1,241 @@
+"""The plans: every configuration the planner derived, with the reasons, saved as ``plans.json``.
+
+Axis convention: every spacing, shape and patch in a configuration is in the *transposed* order
+(``transpose_forward`` applied to the fingerprint's ``z, y, x`` axes; the coarsest axis first). The ``2d``
+configuration keeps the last two of those axes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoseg.errors import FileFormatError, PlanningError
+from autoseg.io.atomic import write_json_atomic
+from autoseg.networks.topology import UNetTopology
+from autoseg.planner.normalization import ChannelNormalization
+from autoseg.planner.resampling import ResamplingPlan
+
+PLANS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ConfigurationPlan:
+    """One trainable configuration (``2d``, ``3d_fullres``, ``3d_lowres``, ``3d_cascade_fullres``).
+
+    Attributes:
+        name: configuration name.
+        data_identifier: preprocessed-data folder it uses (the cascade shares ``3d_fullres``'s data).
+        spacing: target spacing (transposed axes).
+        median_shape: median case shape at that spacing.
+        patch_size: training patch.
+        batch_size: training batch size.
+        topology: the U-Net.
+        normalization: one record per input channel.
+        resampling: resampling orders and separate-z rule.
+        batch_dice: compute Dice over the whole batch (True) or per sample.
+        previous_stage: for a cascade stage, the configuration whose predictions it takes as input.
+        next_stage: for a cascade's first stage, the configuration that consumes its predictions.
+        estimated_feature_map_elements: memory estimate of one sample (see ``autoseg.networks.memory``).
+        memory_budget: reference budget the patch was fitted to (feature-map elements).
+        decisions: human-readable account of how the numbers were chosen.
+    """
+
+    name: str
+    data_identifier: str
+    spacing: tuple[float, ...]
+    median_shape: tuple[float, ...]
+    patch_size: tuple[int, ...]
+    batch_size: int
+    topology: UNetTopology
+    normalization: tuple[ChannelNormalization, ...]
+    resampling: ResamplingPlan
+    batch_dice: bool
+    previous_stage: str | None = None
+    next_stage: str | None = None
+    estimated_feature_map_elements: int = 0
+    memory_budget: float = 0.0
+    decisions: tuple[str, ...] = ()
+
+    @property
+    def ndim(self) -> int:
+        """2 or 3."""
+        return len(self.patch_size)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return {
+            "name": self.name, "data_identifier": self.data_identifier, "spacing": list(self.spacing),
+            "median_shape": list(self.median_shape), "patch_size": list(self.patch_size),
+            "batch_size": self.batch_size, "topology": self.topology.to_json(),
+            "normalization": [n.to_json() for n in self.normalization], "resampling": self.resampling.to_json(),
+            "batch_dice": self.batch_dice, "previous_stage": self.previous_stage, "next_stage": self.next_stage,
+            "estimated_feature_map_elements": self.estimated_feature_map_elements,
+            "memory_budget": self.memory_budget, "decisions": list(self.decisions),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ConfigurationPlan:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            name=str(d["name"]), data_identifier=str(d["data_identifier"]),
+            spacing=tuple(float(v) for v in d["spacing"]), median_shape=tuple(float(v) for v in d["median_shape"]),
+            patch_size=tuple(int(v) for v in d["patch_size"]), batch_size=int(d["batch_size"]),
+            topology=UNetTopology.from_json(d["topology"]),
+            normalization=tuple(ChannelNormalization.from_json(n) for n in d["normalization"]),
+            resampling=ResamplingPlan.from_json(d["resampling"]), batch_dice=bool(d["batch_dice"]),
+            previous_stage=d.get("previous_stage"), next_stage=d.get("next_stage"),
+            estimated_feature_map_elements=int(d.get("estimated_feature_map_elements", 0)),
+            memory_budget=float(d.get("memory_budget", 0.0)), decisions=tuple(d.get("decisions", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Plans:
+    """All configurations of a dataset plus the global decisions.
+
+    Attributes:
+        dataset_name: name from the fingerprint.
+        preset: planner preset used.
+        gpu_memory_gb: memory target the budgets were scaled to.
+        seed: the seed all later randomness flows from.
+        channel_names: input channels.
+        labels: dataset.json labels (name -> value or region values).
+        num_training: training cases.
+        transpose_forward: axis permutation from the fingerprint's ``z, y, x`` order to the planning order.
+        transpose_backward: its inverse.
+        original_median_spacing: median case spacing, transposed (informational).
+        original_median_shape: median case shape after cropping, transposed (informational).
+        configurations: name -> configuration, in the order they were planned.
+        decisions: dataset-level decisions (target spacing, transpose, which configurations and why).
+        dataset_signature: signature of the files the fingerprint was computed from.
+        version: plans format version.
+    """
+
+    dataset_name: str
+    preset: str
+    gpu_memory_gb: float
+    seed: int
+    channel_names: tuple[str, ...]
+    labels: dict[str, Any]
+    num_training: int
+    transpose_forward: tuple[int, ...]
+    transpose_backward: tuple[int, ...]
+    original_median_spacing: tuple[float, ...]
+    original_median_shape: tuple[float, ...]
+    configurations: dict[str, ConfigurationPlan] = field(default_factory=dict)
+    decisions: tuple[str, ...] = ()
+    dataset_signature: str = ""
+    version: int = PLANS_VERSION
+
+    def configuration(self, name: str) -> ConfigurationPlan:
+        """The configuration called ``name``.
+
+        Raises:
+            PlanningError: no such configuration (the message lists them and suggests the closest).
+        """
+        if name in self.configurations:
+            return self.configurations[name]
+        close = difflib.get_close_matches(name, list(self.configurations), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise PlanningError(f"configuration {name!r} is not in the plans of {self.dataset_name!r}{hint}; "
+                            f"available: {', '.join(self.configurations)}.")
+
+    def explain(self) -> list[str]:
+        """Every decision and why, dataset-level first, then per configuration (for ``autoseg plan --explain``)."""
+        lines = [f"plans for {self.dataset_name} (preset {self.preset!r}, {self.gpu_memory_gb:g} GB target):"]
+        lines += [f"  - {d}" for d in self.decisions]
+        for cfg in self.configurations.values():
+            lines.append(f"{cfg.name}:")
+            lines += [f"  - {d}" for d in cfg.decisions]
+        return lines
+
+    def summary_table(self) -> str:
+        """A compact table: configuration, spacing, median shape, patch, batch, stages, estimate."""
+        head = ("config", "spacing", "median shape", "patch", "batch", "stages", "est. elements")
+        rows = [head]
+        for c in self.configurations.values():
+            rows.append((c.name, "x".join(f"{v:.3g}" for v in c.spacing),
+                         "x".join(f"{v:g}" for v in c.median_shape), "x".join(map(str, c.patch_size)),
+                         str(c.batch_size), str(c.topology.n_stages), f"{c.estimated_feature_map_elements / 1e6:.0f}M"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    # ---- JSON -------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form (what ``plans.json`` holds)."""
+        return {
+            "version": self.version, "dataset_name": self.dataset_name, "preset": self.preset,
+            "gpu_memory_gb": self.gpu_memory_gb, "seed": self.seed, "channel_names": list(self.channel_names),
+            "labels": self.labels, "num_training": self.num_training,
+            "transpose_forward": list(self.transpose_forward), "transpose_backward": list(self.transpose_backward),
+            "original_median_spacing": list(self.original_median_spacing),
+            "original_median_shape": list(self.original_median_shape),
+            "decisions": list(self.decisions), "dataset_signature": self.dataset_signature,
+            "configurations": {k: v.to_json() for k, v in self.configurations.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Plans:
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            FileFormatError: unknown version or a missing/malformed field.
+        """
+        if d.get("version") != PLANS_VERSION:
+            raise FileFormatError(f"plans version {d.get('version')!r} is not supported (this autoseg writes "
+                                  f"version {PLANS_VERSION}); rerun `autoseg plan` to regenerate plans.json.")
+        try:
+            return cls(
+                dataset_name=str(d["dataset_name"]), preset=str(d["preset"]), gpu_memory_gb=float(d["gpu_memory_gb"]),
+                seed=int(d["seed"]), channel_names=tuple(d["channel_names"]), labels=dict(d["labels"]),
+                num_training=int(d["num_training"]), transpose_forward=tuple(int(v) for v in d["transpose_forward"]),
+                transpose_backward=tuple(int(v) for v in d["transpose_backward"]),
+                original_median_spacing=tuple(float(v) for v in d["original_median_spacing"]),
+                original_median_shape=tuple(float(v) for v in d["original_median_shape"]),
+                configurations={k: ConfigurationPlan.from_json(v) for k, v in d["configurations"].items()},
+                decisions=tuple(d.get("decisions", ())), dataset_signature=str(d.get("dataset_signature", "")),
+            )
+        except (KeyError, TypeError, ValueError, PlanningError) as err:
+            raise FileFormatError(f"plans JSON is missing or has a malformed field ({err!r}); rerun `autoseg plan` "
+                                  "to regenerate plans.json.") from err
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write ``plans.json`` atomically."""
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plans:
+        """Read a saved ``plans.json``.
+
+        Raises:
+            FileFormatError: missing, not JSON, malformed, or of an unknown version.
+        """
+        path = Path(path)
+        try:
+            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as err:
+            raise FileFormatError(f"{path}: cannot be read as plans ({err}); rerun `autoseg plan`.") from err
+        except FileFormatError as err:
+            raise FileFormatError(f"{path}: {err}") from err
+
+
+def load_plans(path: str | os.PathLike[str]) -> Plans:
+    """Load a saved ``plans.json``.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The plans.
+
+    Raises:
+        FileFormatError: missing, not JSON, malformed, or of an unknown version.
+    """
+    return Plans.load(path)
