@@ -12,16 +12,14 @@ Conventions (shared with the planner):
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from autoseg.errors import FileFormatError
-from autoseg.io.atomic import write_json_atomic
+from autoseg.io.atomic import read_json, write_json_atomic
 
 FINGERPRINT_VERSION = 1
 DUMMY_2D_SPACING = 999.0
@@ -157,11 +155,9 @@ class DatasetFingerprint:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DatasetFingerprint:
-        path = Path(path)
+        data = read_json(path, FileFormatError, "Rerun `autoseg plan` to recreate it.")
         try:
-            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as err:
-            raise FileFormatError(f"{path}: cannot be read as a fingerprint ({err}); rerun `autoseg plan`.") from err
+            return cls.from_json(data)
         except FileFormatError as err:
             raise FileFormatError(f"{path}: {err}") from err
 

@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename."""
+"""JSON and text files: atomic writes (temporary file in the same folder, then rename) and checked reads."""
 
 from __future__ import annotations
 
@@ -41,3 +41,14 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically; key order is kept."""
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike[str], error: type[Exception], fix: str) -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file raises ``error`` naming the file and ``fix``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise error(f"{path}: not found, so it cannot be read. {fix}") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: cannot be read, not valid JSON ({err}). {fix}") from err

@@ -29,7 +29,7 @@ import numpy as np
 
 from autoseg.errors import DatasetError
 from autoseg.io.check_report import CheckReport, Problem, error, warning
-from autoseg.io.check_values import check_label_declaration, check_label_values, label_names, nifti_nonfinite
+from autoseg.io.check_values import check_dataset_level, check_label_values, label_names, nifti_nonfinite
 from autoseg.io.dataset import CaseFiles, Dataset, DatasetSpec, load_dataset, read_dataset_json
 from autoseg.io.image import Geometry, ImageHeader, file_ending, read_header, read_image, read_label
 from autoseg.io.image import spacing_is_valid
@@ -269,47 +269,6 @@ def check_case(case: CaseFiles, spec: DatasetSpec, *, keep_arrays: bool = False,
         data = CaseData(images.astype(np.float32, copy=False), seg, channels[0].geometry)
     return CaseCheck(cid, probs, _hash_files([c.path for c in channels]) if all_channels else None, data, present,
                      ref.geometry.ndim if ref is not None else None)
-
-
-def _stray_problem(dataset: Dataset, path: Path) -> Problem:
-    ending = dataset.spec.file_ending
-    name, folder = path.name, path.parent.name
-    if not name.endswith(ending):
-        return warning("stray_file", None, path, f"{name} does not end in the dataset's file_ending '{ending}', so "
-                       "it belongs to no case", f"convert or rename it to a '{ending}' file (or correct file_ending in "
-                       "dataset.json); otherwise remove it")
-    stem = name[: -len(ending)]
-    if folder == "labelsTr":
-        return warning("stray_file", None, path, f"label {name} has no images (no imagesTr/{stem}_0000{ending})",
-                       "add the case's images, or remove the label")
-    return warning("stray_file", None, path, f"{name} has no 4-digit channel suffix, so it belongs to no case",
-                   f"rename it to {stem}_0000{ending} (channel 0), or remove it")
-
-
-def check_dataset_level(dataset: Dataset) -> list[Problem]:
-    """Problems of the dataset as a whole: no cases, numTraining, stray files, label declarations.
-
-    Args:
-        dataset: the loaded dataset (no voxels are read).
-
-    Returns:
-        The problems found (empty when there are none).
-    """
-    spec, json_path = dataset.spec, dataset.root / "dataset.json"
-    probs: list[Problem] = []
-    if not dataset.cases:
-        where = "dataset.json's 'dataset' listing" if "dataset" in spec.raw else "imagesTr/"
-        probs.append(error("no_cases", None, json_path if "dataset" in spec.raw else dataset.root / "imagesTr",
-                           f"no training cases found in {where} ({len(dataset.stray_files)} files there do not "
-                           "match the naming)", f"name the images CASE_0000{spec.file_ending} (one file per "
-                           f"channel) and the labels labelsTr/CASE{spec.file_ending}"))
-    elif len(dataset.cases) != spec.num_training:
-        probs.append(error("num_training", None, json_path, f"numTraining is {spec.num_training} but "
-                           f"{len(dataset.cases)} cases were found", f"set \"numTraining\": {len(dataset.cases)} "
-                           "in dataset.json, or add the missing cases"))
-    probs.extend(_stray_problem(dataset, p) for p in dataset.stray_files)
-    probs.extend(check_label_declaration(spec, json_path))
-    return probs
 
 
 def assemble_report(dataset: Dataset, case_checks: Sequence[CaseCheck]) -> CheckReport:

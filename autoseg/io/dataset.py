@@ -8,7 +8,6 @@ check's job (:mod:`autoseg.io.check`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.errors import DatasetError
+from autoseg.io.atomic import read_json
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 
@@ -225,10 +225,7 @@ def read_dataset_json(path: Path) -> DatasetSpec:
     if not path.is_file():
         raise DatasetError(f"{path}: not found. A dataset folder needs a dataset.json (nnU-Net v2 format); "
                            "for a Medical Segmentation Decathlon folder run `autoseg convert-msd` first.")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{path}: not valid JSON ({err}). Fix the syntax (a validator shows the line).") from err
+    d = read_json(path, DatasetError, "Fix the syntax (a JSON validator shows the line).")
     return DatasetSpec.from_json(d, source=str(path))
 
 

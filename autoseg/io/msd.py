@@ -11,7 +11,6 @@ contain, are skipped.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.errors import DatasetError
-from autoseg.io.atomic import atomic_path, write_json_atomic
+from autoseg.io.atomic import atomic_path, read_json, write_json_atomic
 from autoseg.io.image import read_image, write_image
 
 _ENDING = ".nii.gz"
@@ -102,10 +101,7 @@ def _read_msd_json(src: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DatasetError(f"{path}: not found. An MSD task folder has a dataset.json; re-extract the task "
                            "archive (e.g. Task01_BrainTumour.tar).")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{path}: not valid JSON ({err}). Re-extract the task archive.") from err
+    meta = read_json(path, DatasetError, "Re-extract the task archive.")
     if not isinstance(meta, dict):
         raise DatasetError(f"{path}: must hold a JSON object, found {type(meta).__name__}.")
     for key, kind in (("modality", dict), ("labels", dict), ("training", list)):

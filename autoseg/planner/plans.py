@@ -8,14 +8,12 @@ configuration keeps the last two of those axes.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from autoseg.errors import FileFormatError, PlanningError
-from autoseg.io.atomic import write_json_atomic
+from autoseg.io.atomic import read_json, write_json_atomic
 from autoseg.networks.topology import UNetTopology
 from autoseg.planner.normalization import ChannelNormalization
 from autoseg.planner.resampling import ResamplingPlan
@@ -217,11 +215,9 @@ class Plans:
         Raises:
             FileFormatError: missing, not JSON, malformed, or of an unknown version.
         """
-        path = Path(path)
+        data = read_json(path, FileFormatError, "Rerun `autoseg plan` to recreate it.")
         try:
-            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as err:
-            raise FileFormatError(f"{path}: cannot be read as plans ({err}); rerun `autoseg plan`.") from err
+            return cls.from_json(data)
         except FileFormatError as err:
             raise FileFormatError(f"{path}: {err}") from err
 
