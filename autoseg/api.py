@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from autoseg.fingerprint.extract import analyze_dataset, dataset_signature
 from autoseg.fingerprint.model import DatasetFingerprint
@@ -20,6 +21,11 @@ from autoseg.io.check import CheckReport, check_dataset
 from autoseg.io.dataset import Dataset, load_dataset
 from autoseg.planner.plans import Plans
 from autoseg.planner.planner import plan_experiment
+from autoseg.preprocessing.preprocess import PreprocessSummary, preprocess_dataset
+from autoseg.training.settings import TrainSettings
+
+if TYPE_CHECKING:
+    from autoseg.training.run import FoldResult
 
 DatasetLike = Dataset | str | os.PathLike[str]
 
@@ -135,3 +141,106 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
     plans.save(wd / "plans.json")
     write_text_atomic(wd / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
     return plans
+
+
+def _load_plans(wd: Path) -> Plans:
+    path = wd / "plans.json"
+    if not path.is_file():
+        from autoseg.errors import PlanningError
+
+        raise PlanningError(f"{path} does not exist; run `autoseg plan DATASET --workdir {wd}` first.")
+    return Plans.load(path)
+
+
+def default_configurations(plans: Plans) -> list[str]:
+    """The configuration(s) preprocessed by default: ``3d_fullres`` when planned, else ``2d``."""
+    return ["3d_fullres"] if "3d_fullres" in plans.configurations else ["2d"]
+
+
+def preprocess(dataset: DatasetLike, configurations: Sequence[str] | None = None, *,
+               workdir: str | os.PathLike[str] | None = None, jobs: int = 1, progress: bool = True,
+               overwrite: bool = False) -> dict[str, PreprocessSummary]:
+    """Preprocess the training cases for some configurations (default: see :func:`default_configurations`).
+
+    Idempotent: cases already stored for the same plan are reused, changed or incomplete ones redone.
+
+    Returns:
+        Per configuration, which cases were processed and which reused.
+
+    Raises:
+        PlanningError: no plans in the work folder, or an unknown configuration.
+    """
+    ds = _dataset(dataset)
+    wd = workdir_for(ds, workdir)
+    plans = _load_plans(wd)
+    names = list(configurations) if configurations else default_configurations(plans)
+    out: dict[str, PreprocessSummary] = {}
+    done: set[str] = set()
+    for name in names:
+        ident = plans.configuration(name).data_identifier
+        if ident in done:
+            continue
+        out[name] = preprocess_dataset(ds, plans, name, wd, jobs=jobs, progress=progress, overwrite=overwrite)
+        done.add(ident)
+    return out
+
+
+def train(dataset: DatasetLike, configuration: str = "3d_fullres", fold: int | str = 0, *,
+          workdir: str | os.PathLike[str] | None = None, settings: TrainSettings | None = None,
+          resume: bool = False, jobs: int = 1, **overrides: Any) -> list[FoldResult]:
+    """Train one fold, several, or every fold of a configuration (preprocessing first if needed).
+
+    Args:
+        dataset: dataset folder or a loaded :class:`Dataset`.
+        configuration: ``2d``, ``3d_fullres``, ``3d_lowres`` or ``3d_cascade_fullres``.
+        fold: a fold index, ``"0,2"``, ``"cv"`` (every fold of ``splits.json`` in turn) or ``"all"`` (one
+            model on every case, nnU-Net's meaning).
+        workdir: work folder holding ``plans.json``.
+        settings: training settings; keyword ``overrides`` (e.g. ``epochs=5``) replace single fields.
+        resume: continue from checkpoints (a larger ``epochs`` extends a finished run).
+        jobs: worker processes for preprocessing.
+
+    Returns:
+        One result per fold (model folder, epochs, validation summary).
+
+    Example:
+        >>> autoseg.train("Dataset001_Brain", "3d_fullres", 0, epochs=5, device="cpu")  # doctest: +SKIP
+    """
+    import dataclasses
+
+    from autoseg.training.run import barrier, setup_distributed, train_fold
+    from autoseg.training.splits import get_splits
+
+    ds = _dataset(dataset)
+    wd = workdir_for(ds, workdir)
+    plans = _load_plans(wd)
+    config = plans.configuration(configuration)
+    settings = dataclasses.replace(settings or TrainSettings(), **overrides)
+    rank, _, _ = setup_distributed(settings.device)  # under torchrun only rank 0 writes shared files
+    if rank == 0:
+        preprocess(ds, [configuration], workdir=wd, jobs=jobs, progress=settings.progress)
+        model_dir = wd / "models" / configuration
+        model_dir.mkdir(parents=True, exist_ok=True)
+        plans.save(model_dir / "plans.json")
+        write_text_atomic(model_dir / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
+        get_splits(wd, [c.case_id for c in ds.cases], seed=plans.seed)
+    barrier()
+    folds = _fold_list(fold, len(get_splits(wd, [c.case_id for c in ds.cases], seed=plans.seed)))
+    return [train_fold(ds, plans, config.name, f, wd, settings=settings, resume=resume) for f in folds]
+
+
+def _fold_list(fold: int | str, n_folds: int) -> list[int | str]:
+    if isinstance(fold, int):
+        return [fold]
+    text = str(fold).strip()
+    if text == "cv":
+        return list(range(n_folds))
+    if text == "all":
+        return ["all"]
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        from autoseg.errors import PlanningError
+
+        raise PlanningError(f"fold {fold!r} is not valid; give a fold number (0-{n_folds - 1}), a list like 0,2, "
+                            "'cv' for every fold or 'all' for one model on every case.") from err

@@ -43,7 +43,40 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="treat origin/direction mismatches inside a case as errors")
     pl.add_argument("--force", action="store_true", help="recompute the fingerprint even if files are unchanged")
     pl.add_argument("--seed", type=int, default=12345, help="seed recorded in the plans (default 12345)")
+    pl.add_argument("--preprocess", nargs="+", metavar="CONFIG", default=None,
+                    help="configurations to preprocess after planning (default: 3d_fullres, or 2d for 2D data; "
+                         "'all' for every configuration, 'none' to skip)")
     _jobs(pl)
+
+    pp = sub.add_parser("preprocess", help="preprocess the training cases for configurations (idempotent)")
+    pp.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
+    pp.add_argument("configurations", nargs="*", metavar="CONFIG",
+                    help="configurations (default 3d_fullres, or 2d for 2D data)")
+    pp.add_argument("--workdir", type=Path, help="work folder holding plans.json")
+    pp.add_argument("--overwrite", action="store_true", help="redo every case")
+    _jobs(pp)
+
+    t = sub.add_parser("train", help="train a configuration with cross-validation (resumable)")
+    t.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
+    t.add_argument("configuration", help="2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres")
+    t.add_argument("fold", help="fold number, a list like 0,2, 'cv' (every fold in turn) or 'all' (one model on "
+                                "every case)")
+    t.add_argument("--workdir", type=Path, help="work folder holding plans.json")
+    t.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    t.add_argument("--epochs", type=int, help="training epochs (default: the plan's)")
+    t.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default: the plan's)")
+    t.add_argument("--val-iters", type=int, help="online validation iterations per epoch (default: the plan's)")
+    t.add_argument("--lr", type=float, default=1e-2, help="initial learning rate (default 0.01, poly decay)")
+    t.add_argument("--save-every", type=int, default=5, metavar="N", help="latest checkpoint every N epochs")
+    t.add_argument("--workers", type=int, help="augmentation worker processes (default: from the CPU count)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint; with a larger --epochs, extend a finished run")
+    t.add_argument("--deterministic", action="store_true", help="deterministic algorithms (reproducible runs)")
+    t.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    t.add_argument("--save-probabilities", action="store_true",
+                   help="final validation also writes probabilities (.npz) for ensembling")
+    t.add_argument("--no-validation", action="store_true", help="skip the final full-volume validation")
+    _jobs(t)
 
     m = sub.add_parser("convert-msd", help="convert a Medical Segmentation Decathlon task to the nnU-Net layout")
     m.add_argument("src", type=Path, help="MSD task folder (dataset.json, imagesTr/, labelsTr/)")
@@ -80,7 +113,53 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print()
     print(plans.summary_table())
     print(f"\nwrote {workdir / 'fingerprint.json'} and {workdir / 'plans.json'}")
+    choice = args.preprocess or []
+    if choice != ["none"]:
+        from autoseg.api import preprocess
+
+        configs = list(plans.configurations) if choice == ["all"] else (choice or None)
+        for name, summary in preprocess(args.dataset, configs, workdir=workdir, jobs=args.jobs,
+                                        progress=not args.quiet).items():
+            print(f"preprocessed {name}: {len(summary.processed)} case(s) written, {len(summary.reused)} reused "
+                  f"-> {summary.folder}")
     return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from autoseg.api import preprocess
+
+    for name, summary in preprocess(args.dataset, args.configurations or None, workdir=args.workdir,
+                                    jobs=args.jobs, progress=not args.quiet, overwrite=args.overwrite).items():
+        print(f"{name}: {len(summary.processed)} case(s) written, {len(summary.reused)} reused -> {summary.folder}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from autoseg.api import train
+    from autoseg.training.settings import TrainSettings
+
+    settings = TrainSettings(epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, val_iters=args.val_iters,
+                             initial_lr=args.lr, save_every=args.save_every, workers=args.workers,
+                             device=args.device, deterministic=args.deterministic,
+                             amp=False if args.no_amp else None, save_probabilities=args.save_probabilities,
+                             validate=not args.no_validation, progress=not args.quiet)
+    for result in train(args.dataset, args.configuration, args.fold, workdir=args.workdir, settings=settings,
+                        resume=args.resume, jobs=args.jobs):
+        print(f"{result.folder}: {result.epochs} epochs")
+        if result.validation:
+            print(format_validation(result.validation))
+    return 0
+
+
+def format_validation(summary: dict) -> str:  # type: ignore[type-arg]
+    """A small table: Dice per class on the held-out cases, and the mean."""
+    rows = [(name, "-" if v is None else f"{v:.4f}") for name, v in summary["mean"].items()]
+    mean = summary.get("mean_foreground_dice")
+    rows.append(("mean", "-" if mean is None else f"{mean:.4f}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"validation Dice ({len(summary['cases'])} held-out case(s)):"]
+    lines += [f"  {n.ljust(width)}  {v}" for n, v in rows]
+    return "\n".join(lines)
 
 
 def _cmd_convert_msd(args: argparse.Namespace) -> int:
@@ -91,7 +170,8 @@ def _cmd_convert_msd(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"check": _cmd_check, "plan": _cmd_plan, "convert-msd": _cmd_convert_msd}
+COMMANDS = {"check": _cmd_check, "plan": _cmd_plan, "preprocess": _cmd_preprocess, "train": _cmd_train,
+            "convert-msd": _cmd_convert_msd}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

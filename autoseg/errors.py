@@ -37,3 +37,7 @@ class PlanningError(AutosegError, ValueError):
 
 class FileFormatError(AutosegError, ValueError):
     """A JSON object (fingerprint, plans, ...) is malformed or of an unknown version."""
+
+
+class TrainingConfigError(AutosegError, ValueError):
+    """Training settings, labels or regions are inconsistent (losses, augmentation)."""

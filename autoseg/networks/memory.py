@@ -119,23 +119,44 @@ def count_parameters(topology: UNetTopology, *, in_channels: int, num_classes: i
         total += conv(2 * feats[s], feats[s], topology.kernel_sizes[s])
         total += (topology.n_conv_per_stage_decoder[s] - 1) * conv(feats[s], feats[s], topology.kernel_sizes[s])
         total += conv(feats[s], num_classes, (1,) * topology.ndim, norm=False)
+    if topology.n_stages == 1:  # no decoder: the single head sits on the only encoder stage
+        total += conv(feats[0], num_classes, (1,) * topology.ndim, norm=False)
     return int(total)
 
 
+#: Calibrated factors of :func:`estimate_training_bytes` (``benchmarks/network_memory.py`` measures them).
+BYTES_PER_ELEMENT_MIXED = 6.0
+BYTES_PER_PARAMETER_MIXED = 16.0
+BYTES_PER_ELEMENT_FP32 = 10.0
+BYTES_PER_PARAMETER_FP32 = 12.0
+
+
 def estimate_training_bytes(topology: UNetTopology, patch_size: Sequence[int], *, batch_size: int,
-                            in_channels: int, num_classes: int, bytes_per_element: float = 6.0,
-                            bytes_per_parameter: float = 16.0) -> int:
-    """Rough GPU memory of one mixed-precision training step, for comparison with measured peak memory.
+                            in_channels: int, num_classes: int, bytes_per_element: float = BYTES_PER_ELEMENT_MIXED,
+                            bytes_per_parameter: float = BYTES_PER_PARAMETER_MIXED) -> int:
+    """Peak memory of one training step (forward, deep-supervision loss, backward, SGD step).
 
     ``bytes = feature_map_elements x batch_size x bytes_per_element + parameters x bytes_per_parameter``.
 
-    * ``bytes_per_element = 6``: autograd keeps each conv output (fp16, 2 B, for the norm's backward) and
-      the norm/nonlinearity output (fp16, 2 B, for the next conv's backward); the remaining ~2 B cover
-      decoder concatenations, deep-supervision heads and gradient buffers alive during backward.
-    * ``bytes_per_parameter = 16``: fp32 weight, fp32 gradient, SGD momentum and the fp16 weight copy.
+    The defaults describe mixed-precision training on a GPU (fp16 activations); pass
+    ``BYTES_PER_ELEMENT_FP32`` / ``BYTES_PER_PARAMETER_FP32`` for full-precision training (CPU):
 
-    Not included: the CUDA context (~0.3-0.5 GB), cuDNN workspaces and allocator fragmentation. The two
-    factors are first guesses; calibrate them against measured memory and keep this one formula.
+    * Per counted element autograd keeps exactly two activations: the conv output (for the norm's
+      backward) and the norm output, which the in-place LeakyReLU turns into the next conv's saved input.
+      Measured: 7.9-8.1 B in fp32 and 4.1-5.2 B under bf16 autocast (CPU), for plain and residual, 2D,
+      3D and anisotropic networks; concatenations, skip paths and deep-supervision heads roughly balance
+      the outputs of the last units, which are not saved.
+    * On top, the backward pass holds gradient buffers and kernel temporaries. Measured peak / estimate
+      (weights and batch included, one SGD step, deep supervision on): 0.83-1.01 in fp32 with
+      ``BYTES_PER_ELEMENT_FP32 = 10`` on nine planned and hand-made networks of 0.4-2.3 GiB, and
+      0.72-0.83 under CPU bf16 autocast with the mixed default of 6 B, which keeps a margin for CUDA.
+    * ``bytes_per_parameter``: fp32 weight, gradient and SGD momentum (12 B); mixed precision adds the
+      autocast fp16 weight copy and the grad scaler's slack (16 B).
+
+    Not included: the CUDA context (~0.3-0.5 GB), cuDNN workspaces beyond the per-element slack, and
+    allocator fragmentation (reserved minus allocated), which is why mixed precision keeps a margin.
+    CPU numbers measured with :func:`autoseg.networks.unet.measure_training_step`; re-run
+    ``python benchmarks/network_memory.py`` (on a GPU too) after changing the network.
 
     Args:
         topology: the network's stages.
@@ -143,8 +164,10 @@ def estimate_training_bytes(topology: UNetTopology, patch_size: Sequence[int], *
         batch_size: samples per step.
         in_channels: input image channels.
         num_classes: output channels.
-        bytes_per_element: bytes per feature-map element and sample (activations + gradients).
-        bytes_per_parameter: bytes per trainable parameter (weights, gradients, optimiser state).
+        bytes_per_element: bytes per feature-map element and sample (activations + gradients);
+            ``BYTES_PER_ELEMENT_MIXED`` (default) or ``BYTES_PER_ELEMENT_FP32``.
+        bytes_per_parameter: bytes per trainable parameter (weights, gradients, optimiser state);
+            ``BYTES_PER_PARAMETER_MIXED`` (default) or ``BYTES_PER_PARAMETER_FP32``.
 
     Returns:
         Estimated bytes.

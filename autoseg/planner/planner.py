@@ -41,7 +41,9 @@ def _configuration(name: str, data_identifier: str, spacing: Sequence[float], me
         name=name, data_identifier=data_identifier, spacing=tuple(float(s) for s in spacing),
         median_shape=tuple(float(m) for m in median), patch_size=fit.patch_size, batch_size=fit.batch_size,
         topology=fit.topology, normalization=norm, resampling=ResamplingPlan(), batch_dice=batch_dice,
-        estimated_feature_map_elements=fit.estimate, memory_budget=fit.budget, decisions=tuple(decisions))
+        estimated_feature_map_elements=fit.estimate, memory_budget=fit.budget, decisions=tuple(decisions),
+        num_epochs=preset.num_epochs, iterations_per_epoch=preset.iterations_per_epoch,
+        val_iterations=preset.val_iterations)
 
 
 def _check_fingerprint(fp: DatasetFingerprint) -> None:

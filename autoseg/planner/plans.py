@@ -41,6 +41,9 @@ class ConfigurationPlan:
         estimated_feature_map_elements: memory estimate of one sample (see ``autoseg.networks.memory``).
         memory_budget: reference budget the patch was fitted to (feature-map elements).
         decisions: human-readable account of how the numbers were chosen.
+        num_epochs: default training length (``autoseg train --epochs`` overrides it).
+        iterations_per_epoch: default training iterations per epoch (``--iters-per-epoch``).
+        val_iterations: default online-validation iterations per epoch.
     """
 
     name: str
@@ -58,6 +61,9 @@ class ConfigurationPlan:
     estimated_feature_map_elements: int = 0
     memory_budget: float = 0.0
     decisions: tuple[str, ...] = ()
+    num_epochs: int = 1000
+    iterations_per_epoch: int = 250
+    val_iterations: int = 50
 
     @property
     def ndim(self) -> int:
@@ -74,6 +80,8 @@ class ConfigurationPlan:
             "batch_dice": self.batch_dice, "previous_stage": self.previous_stage, "next_stage": self.next_stage,
             "estimated_feature_map_elements": self.estimated_feature_map_elements,
             "memory_budget": self.memory_budget, "decisions": list(self.decisions),
+            "num_epochs": self.num_epochs, "iterations_per_epoch": self.iterations_per_epoch,
+            "val_iterations": self.val_iterations,
         }
 
     @classmethod
@@ -89,6 +97,8 @@ class ConfigurationPlan:
             previous_stage=d.get("previous_stage"), next_stage=d.get("next_stage"),
             estimated_feature_map_elements=int(d.get("estimated_feature_map_elements", 0)),
             memory_budget=float(d.get("memory_budget", 0.0)), decisions=tuple(d.get("decisions", ())),
+            num_epochs=int(d.get("num_epochs", 1000)), iterations_per_epoch=int(d.get("iterations_per_epoch", 250)),
+            val_iterations=int(d.get("val_iterations", 50)),
         )
 
 

@@ -34,6 +34,9 @@ class PlannerPreset:
         min_batch_size: lower bound of the batch size.
         n_blocks_encoder: convs (plain) or residual blocks per encoder stage (truncated to the stage count).
         n_conv_decoder: convs per decoder stage (truncated).
+        num_epochs: default training length in epochs.
+        iterations_per_epoch: default training iterations per epoch.
+        val_iterations: default online-validation iterations per epoch.
     """
 
     name: str
@@ -52,6 +55,9 @@ class PlannerPreset:
     min_batch_size: int = 2
     n_blocks_encoder: tuple[int, ...] = (2,) * 14
     n_conv_decoder: tuple[int, ...] = (2,) * 13
+    num_epochs: int = 1000
+    iterations_per_epoch: int = 250
+    val_iterations: int = 50
 
 
 DEFAULT = PlannerPreset(
@@ -85,6 +91,7 @@ CPU = PlannerPreset(
                 "features) for training steps ~2.5x faster than a 32-feature 64^3 step; expect lower accuracy "
                 "than the default plan.",
     base_features=16, max_features_3d=256, max_features_2d=256, reference_3d=40e6, reference_2d=8e6,
+    num_epochs=250, iterations_per_epoch=100, val_iterations=20,
 )
 """The CPU preset. Measured on 2 CPU threads (PlainConvUNet, 4 channels, batch 2, forward+backward+SGD):
 16 features at 64x80x64 took 0.41x the time of 32 features at 64^3 and 1.45x the time of 32 features at 48^3.

@@ -1,0 +1,268 @@
+"""Sliding-window prediction with Gaussian weighting and mirroring test-time augmentation.
+
+The image is covered by overlapping patch-sized windows (step 0.5 of the patch by default). Each window's
+logits are weighted with a Gaussian that is largest at the patch centre, where the network sees the most
+context, and the weighted sum is divided by the summed weights. With mirroring, the network also sees every
+flipped version of each window (7 extra passes in 3D with 3 axes) and the logits are averaged. A 2D
+network applied to a 3D volume predicts it slice by slice along the first spatial axis.
+
+Accumulators are float32 (on the GPU when predicting there; on CUDA out-of-memory the prediction is
+retried with CPU accumulators).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from autoseg.errors import AutosegError
+
+__all__ = ["InferenceError", "gaussian_importance_map", "predict_logits", "window_starts"]
+
+#: sigma of the importance map as a fraction of the patch size (nnU-Net: 1/8)
+DEFAULT_SIGMA_SCALE = 1.0 / 8.0
+
+Tile = tuple[int | slice, ...]  # index into the spatial axes: an int per sliced axis, then one slice per patch axis
+
+
+class InferenceError(AutosegError, ValueError):
+    """Prediction cannot run with the given image, network or options."""
+
+
+def gaussian_importance_map(patch_size: Sequence[int], *, sigma_scale: float = DEFAULT_SIGMA_SCALE,
+                            device: str | torch.device | None = None) -> torch.Tensor:
+    """Weights of the voxels of one window: a Gaussian centred on the patch, peak 1.
+
+    Sigma is ``patch_size * sigma_scale`` per axis. The map is symmetric (centred at ``(size - 1) / 2``), and
+    any zero (underflow far from the centre) is replaced by the smallest non-zero value so that every voxel
+    gets some weight.
+
+    Args:
+        patch_size: window size per spatial axis.
+        sigma_scale: sigma as a fraction of the patch size.
+        device: where to put the map (default CPU).
+
+    Returns:
+        float32 tensor of shape ``patch_size`` with maximum 1 and no zeros.
+
+    Raises:
+        InferenceError: a non-positive patch size or sigma scale.
+
+    Example:
+        >>> g = gaussian_importance_map((5, 5))
+        >>> float(g.max()), tuple(g.shape)
+        (1.0, (5, 5))
+    """
+    sizes = [int(p) for p in patch_size]
+    if not sizes or min(sizes) < 1 or not sigma_scale > 0:
+        raise InferenceError(f"gaussian_importance_map: patch_size={tuple(patch_size)} and "
+                             f"sigma_scale={sigma_scale} must be positive. Pass the plan's patch size.")
+    profiles = []
+    for p in sizes:
+        sigma = p * sigma_scale
+        x = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
+        profiles.append(np.exp(-0.5 * (x / sigma) ** 2))
+    g = profiles[0]
+    for prof in profiles[1:]:
+        g = np.multiply.outer(g, prof)
+    g = (g / g.max()).astype(np.float32)
+    if (g == 0).any():
+        g[g == 0] = g[g > 0].min()
+    return torch.from_numpy(np.ascontiguousarray(g)).to(device if device is not None else "cpu")
+
+
+def window_starts(image_shape: Sequence[int], patch_size: Sequence[int], step_size: float) -> list[list[int]]:
+    """Start indices of the windows along each axis.
+
+    Along an axis of size ``s`` and patch ``p`` (``s >= p``), the starts run evenly from 0 to ``s - p``
+    (rounded), as few as possible with consecutive starts at most ``floor(p * step_size)`` apart, so
+    neighbouring windows overlap by at least ``(1 - step_size) * p`` and the last one ends at the border.
+    This is nnU-Net's rule, ``ceil((s - p) / (p * step)) + 1`` windows, with the step rounded down to whole
+    voxels. An axis not larger than the patch gets the single start 0 (the caller pads it).
+
+    Args:
+        image_shape: spatial size of the image.
+        patch_size: window size, same number of axes.
+        step_size: largest distance between windows as a fraction of the patch, in (0, 1].
+
+    Returns:
+        One list of starts per axis.
+
+    Raises:
+        InferenceError: mismatched axes, a non-positive size, or a step outside (0, 1].
+
+    Example:
+        >>> window_starts((160, 64), (64, 64), 0.5)
+        [[0, 32, 64, 96], [0]]
+    """
+    if len(image_shape) != len(patch_size):
+        raise InferenceError(f"window_starts: image shape {tuple(image_shape)} and patch size {tuple(patch_size)} "
+                             "have different numbers of axes. Pass the spatial shape only (no channel axis).")
+    if not 0 < step_size <= 1:
+        raise InferenceError(f"step_size={step_size}: must be in (0, 1] (a fraction of the patch; 0.5 is the "
+                             "default, 1 means no overlap).")
+    starts = []
+    for s, p in zip((int(v) for v in image_shape), (int(v) for v in patch_size), strict=True):
+        if p < 1 or s < 1:
+            raise InferenceError(f"window_starts: sizes must be positive, got image {tuple(image_shape)} and "
+                                 f"patch {tuple(patch_size)}.")
+        if s <= p:
+            starts.append([0])
+            continue
+        max_step = max(1, math.floor(p * step_size + 1e-9))
+        n = -(-(s - p) // max_step) + 1  # ceil division, in integers
+        starts.append([(i * (s - p) + (n - 1) // 2) // (n - 1) for i in range(n)])
+    return starts
+
+
+def _tiles(spatial: Sequence[int], patch: Sequence[int], step_size: float, n_sliced: int) -> list[Tile]:
+    """Every window of the (padded) image; ``n_sliced`` leading axes are iterated one index at a time."""
+    per_axis = window_starts(spatial[n_sliced:], patch, step_size)
+    tiles: list[Tile] = []
+    for lead in itertools.product(*(range(s) for s in spatial[:n_sliced])):
+        for starts in itertools.product(*per_axis):
+            tiles.append((*lead, *(slice(a, a + p) for a, p in zip(starts, patch, strict=True))))
+    return tiles
+
+
+def _batches(tiles: list[Tile], batch_size: int) -> Iterator[list[Tile]]:
+    for i in range(0, len(tiles), batch_size):
+        yield tiles[i:i + batch_size]
+
+
+def _run_network(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, expected: tuple[int, ...],
+                 ) -> torch.Tensor:
+    out = network(x)
+    if isinstance(out, (list, tuple)):
+        raise InferenceError("the network returned a list of outputs; switch off deep supervision before "
+                             "predicting (the sliding window needs the full-resolution logits only).")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InferenceError(f"the network returned {got} for an input of shape {tuple(x.shape)}; expected "
+                             f"{expected} (batch, num_outputs, *patch). Check num_outputs and the patch size.")
+    return out.float()
+
+
+def _predict_batch(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, num_outputs: int,
+                   mirror_axes: Sequence[int], autocast: torch.autocast) -> torch.Tensor:
+    expected = (x.shape[0], num_outputs, *x.shape[2:])
+    with autocast:
+        pred = _run_network(network, x, expected)
+        subsets = [c for r in range(1, len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
+        for axes in subsets:
+            dims = [a + 2 for a in axes]
+            pred += torch.flip(_run_network(network, torch.flip(x, dims), expected), dims)
+    if subsets:
+        pred /= len(subsets) + 1
+    return pred
+
+
+def _accumulate(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, patch: tuple[int, ...],
+                num_outputs: int, step_size: float, mirror_axes: Sequence[int], use_gaussian: bool, batch_size: int,
+                device: torch.device, results_device: torch.device, amp: bool, progress: bool) -> torch.Tensor:
+    spatial = tuple(image.shape[1:])
+    n_sliced = len(spatial) - len(patch)
+    weight = (gaussian_importance_map(patch, device=results_device) if use_gaussian
+              else torch.ones(patch, dtype=torch.float32, device=results_device))
+    logits = torch.zeros((num_outputs, *spatial), dtype=torch.float32, device=results_device)
+    weights = torch.zeros(spatial, dtype=torch.float32, device=results_device)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    autocast = torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp)
+    tiles = _tiles(spatial, patch, step_size, n_sliced)
+    batches = _batches(tiles, batch_size)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, total=-(-len(tiles) // batch_size), desc="sliding window", unit="batch")
+    for batch in batches:
+        x = torch.stack([image[(slice(None), *t)] for t in batch]).to(device, non_blocking=True)
+        pred = _predict_batch(network, x, num_outputs, mirror_axes, autocast).to(results_device)
+        for t, p in zip(batch, pred, strict=True):
+            logits[(slice(None), *t)] += p * weight
+            weights[t] += weight
+    logits /= weights
+    return logits
+
+
+def predict_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor | np.ndarray, *,
+                   patch_size: Sequence[int], num_outputs: int, step_size: float = 0.5,
+                   mirror_axes: Sequence[int] = (), use_gaussian: bool = True, batch_size: int = 1,
+                   device: str | torch.device = "cpu", amp: bool = False, progress: bool = False) -> torch.Tensor:
+    """Logits of a whole (preprocessed) image by Gaussian-weighted sliding-window prediction.
+
+    Args:
+        network: maps a batch ``(B, C, *patch_size)`` to logits ``(B, num_outputs, *patch_size)``; put it in
+            eval mode, on ``device``, with deep supervision off.
+        image: ``(C, *spatial)`` float array. If it has one spatial axis more than the patch (a 2D network on
+            a 3D volume), it is predicted slice by slice along the first spatial axis.
+        patch_size: window size per patch axis.
+        num_outputs: channels the network returns (classes or regions).
+        step_size: largest distance between windows as a fraction of the patch, in (0, 1].
+        mirror_axes: patch axes (0 .. len(patch_size)-1) to mirror for test-time augmentation; every
+            non-empty combination is predicted and the logits averaged.
+        use_gaussian: weight window voxels with :func:`gaussian_importance_map` (else uniformly).
+        batch_size: windows per network call.
+        device: where the network runs; accumulators live there too for CUDA.
+        amp: run the network under autocast (fp16 on CUDA, bf16 on CPU); accumulation stays float32.
+        progress: show a tqdm bar.
+
+    Returns:
+        float32 logits ``(num_outputs, *spatial)`` on the CPU, same spatial shape as ``image``.
+
+    Raises:
+        InferenceError: bad shapes or options, a network output of the wrong shape, or non-finite logits.
+
+    Example:
+        >>> image = torch.rand(1, 40, 40)
+        >>> out = predict_logits(lambda x: x.repeat(1, 2, 1, 1), image, patch_size=(32, 32), num_outputs=2)
+        >>> tuple(out.shape), bool(torch.allclose(out[1], image[0], atol=1e-6))
+        ((2, 40, 40), True)
+    """
+    device = torch.device(device)
+    patch = tuple(int(p) for p in patch_size)
+    img = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    if not isinstance(img, torch.Tensor) or img.ndim not in (len(patch) + 1, len(patch) + 2):
+        shape = tuple(img.shape) if hasattr(img, "shape") else type(img).__name__
+        raise InferenceError(f"image of shape {shape} does not fit patch_size {patch}: expected (C, *spatial) "
+                             f"with {len(patch)} spatial axes, or {len(patch) + 1} for a 2D network on a 3D volume.")
+    if isinstance(batch_size, bool) or batch_size < 1 or num_outputs < 1:
+        raise InferenceError(f"batch_size={batch_size} and num_outputs={num_outputs} must be positive integers.")
+    axes = [int(a) for a in mirror_axes]
+    if len(set(axes)) != len(axes) or any(not 0 <= a < len(patch) for a in axes):
+        raise InferenceError(f"mirror_axes={tuple(mirror_axes)}: must be distinct patch axes in "
+                             f"0..{len(patch) - 1} (spatial axes of the patch, not counting batch or channel).")
+    window_starts(patch, patch, step_size)  # validates step_size
+    img = img.detach().to("cpu", torch.float32)
+    n_sliced = img.ndim - 1 - len(patch)
+    spatial = tuple(img.shape[1:])
+    pad: list[tuple[int, int]] = [(0, 0)] * n_sliced
+    for s, p in zip(spatial[n_sliced:], patch, strict=True):
+        pad.append(((p - s) // 2, p - s - (p - s) // 2) if s < p else (0, 0))
+    if any(sum(pp) for pp in pad):
+        flat = [v for before_after in reversed(pad) for v in before_after]  # F.pad wants the last axis first
+        img = torch.nn.functional.pad(img, flat, mode="constant", value=0.0)
+    if device.type == "cuda":
+        img = img.to(device)
+
+    with torch.inference_mode():
+        results_device = device if device.type == "cuda" else torch.device("cpu")
+        args = (network, img, patch, num_outputs, step_size, axes, use_gaussian, batch_size, device)
+        try:
+            logits = _accumulate(*args, results_device, amp, progress)
+        except torch.OutOfMemoryError:
+            if results_device.type != "cuda":
+                raise
+            warnings.warn("sliding window: out of GPU memory with accumulators on the GPU; retrying with CPU "
+                          "accumulators (slower).", stacklevel=2)
+            torch.cuda.empty_cache()
+            logits = _accumulate(*args, torch.device("cpu"), amp, progress)
+        crop = tuple(slice(b, b + s) for (b, _), s in zip(pad, spatial, strict=True))
+        logits = logits[(slice(None), *crop)].to("cpu")
+        if not torch.isfinite(logits).all():
+            raise InferenceError("the network produced non-finite logits (inf or NaN). Check that the image was "
+                                 "preprocessed with the model's plans, and try amp=False.")
+    return logits.contiguous()

@@ -1,0 +1,265 @@
+"""Preprocess cases for one configuration: transpose, crop to non-zero, normalise, resample.
+
+Order (as nnU-Net): transpose -> crop -> normalise -> resample, then foreground locations are sampled for
+oversampling. Each case is stored in ``<workdir>/preprocessed/<data_identifier>/`` as
+
+* ``<case>.npy``      float32 ``(C, *spatial)`` (read memory-mapped: a patch is read without the whole case);
+* ``<case>_seg.npy``  int8/int16 ``(1, *spatial)``, ``-1`` outside the imaged region;
+* ``<case>_fg.npy``   int32 ``(N, 2 + ndim)`` foreground locations: label, connected component, coordinates;
+* ``<case>.json``     :class:`CaseProperties`, written last: a case without it (or with another plan hash)
+  is incomplete or stale and is redone, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from autoseg.fingerprint.model import DUMMY_2D_SPACING
+from autoseg.io.atomic import atomic_path
+from autoseg.io.dataset import CaseFiles, Dataset
+from autoseg.io.image import Geometry, read_image, read_label
+from autoseg.parallel import imap_ordered
+from autoseg.planner.plans import ConfigurationPlan, Plans
+from autoseg.preprocessing.cropping import crop_to_nonzero
+from autoseg.preprocessing.normalize import normalize
+from autoseg.preprocessing.properties import CaseProperties
+from autoseg.preprocessing.resample import case_resampling, new_shape_for, resample_data, resample_seg
+
+#: foreground locations kept per class: min(MAX, n), at least 1 % of the class's voxels
+MAX_LOCATIONS = 10_000
+#: every connected component keeps at least this many locations (small lesions stay reachable)
+MIN_LOCATIONS_PER_COMPONENT = 20
+
+
+@dataclass(frozen=True)
+class PreprocessedArrays:
+    """One case in the planning axes, ready for training or prediction."""
+
+    data: np.ndarray  # float32 (C, *spatial)
+    seg: np.ndarray  # int16 (*spatial), -1 outside the imaged region
+    properties: CaseProperties
+
+
+def read_case(case: CaseFiles) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+    """Read a case's channels (stacked ``(C, *spatial)`` float32), its label map (or None) and geometry."""
+    chans = [read_image(p) for p in case.images]
+    images = np.concatenate([c.array for c in chans]) if len(chans) > 1 else chans[0].array
+    seg = read_label(case.label).array if case.label is not None else None
+    return images, seg, chans[0].geometry
+
+
+def target_spacing(config: ConfigurationPlan, spacing_t: Sequence[float]) -> tuple[float, ...]:
+    """Spacing after resampling: the plan's; a 2D configuration keeps the case's out-of-plane spacing."""
+    if config.ndim == 2:
+        return (float(spacing_t[0]),) + tuple(config.spacing)
+    return tuple(config.spacing)
+
+
+def to_planning_axes(images: np.ndarray, seg: np.ndarray | None, geometry: Geometry, plans: Plans
+                     ) -> tuple[np.ndarray, np.ndarray | None, tuple[float, ...]]:
+    """Add the dummy axis of 2D files and apply the plans' transpose; returns images, seg, spacing."""
+    spacing = tuple(float(s) for s in geometry.array_spacing)
+    if images.ndim == 3:
+        images = images[:, None]
+        seg = seg[None] if seg is not None else None
+        spacing = (DUMMY_2D_SPACING * max(spacing),) + spacing
+    fwd = tuple(plans.transpose_forward)
+    images = images.transpose((0,) + tuple(a + 1 for a in fwd))
+    seg = seg.transpose(fwd) if seg is not None else None
+    return images, seg, tuple(spacing[a] for a in fwd)
+
+
+def preprocess_arrays(images: np.ndarray, seg: np.ndarray | None, geometry: Geometry, plans: Plans,
+                      config: ConfigurationPlan, *, case_id: str = "") -> PreprocessedArrays:
+    """Preprocess one case held in memory (also what prediction uses for new images).
+
+    Args:
+        images: ``(C, *spatial)`` channels as read from the files.
+        seg: label map (spatial) or None.
+        geometry: the file geometry (restored at export).
+        plans: the plans.
+        config: the configuration.
+        case_id: name recorded in the properties.
+
+    Returns:
+        Normalised, resampled data, label map (or an all-background map with -1 outside when ``seg`` is None)
+        and the properties export needs to undo it.
+    """
+    file_ndim = images.ndim - 1
+    images, seg, spacing_t = to_planning_axes(images, seg, geometry, plans)
+    shape_before = tuple(int(s) for s in images.shape[1:])
+    data, seg_c, bbox = crop_to_nonzero(images, seg)
+    data = normalize(data, config.normalization, seg_c)
+    target = target_spacing(config, spacing_t)
+    new_shape = new_shape_for(data.shape[1:], spacing_t, target)
+    axis = case_resampling(config.resampling, spacing_t, target)
+    rs = config.resampling
+    data = resample_data(data, new_shape, order=rs.order_image, separate_axis=axis, order_z=rs.order_z)
+    seg_r = resample_seg(seg_c, new_shape, order=rs.order_seg, separate_axis=axis, order_z=rs.order_z)
+    present = tuple(int(v) for v in np.unique(seg_r) if v >= 0) if seg is not None else ()
+    props = CaseProperties(case_id=case_id, geometry=geometry, file_ndim=file_ndim, spacing_t=spacing_t,
+                           shape_before_crop_t=shape_before, bbox_t=bbox,
+                           shape_after_crop_t=tuple(int(s) for s in seg_c.shape), target_spacing_t=target,
+                           shape_after_resampling_t=tuple(int(s) for s in new_shape), separate_axis=axis,
+                           labels_present=present)
+    return PreprocessedArrays(data, seg_r, props)
+
+
+def foreground_locations(seg: np.ndarray, labels: Sequence[int], *, seed: int) -> np.ndarray:
+    """Sample voxel locations of each foreground label, per connected component.
+
+    Per label ``target = max(min(10000, n), ceil(0.01 n))`` locations, shared among its connected
+    components in proportion to their size but at least :data:`MIN_LOCATIONS_PER_COMPONENT` each (or all
+    of a smaller component's voxels), so the loader can also pick a lesion uniformly, not only a voxel.
+
+    Returns:
+        int32 ``(N, 2 + ndim)``: label, component index (per label, from 0), coordinates.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for lab in labels:
+        comps, n_comp = ndimage.label(seg == lab)
+        if n_comp == 0:
+            continue
+        sizes = np.bincount(comps.ravel())[1:]
+        total = int(sizes.sum())
+        target = max(min(MAX_LOCATIONS, total), math.ceil(0.01 * total))
+        coords = np.argwhere(comps > 0)
+        ids = comps[tuple(coords.T)] - 1
+        for c in range(n_comp):
+            idx = np.flatnonzero(ids == c)
+            k = min(idx.size, max(MIN_LOCATIONS_PER_COMPONENT, round(target * idx.size / total)))
+            pick = rng.choice(idx, size=k, replace=False)
+            block = np.empty((k, 2 + seg.ndim), np.int32)
+            block[:, 0], block[:, 1], block[:, 2:] = lab, c, coords[pick]
+            rows.append(block)
+    return np.concatenate(rows) if rows else np.zeros((0, 2 + seg.ndim), np.int32)
+
+
+def plan_hash(plans: Plans, config: ConfigurationPlan, case: CaseFiles) -> str:
+    """Hash of everything a preprocessed case depends on: the configuration's data-relevant plan entries,
+    the transpose, the labels and the case's files (names, sizes, modification times)."""
+    cfg = config.to_json()
+    relevant = {k: cfg[k] for k in ("spacing", "normalization", "resampling")}
+    files = [p for p in case.images + ((case.label,) if case.label else ())]
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (p.name, -1, -1) for p in files]
+    blob = json.dumps([relevant, plans.transpose_forward, plans.labels, stats, 1], sort_keys=True, default=list)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def case_paths(folder: Path, case_id: str) -> dict[str, Path]:
+    """Paths of a stored case's files."""
+    return {"data": folder / f"{case_id}.npy", "seg": folder / f"{case_id}_seg.npy",
+            "fg": folder / f"{case_id}_fg.npy", "props": folder / f"{case_id}.json"}
+
+
+def is_complete(folder: Path, case_id: str, expected_hash: str) -> bool:
+    """True when the case was stored completely with the expected plan hash."""
+    paths = case_paths(folder, case_id)
+    try:
+        props = CaseProperties.load(paths["props"])
+        if props.plan_hash != expected_hash:
+            return False
+        data = np.load(paths["data"], mmap_mode="r")
+        seg = np.load(paths["seg"], mmap_mode="r")
+        np.load(paths["fg"], mmap_mode="r")
+    except Exception:  # noqa: BLE001 - anything unreadable is simply redone
+        return False
+    shape = props.shape_after_resampling_t
+    return tuple(data.shape[1:]) == shape and tuple(seg.shape[1:]) == shape
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
+
+
+def _seed_of(case_id: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha1(f"{seed}:{case_id}".encode()).digest()[:4], "little")
+
+
+def _job(args: tuple[CaseFiles, Plans, str, Path, tuple[int, ...]]) -> str:
+    case, plans, config_name, folder, labels = args
+    config = plans.configuration(config_name)
+    h = plan_hash(plans, config, case)
+    images, seg, geometry = read_case(case)
+    out = preprocess_arrays(images, seg, geometry, plans, config, case_id=case.case_id)
+    del images, seg
+    seg_store = out.seg.astype(np.int8 if max(labels, default=0) <= 127 else np.int16)[None]
+    paths = case_paths(folder, case.case_id)
+    paths["props"].unlink(missing_ok=True)  # the marker goes first, so a crash below leaves the case "incomplete"
+    _save_npy(paths["data"], out.data)
+    _save_npy(paths["seg"], seg_store)
+    _save_npy(paths["fg"], foreground_locations(out.seg, labels, seed=_seed_of(case.case_id, plans.seed)))
+    dataclasses.replace(out.properties, plan_hash=h).save(paths["props"])
+    return case.case_id
+
+
+@dataclass(frozen=True)
+class PreprocessSummary:
+    """What :func:`preprocess_dataset` did."""
+
+    folder: Path
+    processed: tuple[str, ...]
+    reused: tuple[str, ...]
+
+
+def preprocess_dataset(dataset: Dataset, plans: Plans, config_name: str, workdir: str | os.PathLike[str], *,
+                       jobs: int = 1, progress: bool = True, overwrite: bool = False) -> PreprocessSummary:
+    """Preprocess every training case of ``dataset`` for a configuration (idempotent).
+
+    Cases already stored with the same plan hash are reused; changed, missing or incomplete ones are
+    redone. Workers write their case to disk themselves and return only its name, so memory stays
+    bounded by ``jobs`` cases.
+
+    Args:
+        dataset: the raw dataset.
+        plans: the plans.
+        config_name: configuration (its ``data_identifier`` names the folder; the cascade shares 3d_fullres's).
+        workdir: work folder; cases go to ``<workdir>/preprocessed/<data_identifier>/``.
+        jobs: worker processes.
+        progress: show a progress bar.
+        overwrite: redo every case.
+
+    Returns:
+        The folder and which cases were processed or reused.
+
+    Raises:
+        PlanningError: unknown configuration.
+        WorkerError, ImageReadError: a case failed (the message names it).
+    """
+    config = plans.configuration(config_name)
+    folder = Path(workdir) / "preprocessed" / config.data_identifier
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = tuple(int(v) for v in _foreground_values(plans.labels))
+    todo, reused = [], []
+    for case in dataset.cases:
+        if not overwrite and is_complete(folder, case.case_id, plan_hash(plans, config, case)):
+            reused.append(case.case_id)
+        else:
+            todo.append(case)
+    jobs_args = [(c, plans, config_name, folder, labels) for c in todo]
+    done = list(imap_ordered(_job, jobs_args, jobs=jobs, desc=f"preprocess {config.data_identifier}",
+                             label=lambda a: f"case {a[0].case_id}", progress=progress, max_in_flight=max(1, jobs)))
+    return PreprocessSummary(folder, tuple(done), tuple(reused))
+
+
+def _foreground_values(labels: dict) -> list[int]:
+    """Integer foreground label values from dataset.json labels (regions expanded, ignore excluded)."""
+    vals: set[int] = set()
+    for name, v in labels.items():
+        if name == "ignore":
+            continue
+        vals.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+    vals.discard(0)
+    return sorted(vals)

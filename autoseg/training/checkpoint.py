@@ -1,0 +1,67 @@
+"""Checkpoints: written atomically, loaded with ``weights_only=True`` (loading never runs code).
+
+A checkpoint holds the network and optimizer state, the grad scaler, the epoch to continue from, the RNG
+states of torch / numpy / Python, the best EMA pseudo Dice and a description of the run (configuration,
+fold, mirror axes, label layout) so a model folder describes itself.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autoseg.errors import FileFormatError
+from autoseg.io.atomic import atomic_path
+
+LATEST = "checkpoint_latest.pt"
+FINAL = "checkpoint_final.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of torch, numpy and Python, in types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(cached)],
+            "python": list(random.getstate()[1]) + [random.getstate()[0]]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = state["python"]
+    random.setstate((py[-1], tuple(py[:-1]), None))
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (a crash never leaves a half-written file under its name)."""
+    with atomic_path(Path(path)) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without executing code.
+
+    Raises:
+        FileFormatError: missing, truncated, not a checkpoint, or containing objects other than tensors and
+            plain containers (a file that would need code to load is refused).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: checkpoint not found; train first (`autoseg train`) or check the path.")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises several types for corrupt or unsafe files
+        raise FileFormatError(f"{path}: cannot be loaded as a safe checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}). It is corrupt, truncated or holds "
+                              "objects that would run code when loaded; delete it and retrain or resume from "
+                              "another checkpoint.") from err
+    if not isinstance(state, dict) or "network" not in state:
+        raise FileFormatError(f"{path}: not an autoseg checkpoint (no 'network' entry).")
+    return state

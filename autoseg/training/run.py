@@ -1,0 +1,260 @@
+"""Train one fold of one configuration: everything around the loop (folders, splits, network, loss, batch
+streams, resume rules, DDP under ``torchrun``, the final full-volume validation)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autoseg.errors import AutosegError
+from autoseg.inference.export import LabelLayout
+from autoseg.io.dataset import Dataset
+from autoseg.planner.plans import ConfigurationPlan, Plans
+from autoseg.training.augmentation import augmentation_params, training_transforms, validation_transforms
+from autoseg.training.cascade import cascade_input_folder, prepare_cascade_inputs
+from autoseg.training.checkpoint import FINAL, LATEST, load_checkpoint
+from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
+from autoseg.training.loop import TrainingLoop
+from autoseg.training.progress import TrainingLog
+from autoseg.training.settings import TrainSettings
+from autoseg.training.splits import fold_cases, get_splits
+
+
+class TrainingError(AutosegError, RuntimeError):
+    """Training cannot start or continue (the message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """What :func:`train_fold` produced."""
+
+    folder: Path
+    epochs: int
+    validation: dict[str, Any] | None  # the summary of the final validation, if it ran
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA if available, else MPS, else CPU; other names are checked.
+
+    Raises:
+        TrainingError: the requested device is not available.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise TrainingError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps.") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was requested but torch sees no CUDA GPU (this torch build: "
+                            f"{torch.__version__}); use --device cpu, or install a CUDA build of torch.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("--device mps was requested but MPS is not available; use --device cpu.")
+    return dev
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 31-bit seed from any values (stable across runs and platforms)."""
+    return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def fold_folder(workdir: Path, config_name: str, fold: int | str) -> Path:
+    """``<workdir>/models/<config>/fold_<k>``."""
+    return Path(workdir) / "models" / config_name / f"fold_{fold}"
+
+
+def deep_supervision_scales(config: ConfigurationPlan) -> list[tuple[float, ...]]:
+    """Relative resolution of each deep-supervision output (highest first): ``1 / cumprod(strides)``."""
+    scales, cum = [], np.ones(config.ndim)
+    for stride in config.topology.strides[:-1] if config.topology.n_stages > 1 else config.topology.strides:
+        cum = cum * np.asarray(stride)
+        scales.append(tuple(float(v) for v in 1.0 / cum))
+    return scales
+
+
+def _ddp() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """Join the process group when started by ``torchrun`` (NCCL on CUDA, else gloo).
+
+    Returns:
+        ``(rank, world_size, device)``; ``(0, 1, device)`` outside torchrun.
+    """
+    rank, local_rank, world = _ddp()
+    device = resolve_device(device_name)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def barrier() -> None:
+    """Wait for every DDP process (no-op outside torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _set_determinism(deterministic: bool, device: torch.device) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str, workdir: str | os.PathLike[str], *,
+               settings: TrainSettings = TrainSettings(), resume: bool = False) -> FoldResult:
+    """Train (or continue, or extend) one fold, then validate it on its held-out cases.
+
+    The preprocessed data must exist (``autoseg.api.train`` runs preprocessing first).
+
+    Args:
+        dataset: the raw dataset (references for the final validation, labels layout).
+        plans: the plans.
+        config_name: configuration to train.
+        fold: fold index, or ``"all"`` (train on every case; validation then repeats training cases).
+        workdir: work folder.
+        settings: epochs, iterations, device, workers, ...
+        resume: continue from the latest/final checkpoint; with a larger ``epochs`` a finished run is extended.
+
+    Returns:
+        The fold folder, the epochs trained and the validation summary.
+
+    Raises:
+        TrainingError: checkpoints exist but ``resume`` is False, a device is unavailable, cascade inputs are
+            missing, or the batch cannot be split over the DDP processes.
+    """
+    workdir = Path(workdir)
+    config = plans.configuration(config_name)
+    rank, world, device = setup_distributed(settings.device)
+    _set_determinism(settings.deterministic, device)
+    folder = fold_folder(workdir, config_name, fold)
+    folder.mkdir(parents=True, exist_ok=True)
+    epochs = settings.epochs or config.num_epochs
+    iters = settings.iters_per_epoch or config.iterations_per_epoch
+    val_iters = config.val_iterations if settings.val_iters is None else settings.val_iters
+
+    ckpt = _checkpoint_to_resume(folder, resume)
+    case_ids = [c.case_id for c in dataset.cases]
+    split = fold_cases(get_splits(workdir, case_ids, seed=plans.seed), fold)
+    layout = LabelLayout.from_labels(plans.labels, dataset.spec.regions_class_order)
+    prev_folder, prev_labels = None, ()
+    if config.previous_stage:
+        prev_labels = tuple(v for v in layout_values(plans) if v != 0)
+        prepare_cascade_inputs(dataset, plans, config_name, workdir, progress=settings.progress)
+        prev_folder = cascade_input_folder(workdir, config_name)
+
+    from autoseg.networks.unet import build_network
+    from autoseg.training.losses import build_loss
+
+    torch.manual_seed(derived_seed(plans.seed, config_name, fold, "init"))
+    in_channels = len(plans.channel_names) + len(prev_labels)
+    network = build_network(config, in_channels=in_channels, num_classes=layout.num_outputs).to(device)
+    ds_scales = deep_supervision_scales(config)
+    loss = build_loss(regions=layout.regions is not None, batch_dice=config.batch_dice,
+                      ignore_label=dataset.spec.ignore_label, n_outputs=len(ds_scales))
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = device.type == "cuda" if settings.amp is None else settings.amp
+    loop = TrainingLoop(network, loss, folder=folder, device=device, regions=layout.regions is not None,
+                        ignore_label=dataset.spec.ignore_label, amp=amp, initial_lr=settings.initial_lr,
+                        weight_decay=settings.weight_decay, momentum=settings.momentum,
+                        grad_clip=settings.grad_clip, is_main=rank == 0)
+    aug = augmentation_params(config.patch_size)
+    loop.state.extra = {"configuration": config_name, "fold": str(fold), "mirror_axes": list(aug.mirror_axes),
+                        "in_channels": in_channels, "num_outputs": layout.num_outputs, "epochs": epochs,
+                        "cascade_labels": list(prev_labels), "settings": settings.to_json()}
+    if ckpt is not None:
+        loop.restore(ckpt)
+
+    if loop.state.epoch < epochs:
+        batch = _batch_per_rank(config.batch_size, world)
+        store_train = CaseStore(workdir / "preprocessed" / config.data_identifier, split.train, prev_folder=prev_folder)
+        store_val = CaseStore(store_train.folder, split.val, prev_folder=prev_folder)
+        label_kw = {"label_values": None, "regions": layout.regions, "ignore_label": dataset.spec.ignore_label,
+                    "ds_scales": ds_scales if len(ds_scales) > 1 else None}
+        mask_channels = [i for i, n in enumerate(config.normalization) if n.use_mask]
+        t_train = training_transforms(aug, mask_channels=mask_channels, cascade_labels=prev_labels, **label_kw)
+        t_val = validation_transforms(cascade_labels=prev_labels, **label_kw)
+        seed = derived_seed(plans.seed, config_name, fold, rank)
+        workers = settings.resolved_workers(device.type)
+        train_stream = BatchStream(PatchLoader(store_train, patch_size=aug.initial_patch_size,
+                                               final_patch_size=config.patch_size, batch_size=batch, seed=seed,
+                                               start=loop.state.epoch * iters), t_train, workers=workers,
+                                   pin_memory=device.type == "cuda")
+        val_stream = BatchStream(PatchLoader(store_val, patch_size=config.patch_size,
+                                             final_patch_size=config.patch_size, batch_size=batch, seed=seed + 1,
+                                             start=loop.state.epoch * val_iters), t_val,
+                                 workers=min(workers, 1))
+        log = TrainingLog(folder / "log.jsonl", keep_before=loop.state.epoch)
+        try:
+            loop.run(train_stream, val_stream, epochs=epochs, iters_per_epoch=iters, val_iters=val_iters,
+                     save_every=max(1, settings.save_every), log=log, progress=settings.progress)
+        finally:
+            train_stream.close()
+            val_stream.close()
+    summary = None
+    if settings.validate and rank == 0:
+        from autoseg.training.validation import validate_fold
+
+        net = getattr(network, "module", network)
+        summary = validate_fold(net, dataset, plans, config, layout, split.val, workdir, folder / "val",
+                                mirror_axes=aug.mirror_axes, device=device, amp=amp, step_size=settings.step_size,
+                                save_probabilities=settings.save_probabilities, prev_folder=prev_folder,
+                                prev_labels=prev_labels, progress=settings.progress)
+    barrier()
+    return FoldResult(folder, epochs, summary)
+
+
+def layout_values(plans: Plans) -> tuple[int, ...]:
+    """Integer label values a previous stage's segmentation can hold (for the cascade's one-hot inputs)."""
+    vals: set[int] = set()
+    for name, v in plans.labels.items():
+        if name != "ignore":
+            vals.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+    return tuple(sorted(vals))
+
+
+def _batch_per_rank(batch_size: int, world: int) -> int:
+    if world <= 1:
+        return batch_size
+    if batch_size < world:
+        raise TrainingError(f"the plan's batch size {batch_size} is smaller than the {world} DDP processes; use "
+                            "fewer GPUs (one fold per GPU is usually faster) or plan with a larger GPU memory target.")
+    return math.ceil(batch_size / world)
+
+
+def _checkpoint_to_resume(folder: Path, resume: bool) -> dict[str, Any] | None:
+    existing = [folder / n for n in (FINAL, LATEST) if (folder / n).is_file()]
+    if not existing:
+        return None
+    if not resume:
+        raise TrainingError(f"{folder} already holds {', '.join(p.name for p in existing)}; pass --resume to "
+                            "continue (a larger --epochs extends a finished run), or delete the folder to start "
+                            "over.")
+    states = [load_checkpoint(p) for p in existing]
+    return max(states, key=lambda s: int(s["epoch"]))

@@ -1,0 +1,59 @@
+"""Training settings: every knob is a parameter with a default (no subclass per setting)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a fold is trained. ``None`` means "the plan's default" (epochs, iterations) or "automatic".
+
+    Attributes:
+        epochs: training epochs (plan default: 1000, the cpu preset 250).
+        iters_per_epoch: training iterations per epoch (plan default 250 / cpu 100).
+        val_iters: online-validation iterations per epoch (plan default 50 / cpu 20).
+        initial_lr: SGD learning rate at epoch 0, decayed as ``(1 - epoch / epochs) ** 0.9``.
+        weight_decay: SGD weight decay.
+        momentum: SGD Nesterov momentum.
+        grad_clip: gradient-norm clipping threshold.
+        save_every: write ``checkpoint_latest.pt`` every this many epochs.
+        workers: augmentation worker processes (None: half the CPU cores on CPU, up to 8 on a GPU; 0 = none).
+        device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        deterministic: deterministic torch algorithms (bit-identical CPU runs for the same seed).
+        amp: mixed precision (None: on for CUDA).
+        save_probabilities: final validation also writes probabilities (``.npz``) for ensembling.
+        validate: run the full-volume validation of the held-out cases at the end.
+        step_size: sliding-window step of the final validation (fraction of the patch).
+        progress: show progress bars.
+    """
+
+    epochs: int | None = None
+    iters_per_epoch: int | None = None
+    val_iters: int | None = None
+    initial_lr: float = 1e-2
+    weight_decay: float = 3e-5
+    momentum: float = 0.99
+    grad_clip: float = 12.0
+    save_every: int = 5
+    workers: int | None = None
+    device: str = "auto"
+    deterministic: bool = False
+    amp: bool | None = None
+    save_probabilities: bool = False
+    validate: bool = True
+    step_size: float = 0.5
+    progress: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+    def resolved_workers(self, device_type: str) -> int:
+        """Worker count to use on a device type."""
+        if self.workers is not None:
+            return max(0, int(self.workers))
+        cores = os.cpu_count() or 1
+        return min(8, max(1, cores - 1)) if device_type == "cuda" else max(1, cores // 2)

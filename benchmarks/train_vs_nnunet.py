@@ -1,0 +1,131 @@
+"""Train fold 0 of the same dataset with autoseg and with nnU-Net v2, same epochs and iterations, on CPU.
+
+    python benchmarks/train_vs_nnunet.py [DATASET] [--epochs 10] [--iters 25] [--val-iters 5] [--preset cpu]
+
+Without DATASET the demo's synthetic BraTS-like dataset (12 cases, 64^3, 4 channels, 3 regions) is made.
+Both tools use the same fold-0 split (autoseg's ``splits.json`` is handed to nnU-Net as ``splits_final.json``)
+and each tool's own plan (autoseg: ``--preset``; nnU-Net: its default 3d_fullres plan). nnU-Net's epochs and
+iterations are set the way its users do it, with a small trainer subclass (nnU-Net has no CLI flag for them).
+Prints per tool: wall time per epoch (median), total wall time of the training command, peak RSS and the final
+validation Dice (mean over foreground classes/regions, full volumes), then the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import nnunet_layout, run_measured  # noqa: E402
+
+TRAINER = '''
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainer_AutosegBench(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = {epochs}
+        self.num_iterations_per_epoch = {iters}
+        self.num_val_iterations_per_epoch = {val_iters}
+'''
+
+
+def _autoseg(dataset: Path, out: Path, args: argparse.Namespace) -> dict:
+    work = out / "autoseg_work"
+    shutil.rmtree(work / "models", ignore_errors=True)
+    py = [sys.executable, "-m", "autoseg", "-q"]
+    plan = run_measured(py + ["plan", str(dataset), "--workdir", str(work), "--preset", args.preset, "-j", "2"])
+    if plan.returncode:
+        raise SystemExit(plan.output)
+    run = run_measured(py + ["train", str(dataset), "3d_fullres", "0", "--workdir", str(work), "--device", "cpu",
+                             "--epochs", str(args.epochs), "--iters-per-epoch", str(args.iters),
+                             "--val-iters", str(args.val_iters)])
+    if run.returncode:
+        raise SystemExit(run.output)
+    fold = work / "models" / "3d_fullres" / "fold_0"
+    epochs = [json.loads(line)["epoch_time"] for line in (fold / "log.jsonl").read_text().splitlines()]
+    summary = json.loads((fold / "val" / "summary.json").read_text())
+    return {"epoch_s": statistics.median(epochs), "train_s": run.seconds, "rss_mb": run.peak_rss_mb,
+            "dice": summary["mean_foreground_dice"], "per_class": summary["mean"],
+            "splits": work / "splits.json", "plan_s": plan.seconds}
+
+
+def _nnunet(dataset: Path, out: Path, splits: Path, args: argparse.Namespace) -> dict:
+    work = out / "nnunet"
+    shutil.rmtree(work / "nnUNet_results", ignore_errors=True)
+    env, did = nnunet_layout(dataset, work, dataset_id=args.nnunet_id)
+    env.pop("OMP_NUM_THREADS", None)  # let nnU-Net choose its threads as its users get them
+    bin_dir = args.nnunet_venv.resolve() / "bin"
+    py = str(bin_dir / "python")
+    pkg = Path(run_measured([py, "-c", "import nnunetv2, os; print(os.path.dirname(nnunetv2.__file__))"],
+                            env=env).output.strip().splitlines()[-1])
+    (pkg / "training" / "nnUNetTrainer" / "nnUNetTrainer_AutosegBench.py").write_text(
+        TRAINER.format(epochs=args.epochs, iters=args.iters, val_iters=args.val_iters))
+    prep = run_measured([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(did), "-c", "3d_fullres",
+                         "-np", "2", "-npfp", "2"], env=env)
+    if prep.returncode:
+        raise SystemExit(prep.output)
+    name = next((work / "nnUNet_preprocessed").glob(f"Dataset{did:03d}_*"))
+    shutil.copy(splits, name / "splits_final.json")
+    run = run_measured([str(bin_dir / "nnUNetv2_train"), str(did), "3d_fullres", "0", "-tr",
+                        "nnUNetTrainer_AutosegBench", "-device", "cpu"], env=env)
+    if run.returncode:
+        raise SystemExit(run.output[-4000:])
+    fold = next((work / "nnUNet_results").glob(f"Dataset{did:03d}_*/nnUNetTrainer_AutosegBench__*/fold_0"))
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    log = next(fold.glob("training_log_*.txt")).read_text().splitlines()
+    epochs = [float(line.split("Epoch time:")[1].split()[0]) for line in log if "Epoch time:" in line]
+    return {"epoch_s": statistics.median(epochs) if epochs else float("nan"), "train_s": run.seconds,
+            "rss_mb": run.peak_rss_mb, "dice": summary["foreground_mean"]["Dice"],
+            "per_class": {k: v["Dice"] for k, v in summary["mean"].items()}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dataset", nargs="?", type=Path, help="raw dataset folder (nnU-Net v2 layout)")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=25, help="training iterations per epoch")
+    ap.add_argument("--val-iters", type=int, default=5, help="online validation iterations per epoch")
+    ap.add_argument("--preset", default="cpu", help="autoseg planner preset (default cpu)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/train_vs_nnunet"))
+    ap.add_argument("--nnunet-venv", type=Path, default=Path(".nnunet-venv"))
+    ap.add_argument("--nnunet-id", type=int, default=991)
+    ap.add_argument("--skip-nnunet", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dataset = args.dataset
+    if dataset is None:
+        from autoseg.data.synthetic import make_synthetic_dataset
+
+        dataset = args.out / "Dataset001_SyntheticBraTS"
+        if not (dataset / "dataset.json").is_file():
+            make_synthetic_dataset(dataset, n_cases=12, shape=(64, 64, 64), n_channels=4, kind="brats",
+                                   regions=True, n_test=2, seed=0)
+    dataset = dataset.resolve()
+    print(f"dataset {dataset.name}, fold 0, {args.epochs} epochs x {args.iters} iterations "
+          f"(+{args.val_iters} validation), CPU, {os.cpu_count()} cores")
+    ours = _autoseg(dataset, args.out, args)
+    print(f"autoseg  ({args.preset} preset): {ours['epoch_s']:.1f} s/epoch, train command {ours['train_s']:.0f} s, "
+          f"peak RSS {ours['rss_mb']:.0f} MB, validation Dice {ours['dice']:.4f} {ours['per_class']}")
+    if args.skip_nnunet:
+        return 0
+    theirs = _nnunet(dataset, args.out, ours["splits"], args)
+    print(f"nnU-Net v2 (default plan): {theirs['epoch_s']:.1f} s/epoch, train command {theirs['train_s']:.0f} s, "
+          f"peak RSS {theirs['rss_mb']:.0f} MB, validation Dice {theirs['dice']:.4f} {theirs['per_class']}")
+    print(f"ratio nnU-Net/autoseg epoch time: {theirs['epoch_s'] / ours['epoch_s']:.2f}x")
+    print(f"ratio nnU-Net/autoseg train command wall time: {theirs['train_s'] / ours['train_s']:.2f}x")
+    print(f"ratio nnU-Net/autoseg peak RSS: {theirs['rss_mb'] / ours['rss_mb']:.2f}x")
+    print(f"Dice difference autoseg - nnU-Net: {ours['dice'] - theirs['dice']:+.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
