@@ -19,6 +19,9 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "check": "autoseg.api",
     "plan": "autoseg.api",
+    "preprocess": "autoseg.api",
+    "train": "autoseg.api",
+    "TrainSettings": "autoseg.training.settings",
     "workdir_for": "autoseg.api",
     "load_dataset": "autoseg.io.dataset",
     "Dataset": "autoseg.io.dataset",

@@ -42,3 +42,9 @@ def make_planned(root: Path, *, kind: str = "brats", regions: bool = True, n_cas
 def tiny_brats(tmp_path_factory):
     """A planned + preprocessed 6-case 2-channel region (BraTS-style) dataset: (dataset, workdir, plans)."""
     return make_planned(tmp_path_factory.mktemp("tiny_brats"))
+
+
+@pytest.fixture
+def planned_factory():
+    """:func:`make_planned`, for tests that need a dataset of their own kind."""
+    return make_planned

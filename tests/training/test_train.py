@@ -130,3 +130,15 @@ def test_cli_train_errors_are_one_clear_line(tiny_brats, tmp_path, capsys):
     assert "plans.json does not exist" in err and "autoseg plan" in err and "Traceback" not in err
     assert cli(["train", str(ds.root), "3d_fullres", "seven", "--workdir", str(tiny_brats[1])]) == 2
     assert "'cv'" in capsys.readouterr().err
+
+
+def test_a_2d_png_dataset_trains_and_validates_in_its_own_geometry(tmp_path, planned_factory):
+    ds, wd, plans = planned_factory(tmp_path, kind="binary", regions=False, shape=(1, 40, 36), ndim=2, n_channels=1)
+    assert list(plans.configurations) == ["2d"]
+    (res,) = train(ds.root, "2d", 0, workdir=wd, epochs=1, **FAST)
+    summary = json.loads((res.folder / "val" / "summary.json").read_text())
+    case = next(iter(summary["cases"]))
+    ending = ds.spec.file_ending
+    ref = read_label(next(c.label for c in ds.cases if c.case_id == case))
+    pred = read_label(res.folder / "val" / f"{case}{ending}")
+    assert pred.array.shape == ref.array.shape and pred.array.ndim == 2
