@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -145,6 +146,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              validate=not args.no_validation, progress=not args.quiet)
     for result in train(args.dataset, args.configuration, args.fold, workdir=args.workdir, settings=settings,
                         resume=args.resume, jobs=args.jobs):
+        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+            continue
         print(f"{result.folder}: {result.epochs} epochs")
         if result.validation:
             print(format_validation(result.validation))

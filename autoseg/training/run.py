@@ -178,6 +178,9 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        if hasattr(loss, "weights"):  # DDP needs a gradient for every head: the unused lowest one gets 1e-6
+            loss.weights = [w if w > 0 else 1e-6 for w in loss.weights]
+
         network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     amp = device.type == "cuda" if settings.amp is None else settings.amp
     loop = TrainingLoop(network, loss, folder=folder, device=device, regions=layout.regions is not None,

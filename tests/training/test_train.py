@@ -142,3 +142,19 @@ def test_a_2d_png_dataset_trains_and_validates_in_its_own_geometry(tmp_path, pla
     ref = read_label(next(c.label for c in ds.cases if c.case_id == case))
     pred = read_label(res.folder / "val" / f"{case}{ending}")
     assert pred.array.shape == ref.array.shape and pred.array.ndim == 2
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun_trains_one_fold_on_two_cpu_processes(tiny_brats):
+    ds, wd, _ = tiny_brats
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip("torchrun not installed next to this python")
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "autoseg", "-q", "train",
+                          str(ds.root), "3d_fullres", "all", "--workdir", str(wd), "--device", "cpu", "--epochs", "2",
+                          "--iters-per-epoch", "2", "--val-iters", "1", "--workers", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = wd / "models" / "3d_fullres" / "fold_all"
+    assert load_checkpoint(folder / FINAL)["epoch"] == 2 and len(_losses(folder)) == 2
+    assert run.stdout.count("validation Dice") == 1  # only rank 0 reports
