@@ -187,7 +187,8 @@ def preprocess(dataset: DatasetLike, configurations: Sequence[str] | None = None
 
 def train(dataset: DatasetLike, configuration: str = "3d_fullres", fold: int | str = 0, *,
           workdir: str | os.PathLike[str] | None = None, settings: TrainSettings | None = None,
-          resume: bool = False, jobs: int = 1, **overrides: Any) -> list[FoldResult]:
+          resume: bool = False, jobs: int = 1, groups: str | os.PathLike[str] | dict[str, str] | None = None,
+          **overrides: Any) -> list[FoldResult]:
     """Train one fold, several, or every fold of a configuration (preprocessing first if needed).
 
     Args:
@@ -199,6 +200,8 @@ def train(dataset: DatasetLike, configuration: str = "3d_fullres", fold: int | s
         settings: training settings; keyword ``overrides`` (e.g. ``epochs=5``) replace single fields.
         resume: continue from checkpoints (a larger ``epochs`` extends a finished run).
         jobs: worker processes for preprocessing.
+        groups: case -> group (e.g. patient) mapping or a CSV with ``case,group`` columns; new splits keep each
+            group in one fold, existing ``splits.json`` files are checked against it.
 
     Returns:
         One result per fold (model folder, epochs, validation summary).
@@ -223,7 +226,7 @@ def train(dataset: DatasetLike, configuration: str = "3d_fullres", fold: int | s
         model_dir.mkdir(parents=True, exist_ok=True)
         plans.save(model_dir / "plans.json")
         write_text_atomic(model_dir / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
-        get_splits(wd, [c.case_id for c in ds.cases], seed=plans.seed)
+        get_splits(wd, [c.case_id for c in ds.cases], seed=plans.seed, groups=groups)
     barrier()
     folds = _fold_list(fold, len(get_splits(wd, [c.case_id for c in ds.cases], seed=plans.seed)))
     return [train_fold(ds, plans, config.name, f, wd, settings=settings, resume=resume) for f in folds]

@@ -77,6 +77,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-probabilities", action="store_true",
                    help="final validation also writes probabilities (.npz) for ensembling")
     t.add_argument("--no-validation", action="store_true", help="skip the final full-volume validation")
+    t.add_argument("--groups", type=Path, metavar="CSV",
+                   help="CSV/TSV with case,group columns (e.g. patient ids): splits keep each group in one fold")
     _jobs(t)
 
     m = sub.add_parser("convert-msd", help="convert a Medical Segmentation Decathlon task to the nnU-Net layout")
@@ -145,7 +147,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              amp=False if args.no_amp else None, save_probabilities=args.save_probabilities,
                              validate=not args.no_validation, progress=not args.quiet)
     for result in train(args.dataset, args.configuration, args.fold, workdir=args.workdir, settings=settings,
-                        resume=args.resume, jobs=args.jobs):
+                        resume=args.resume, jobs=args.jobs, groups=args.groups):
         if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
             continue
         print(f"{result.folder}: {result.epochs} epochs")

@@ -314,10 +314,13 @@ def get_splits(workdir: str | os.PathLike[str], case_ids: Sequence[str], *, n_fo
         >>> folds = get_splits("autoseg_work/Dataset001", ["a", "b", "c", "d", "e"])  # doctest: +SKIP
     """
     path = Path(workdir) / SPLITS_FILE
-    if path.exists():
-        return load_splits(path, case_ids=case_ids)
     if groups is not None and not isinstance(groups, Mapping):
         groups = read_groups(groups)
+    if path.exists():
+        folds = load_splits(path, case_ids=case_ids)
+        if groups is not None:
+            _check_groups_respected(path, folds, groups)
+        return folds
     folds = make_splits(case_ids, n_folds=n_folds, seed=seed, groups=groups)
     save_splits(path, folds)
     return folds
@@ -351,3 +354,14 @@ def fold_cases(folds: Sequence[Fold], fold: int | str) -> Fold:
         return folds[int(fold)]
     raise SplitsError(f"fold {fold!r} does not exist: the split has {len(folds)} fold(s). Use one of "
                       f"{list(range(len(folds)))} or 'all' (train on every case).")
+
+
+def _check_groups_respected(path: Path, folds: Sequence[Fold], groups: Mapping[str, str]) -> None:
+    """Raise when an existing split puts cases of one group on both sides of a fold (leakage)."""
+    for k, fold in enumerate(folds):
+        val_groups = {groups[c] for c in fold.val if c in groups}
+        leaked = sorted({groups[c] for c in fold.train if groups.get(c) in val_groups})
+        if leaked:
+            raise SplitsError(f"{path}: fold {k} has cases of group(s) {', '.join(leaked[:5])} in both train and "
+                              "val, which leaks information between them. Delete the file to have autoseg make "
+                              "group-safe splits, or fix it by hand.")

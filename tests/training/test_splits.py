@@ -159,3 +159,14 @@ def test_importing_splits_does_not_import_torch():
     code = "import sys, autoseg.training.splits; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_an_existing_split_that_leaks_a_group_is_refused(tmp_path):
+    ids = [f"c{i}" for i in range(10)]
+    get_splits(tmp_path, ids, seed=1)  # made without groups
+    groups = {c: "patient_a" if c in ("c0", "c1", "c2", "c3", "c4") else c for c in ids}
+    with pytest.raises(SplitsError, match="both train and val"):
+        get_splits(tmp_path, ids, groups=groups)
+    (tmp_path / "splits.json").unlink()
+    folds = get_splits(tmp_path, ids, groups=groups)
+    assert all({"c0", "c1", "c2", "c3", "c4"} <= set(f.val) or not {"c0"} & set(f.val) for f in folds)
