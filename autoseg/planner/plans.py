@@ -140,6 +140,16 @@ class Plans:
     dataset_signature: str = ""
     version: int = PLANS_VERSION
 
+    @property
+    def label_values(self) -> tuple[int, ...]:
+        """Integer label values a segmentation may hold: background included, regions expanded into their
+        labels, the ignore label excluded; sorted."""
+        vals: set[int] = set()
+        for name, v in self.labels.items():
+            if name != "ignore":
+                vals.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+        return tuple(sorted(vals))
+
     def configuration(self, name: str) -> ConfigurationPlan:
         """The configuration called ``name``.
 

@@ -241,7 +241,7 @@ def preprocess_dataset(dataset: Dataset, plans: Plans, config_name: str, workdir
     config = plans.configuration(config_name)
     folder = Path(workdir) / "preprocessed" / config.data_identifier
     folder.mkdir(parents=True, exist_ok=True)
-    labels = tuple(int(v) for v in _foreground_values(plans.labels))
+    labels = tuple(v for v in plans.label_values if v != 0)
     todo, reused = [], []
     for case in dataset.cases:
         if not overwrite and is_complete(folder, case.case_id, plan_hash(plans, config, case)):
@@ -253,13 +253,3 @@ def preprocess_dataset(dataset: Dataset, plans: Plans, config_name: str, workdir
                              label=lambda a: f"case {a[0].case_id}", progress=progress, max_in_flight=max(1, jobs)))
     return PreprocessSummary(folder, tuple(done), tuple(reused))
 
-
-def _foreground_values(labels: dict) -> list[int]:
-    """Integer foreground label values from dataset.json labels (regions expanded, ignore excluded)."""
-    vals: set[int] = set()
-    for name, v in labels.items():
-        if name == "ignore":
-            continue
-        vals.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
-    vals.discard(0)
-    return sorted(vals)

@@ -162,7 +162,7 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
     layout = LabelLayout.from_labels(plans.labels, dataset.spec.regions_class_order)
     prev_folder, prev_labels = None, ()
     if config.previous_stage:
-        prev_labels = tuple(v for v in layout_values(plans) if v != 0)
+        prev_labels = tuple(v for v in plans.label_values if v != 0)
         prepare_cascade_inputs(dataset, plans, config_name, workdir, progress=settings.progress)
         prev_folder = cascade_input_folder(workdir, config_name)
 
@@ -231,15 +231,6 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
                                 prev_labels=prev_labels, progress=settings.progress)
     barrier()
     return FoldResult(folder, epochs, summary)
-
-
-def layout_values(plans: Plans) -> tuple[int, ...]:
-    """Integer label values a previous stage's segmentation can hold (for the cascade's one-hot inputs)."""
-    vals: set[int] = set()
-    for name, v in plans.labels.items():
-        if name != "ignore":
-            vals.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
-    return tuple(sorted(vals))
 
 
 def _batch_per_rank(batch_size: int, world: int) -> int:
