@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "preprocess": "autoseg.api",
     "train": "autoseg.api",
     "TrainSettings": "autoseg.training.settings",
+    "Predictor": "autoseg.inference.predictor",
     "workdir_for": "autoseg.api",
     "load_dataset": "autoseg.io.dataset",
     "Dataset": "autoseg.io.dataset",
