@@ -267,7 +267,8 @@ class DeepSupervisionLoss(nn.Module):
         return total
 
 
-def build_loss(*, regions: bool, batch_dice: bool, ignore_label: int | None, n_outputs: int) -> nn.Module:
+def build_loss(*, regions: bool, batch_dice: bool, ignore_label: int | None, n_outputs: int,
+               unused_weight: float = 0.0) -> nn.Module:
     """The training loss for a configuration.
 
     Args:
@@ -275,6 +276,8 @@ def build_loss(*, regions: bool, batch_dice: bool, ignore_label: int | None, n_o
         batch_dice: Batch Dice from the plans.
         ignore_label: Ignore label value, or None. For regions it switches on the extra ignore channel.
         n_outputs: Number of network outputs; > 1 wraps the loss in :class:`DeepSupervisionLoss`.
+        unused_weight: Weight given to outputs whose deep-supervision weight is 0 (DDP needs a gradient for
+            every parameter: use a tiny value such as 1e-6 there).
 
     Returns:
         A module called as ``loss(outputs, targets)``: lists (highest resolution first) when
@@ -288,7 +291,7 @@ def build_loss(*, regions: bool, batch_dice: bool, ignore_label: int | None, n_o
         base = DiceBCELoss(batch_dice=batch_dice, use_ignore=ignore_label is not None)
     else:
         base = DiceCELoss(batch_dice=batch_dice, ignore_label=ignore_label)
-    weights = deep_supervision_weights(n_outputs)
+    weights = [w if w > 0 else unused_weight for w in deep_supervision_weights(n_outputs)]
     if n_outputs == 1:
         return base
     return DeepSupervisionLoss(base, weights)

@@ -174,12 +174,10 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
     network = build_network(config, in_channels=in_channels, num_classes=layout.num_outputs).to(device)
     ds_scales = deep_supervision_scales(config)
     loss = build_loss(regions=layout.regions is not None, batch_dice=config.batch_dice,
-                      ignore_label=dataset.spec.ignore_label, n_outputs=len(ds_scales))
+                      ignore_label=dataset.spec.ignore_label, n_outputs=len(ds_scales),
+                      unused_weight=1e-6 if world > 1 else 0.0)  # DDP needs a gradient for every head
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
-
-        if hasattr(loss, "weights"):  # DDP needs a gradient for every head: the unused lowest one gets 1e-6
-            loss.weights = [w if w > 0 else 1e-6 for w in loss.weights]
 
         network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     amp = device.type == "cuda" if settings.amp is None else settings.amp
