@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "plan": "autoseg.api",
     "preprocess": "autoseg.api",
     "train": "autoseg.api",
+    "predict": "autoseg.api",
     "TrainSettings": "autoseg.training.settings",
     "Predictor": "autoseg.inference.predictor",
     "workdir_for": "autoseg.api",

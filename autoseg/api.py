@@ -25,6 +25,7 @@ from autoseg.preprocessing.preprocess import PreprocessSummary, preprocess_datas
 from autoseg.training.settings import TrainSettings
 
 if TYPE_CHECKING:
+    from autoseg.inference.run import PredictionSummary
     from autoseg.training.run import FoldResult
 
 DatasetLike = Dataset | str | os.PathLike[str]
@@ -247,3 +248,91 @@ def _fold_list(fold: int | str, n_folds: int) -> list[int | str]:
 
         raise PlanningError(f"fold {fold!r} is not valid; give a fold number (0-{n_folds - 1}), a list like 0,2, "
                             "'cv' for every fold or 'all' for one model on every case.") from err
+
+
+#: ``fast=True``: no test-time mirroring and this window step (about 8x and 2-3x fewer network passes in 3D)
+FAST_STEP = 0.75
+
+
+def trained_configurations(workdir: str | os.PathLike[str]) -> list[str]:
+    """Configurations with at least one finished fold in ``workdir/models``."""
+    from autoseg.inference.predictor import trained_folds
+
+    models = Path(workdir) / "models"
+    return sorted(p.name for p in models.iterdir() if p.is_dir() and trained_folds(p)) if models.is_dir() else []
+
+
+def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
+            workdir: str | os.PathLike[str], configuration: str | None = None,
+            folds: Sequence[int | str] | None = None, device: str = "auto", tta: bool = True,
+            step_size: float | None = None, fast: bool = False, amp: bool | None = None,
+            save_probabilities: bool = False, overwrite: bool = False, progress: bool = True,
+            on_warning: Callable[[str], None] | None = None) -> PredictionSummary:
+    """Segment image files with trained folds and write the results in the inputs' format and geometry.
+
+    Args:
+        inputs: a folder of ``CASE_XXXX<ending>`` channel files (nnU-Net layout), or image files.
+        output: output folder (``<case><ending>`` per case), or a file name for a single case.
+        workdir: the work folder the models were trained in.
+        configuration: default: the only trained configuration.
+        folds: folds to ensemble (default: every trained fold); their logits are averaged.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        tta: test-time mirroring over the axes the model was trained with.
+        step_size: window step as a fraction of the patch (default 0.5; :data:`FAST_STEP` with ``fast``).
+        fast: no mirroring and a larger step; see the README for its measured Dice cost.
+        amp: mixed precision (None: fp16 on CUDA, bf16 on CPUs that compute it natively).
+        save_probabilities: also write ``<case>.npz`` probabilities (for ensembling).
+        overwrite: redo cases whose output exists (default: skip them).
+        progress: show a progress bar.
+        on_warning: called with each input warning (default: :func:`warnings.warn`).
+
+    Returns:
+        What was written and skipped, warnings, per-case timings.
+
+    Raises:
+        PredictionInputError: missing, unreadable or mismatched inputs (all listed; nothing is written).
+        ModelNotFoundError: no trained model for the configuration or folds.
+
+    Example:
+        >>> autoseg.predict("imagesTs", "predictions", workdir="autoseg_work/Dataset001")  # doctest: +SKIP
+    """
+    import warnings
+
+    from autoseg import __version__
+    from autoseg.inference.inputs import check_cases, check_channel_names, collect_cases
+    from autoseg.inference.predictor import ModelNotFoundError, Predictor
+    from autoseg.inference.run import predict_cases
+
+    wd = Path(workdir)
+    if configuration is None:
+        trained = trained_configurations(wd)
+        if len(trained) != 1:
+            raise ModelNotFoundError(
+                f"{wd}: " + (f"several configurations are trained ({', '.join(trained)}); choose one with -c."
+                             if trained else "no trained model found (models/<configuration>/fold_*/"
+                             "checkpoint_final.pt). Train one with `autoseg train`, or pass the right --workdir."))
+        configuration = trained[0]
+    ins = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    predictor = Predictor.from_workdir(wd, configuration, folds=folds, device=device, tta=tta and not fast,
+                                       step_size=step_size or (FAST_STEP if fast else 0.5), amp=amp)
+    names = predictor.plans.channel_names
+    check_channel_names(ins, names)
+    cases = collect_cases(ins, names)
+    spacings = None
+    if (wd / "fingerprint.json").is_file():
+        try:
+            spacings = DatasetFingerprint.load(wd / "fingerprint.json").spacings
+        except Exception:  # noqa: BLE001 - the drift warning is optional, a bad cache must not stop prediction
+            spacings = None
+    _, notes = check_cases(cases, training_spacings=spacings)
+    for note in notes:
+        (on_warning or (lambda m: warnings.warn(m, stacklevel=3)))(note)
+    record = {"autoseg": __version__, "workdir": str(wd), "configuration": configuration, "folds": list(predictor.folds),
+              "tta": bool(predictor.mirror_axes), "step_size": predictor.step_size, "amp": predictor.amp,
+              "device": str(predictor.device), "previous_stage": (
+                  {"configuration": predictor.previous.config.name, "folds": list(predictor.previous.folds)}
+                  if predictor.previous is not None else None)}
+    summary = predict_cases(predictor, cases, output, overwrite=overwrite, save_probabilities=save_probabilities,
+                            progress=progress, record=record)
+    summary.warnings = notes
+    return summary

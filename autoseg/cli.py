@@ -81,6 +81,27 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="CSV/TSV with case,group columns (e.g. patient ids): splits keep each group in one fold")
     _jobs(t)
 
+    pr = sub.add_parser("predict", help="segment images with trained folds (output in the inputs' geometry)")
+    pr.add_argument("-i", "--input", nargs="+", required=True, metavar="IN",
+                    help="folder of CASE_XXXX.<ending> channel files (nnU-Net layout), or image files")
+    pr.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+                    help="output folder (CASE.<ending> per case), or a file name for a single case")
+    pr.add_argument("--workdir", required=True, type=Path, help="work folder the models were trained in")
+    pr.add_argument("-c", "--configuration", help="configuration (default: the only trained one)")
+    pr.add_argument("-f", "--folds", nargs="+", metavar="FOLD",
+                    help="folds to ensemble, e.g. 0 1 2 or all (default: every trained fold)")
+    pr.add_argument("--no-tta", action="store_true", help="no test-time mirroring (about 8x faster in 3D)")
+    pr.add_argument("--step", type=float, metavar="S",
+                    help="window step as a fraction of the patch (default 0.5; larger is faster)")
+    pr.add_argument("--fast", action="store_true",
+                    help="no mirroring and step 0.75: much faster at a small Dice cost (see README)")
+    pr.add_argument("--save-probabilities", action="store_true",
+                    help="also write CASE.npz with the probabilities (for ensembling)")
+    pr.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    pr.add_argument("--no-amp", action="store_true",
+                    help="float32 only (default: fp16 on CUDA, bf16 on CPUs with native bf16)")
+    pr.add_argument("--overwrite", action="store_true", help="redo cases whose output exists (default: skip)")
+
     m = sub.add_parser("convert-msd", help="convert a Medical Segmentation Decathlon task to the nnU-Net layout")
     m.add_argument("src", type=Path, help="MSD task folder (dataset.json, imagesTr/, labelsTr/)")
     m.add_argument("dst", type=Path, help="new dataset folder to write")
@@ -167,6 +188,25 @@ def format_validation(summary: dict) -> str:  # type: ignore[type-arg]
     return "\n".join(lines)
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from autoseg.api import predict
+
+    folds = [f for item in args.folds for f in item.split(",") if f] if args.folds else None
+    summary = predict(args.input, args.output, workdir=args.workdir, configuration=args.configuration, folds=folds,
+                      device=args.device, tta=not args.no_tta, step_size=args.step, fast=args.fast,
+                      amp=False if args.no_amp else None, save_probabilities=args.save_probabilities,
+                      overwrite=args.overwrite, progress=not args.quiet,
+                      on_warning=lambda m: print(f"autoseg predict: warning: {m}", file=sys.stderr))
+    if summary.skipped:
+        print(f"{len(summary.skipped)} case(s) already predicted, skipped (--overwrite redoes them)")
+    for cid in summary.written:
+        t = summary.seconds[cid]
+        print(f"{summary.outputs[cid]}  ({t['read']:.1f} s read, {t['predict']:.1f} s predict, "
+              f"{t['export']:.1f} s export)")
+    print(f"{len(summary.written)} case(s) predicted -> {args.output}")
+    return 0
+
+
 def _cmd_convert_msd(args: argparse.Namespace) -> int:
     from autoseg.io.msd import convert_msd
 
@@ -176,7 +216,7 @@ def _cmd_convert_msd(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"check": _cmd_check, "plan": _cmd_plan, "preprocess": _cmd_preprocess, "train": _cmd_train,
-            "convert-msd": _cmd_convert_msd}
+            "predict": _cmd_predict, "convert-msd": _cmd_convert_msd}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

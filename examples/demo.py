@@ -1,5 +1,6 @@
 """The demo behind `make demo`: generate a small BraTS-like dataset, check it, plan and preprocess it for CPU
-training, train fold 0 of the 3D U-Net for a few minutes and print the validation Dice per region.
+training, train fold 0 of the 3D U-Net for a few minutes and print the validation Dice per region, then
+segment the two held-out test cases with `autoseg predict` and print their Dice against labelsTs.
 
     python examples/demo.py [--data demo_data] [-j 2] [--epochs 10] [--iters 25]
 """
@@ -26,13 +27,37 @@ def run(data: Path, jobs: int, epochs: int = 10, iters: int = 25) -> int:
         ["plan", str(dataset), "--workdir", str(workdir), "--preset", "cpu", "--explain", "-j", str(jobs)],
         ["train", str(dataset), "3d_fullres", "0", "--workdir", str(workdir), "--device", "cpu", "--epochs",
          str(epochs), "--iters-per-epoch", str(iters), "--val-iters", "4", "--resume"],
+        ["predict", "-i", str(dataset / "imagesTs"), "-o", str(data / "predictions"), "--workdir", str(workdir),
+         "-c", "3d_fullres", "-f", "0", "--device", "cpu"],
     ]
     for step in steps:
         print(f"\n$ autoseg {' '.join(step)}", flush=True)
         status = autoseg(step)
         if status:
             return status
+    print(test_dice(dataset, data / "predictions"))
     return 0
+
+
+def test_dice(dataset: Path, predictions: Path) -> str:
+    """Dice per region of the predicted test cases against ``labelsTs``, as a small table."""
+    import numpy as np
+
+    from autoseg.evaluation.dice import dice_scores
+    from autoseg.io.dataset import read_dataset_json
+    from autoseg.io.image import read_label
+
+    spec = read_dataset_json(dataset / "dataset.json")
+    regions = {k: tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in spec.labels.items()
+               if k not in ("background", "ignore")}
+    refs = sorted((dataset / "labelsTs").glob(f"*{spec.file_ending}"))
+    scores = np.array([dice_scores(read_label(predictions / r.name).array, read_label(r).array,
+                                   list(regions.values())) for r in refs])
+    width = max(map(len, regions))
+    lines = [f"test Dice ({len(refs)} held-out case(s), predicted with `autoseg predict`):"]
+    lines += [f"  {n.ljust(width)}  {v:.4f}" for n, v in zip(regions, np.nanmean(scores, axis=0), strict=True)]
+    lines.append(f"  {'mean'.ljust(width)}  {np.nanmean(scores):.4f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

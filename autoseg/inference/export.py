@@ -10,11 +10,12 @@ the input's spacing, origin and direction.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from autoseg.io.atomic import atomic_path
 from autoseg.io.image import write_label
@@ -61,31 +62,93 @@ def _to_file_axes(arr: np.ndarray, props: CaseProperties, plans: Plans, n_lead: 
     return arr
 
 
-def resample_logits(logits: np.ndarray, props: CaseProperties, config: ConfigurationPlan) -> np.ndarray:
-    """Logits on the preprocessed grid -> float32 logits on the cropped original grid."""
+def _interp_mode(order: int, ndim: int) -> str:
+    return "nearest-exact" if order == 0 else ("linear", "bilinear", "trilinear")[ndim - 1]
+
+
+def _resize_channel(x: np.ndarray, new_shape: Sequence[int], order: int, axis: int | None, order_z: int
+                    ) -> np.ndarray:
+    """One spatial float32 channel resized like :func:`resample_data` does it.
+
+    Orders 0 and 1 run in torch (multi-threaded, releases the GIL so export overlaps prediction; linear
+    matches scipy's pixel-edge aligned zoom to float precision); higher orders fall back to scipy.
+    """
+    new_shape = tuple(int(s) for s in new_shape)
+    if tuple(x.shape) == new_shape:
+        return x
+    if order > 1 or (axis is not None and order_z > 1):
+        return resample_data(x[None], new_shape, order=order, separate_axis=axis, order_z=order_z)[0]
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+    with torch.inference_mode():
+        if axis is None:
+            t = torch.nn.functional.interpolate(t, size=new_shape, mode=_interp_mode(order, x.ndim))
+        else:
+            in_plane = list(new_shape)
+            in_plane[axis] = x.shape[axis]
+            t = torch.nn.functional.interpolate(t, size=tuple(in_plane), mode=_interp_mode(order, x.ndim))
+            t = torch.nn.functional.interpolate(t, size=new_shape, mode=_interp_mode(order_z, x.ndim))
+    return t[0, 0].numpy()
+
+
+def resample_logits(logits: np.ndarray, props: CaseProperties, config: ConfigurationPlan,
+                    channels: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(k, float32 logits of output k)`` on the cropped original grid, one channel at a time."""
     axis = case_resampling(config.resampling, props.target_spacing_t, props.spacing_t)
     rs = config.resampling
-    return resample_data(np.asarray(logits, dtype=np.float32), props.shape_after_crop_t,
-                         order=rs.order_probabilities, separate_axis=axis, order_z=rs.order_z)
+    for k in range(logits.shape[0]) if channels is None else channels:
+        yield k, _resize_channel(np.asarray(logits[k], dtype=np.float32), props.shape_after_crop_t,
+                                 rs.order_probabilities, axis, rs.order_z)
 
 
 def logits_to_labels(logits: np.ndarray, layout: LabelLayout) -> np.ndarray:
     """Label map from logits ``(K, *spatial)`` (argmax, or regions painted in order)."""
-    if layout.regions is None:
-        return np.argmax(logits, axis=0).astype(np.int16)
-    seg = np.zeros(logits.shape[1:], np.int16)
-    for i in np.argsort(layout.regions_class_order, kind="stable"):
-        seg[logits[i] > 0] = layout.regions_class_order[i]  # sigmoid(x) > 0.5  <=>  x > 0
+    return _labels_from_channels(enumerate(logits), logits.shape[1:], layout)
+
+
+def _labels_from_channels(channels: Iterable[tuple[int, np.ndarray]], shape: Sequence[int], layout: LabelLayout
+                          ) -> np.ndarray:
+    """Labels from logits arriving one channel at a time: memory is two volumes, not K.
+
+    Labels: a running maximum and its index (ties go to the lower index, as ``np.argmax``). Regions: each
+    channel paints its value where its sigmoid exceeds 0.5 (logit > 0); channels must come in painting order.
+    """
+    seg = np.zeros(tuple(shape), np.int16)
+    best = None
+    for k, ch in channels:
+        if layout.regions is not None:
+            seg[ch > 0] = layout.regions_class_order[k]
+        elif best is None:
+            best = ch.copy()
+        else:
+            better = ch > best
+            seg[better] = k
+            np.maximum(best, ch, out=best)
     return seg
 
 
-def probabilities(logits: np.ndarray, layout: LabelLayout) -> np.ndarray:
-    """Softmax (labels) or sigmoid (regions) of ``(K, *spatial)`` logits, float32."""
-    x = np.asarray(logits, dtype=np.float32)
-    if layout.regions is not None:
-        return 1.0 / (1.0 + np.exp(-x))
-    x = np.exp(x - x.max(axis=0, keepdims=True))
-    return x / x.sum(axis=0, keepdims=True)
+def painting_order(layout: LabelLayout) -> list[int]:
+    """Outputs in the order their labels are written (regions: ``regions_class_order`` ascending)."""
+    if layout.regions is None:
+        return list(range(layout.num_outputs))
+    return [int(i) for i in np.argsort(layout.regions_class_order, kind="stable")]
+
+
+def probabilities(logits: np.ndarray, layout: LabelLayout, *, slab: int = 16) -> np.ndarray:
+    """Softmax (labels) or sigmoid (regions) of ``(K, *spatial)`` logits, in slabs of the first spatial axis.
+
+    Returns float32 for float32 input; a float16 input is converted in place (no float32 copy of the volume).
+    """
+    x = np.asarray(logits)
+    out = x if x.dtype == np.float16 else np.empty(x.shape, np.float32)
+    for z in range(0, x.shape[1], slab):
+        part = x[:, z:z + slab].astype(np.float32)
+        if layout.regions is not None:
+            part = 1.0 / (1.0 + np.exp(-part))
+        else:
+            part = np.exp(part - part.max(axis=0, keepdims=True))
+            part /= part.sum(axis=0, keepdims=True)
+        out[:, z:z + slab] = part
+    return out
 
 
 def export_segmentation(logits: np.ndarray, props: CaseProperties, plans: Plans, config: ConfigurationPlan,
@@ -93,25 +156,38 @@ def export_segmentation(logits: np.ndarray, props: CaseProperties, plans: Plans,
                         ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segmentation (and optionally probabilities) in the input file's array layout.
 
+    Memory: the logits are resampled one channel at a time, so the segmentation needs about two
+    full-resolution float32 volumes on top of the input, whatever the number of classes. Probabilities
+    (optional) are held as one float16 ``(K, *spatial)`` volume.
+
     Args:
         logits: ``(K, *spatial)`` network output on the preprocessed grid.
         props: the case's preprocessing record.
         plans: the plans (for the transpose).
         config: the configuration (for the resampling orders).
         layout: how outputs map to labels.
-        return_probabilities: also return ``(K, *file_spatial)`` float32 probabilities.
+        return_probabilities: also return ``(K, *file_spatial)`` float16 probabilities.
 
     Returns:
         Label map with the file's spatial shape (numpy order), and the probabilities or None.
     """
-    cropped = resample_logits(logits, props, config)
-    seg = uncrop(logits_to_labels(cropped, layout), props.bbox_t, props.shape_before_crop_t, fill=0)
+    shape = props.shape_after_crop_t
+    kept = np.empty((logits.shape[0], *shape), np.float16) if return_probabilities else None
+
+    def channels() -> Iterator[tuple[int, np.ndarray]]:
+        for k, ch in resample_logits(logits, props, config, painting_order(layout)):
+            if kept is not None:
+                kept[k] = ch
+            yield k, ch
+
+    seg = uncrop(_labels_from_channels(channels(), shape, layout), props.bbox_t, props.shape_before_crop_t, fill=0)
     probs = None
-    if return_probabilities:
-        p = probabilities(cropped, layout)
+    if kept is not None:
+        p, kept = probabilities(kept, layout), None
         probs = uncrop(p, props.bbox_t, props.shape_before_crop_t, fill=0)
+        del p
         if layout.regions is None:  # outside the crop everything is background
-            probs[0][uncrop(np.zeros(p.shape[1:], bool), props.bbox_t, props.shape_before_crop_t, fill=True)] = 1
+            probs[0][uncrop(np.zeros(shape, bool), props.bbox_t, props.shape_before_crop_t, fill=True)] = 1
         probs = _to_file_axes(probs, props, plans, 1)
     return _to_file_axes(seg, props, plans, 0), probs
 
@@ -128,6 +204,6 @@ def write_prediction(path: str | os.PathLike[str], logits: np.ndarray, props: Ca
     if probs is not None:
         stem = path.name[: -len("".join(path.suffixes))] if path.suffixes else path.name
         with atomic_path(path.with_name(stem + ".npz")) as tmp, open(tmp, "wb") as fh:
-            np.savez_compressed(fh, probabilities=probs.astype(np.float16), class_values=np.asarray(layout.class_values))
+            np.savez_compressed(fh, probabilities=probs, class_values=np.asarray(layout.class_values))
     write_label(path, seg, props.geometry)
     return seg

@@ -6,11 +6,13 @@
 
 Each input is preprocessed exactly like the training cases (the same function), every fold predicts it with
 the sliding window (mirroring over the axes the model was trained with), the logits of the folds are
-averaged, and the result is exported back to the input's grid. Cascade stages are not handled here yet.
+averaged, and the result is exported back to the input's grid. A cascade stage first runs its first stage and
+feeds that segmentation as extra one-hot channels, exactly as in training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,16 +23,45 @@ import torch
 
 from autoseg.errors import AutosegError
 from autoseg.inference.export import LabelLayout, export_segmentation
-from autoseg.inference.sliding_window import predict_logits
+from autoseg.inference.sliding_window import InferenceError, predict_logits
 from autoseg.io.dataset import read_dataset_json
 from autoseg.io.image import Geometry
 from autoseg.planner.plans import ConfigurationPlan, Plans
-from autoseg.preprocessing.preprocess import preprocess_arrays
+from autoseg.preprocessing.preprocess import PreprocessedArrays, preprocess_arrays
+from autoseg.preprocessing.properties import CaseProperties
 from autoseg.training.checkpoint import FINAL, load_checkpoint
 
 
 class ModelNotFoundError(AutosegError, FileNotFoundError):
     """No trained fold where the predictor looked."""
+
+
+def fast_bf16_cpu() -> bool:
+    """True when this CPU computes bfloat16 natively (AMX or AVX512-BF16), where bf16 autocast is ~2-3x faster.
+
+    Elsewhere bf16 is emulated and slower than float32, so automatic mixed precision stays off.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_amp(amp: bool | None, device: torch.device) -> bool:
+    """Mixed precision for inference: ``None`` = automatic (CUDA: fp16; CPU: bf16 where native)."""
+    if amp is not None:
+        return bool(amp)
+    return device.type == "cuda" or (device.type == "cpu" and fast_bf16_cpu())
+
+
+def trained_folds(model_dir: Path) -> list[str]:
+    """Folds of a configuration folder that have a final checkpoint, sorted."""
+    return sorted(p.parent.name[len("fold_"):] for p in model_dir.glob(f"fold_*/{FINAL}"))
 
 
 @dataclass
@@ -45,6 +76,11 @@ class Predictor:
         mirror_axes: axes mirrored at test time (empty = no test-time augmentation).
         device: where the networks run.
         step_size: sliding-window step as a fraction of the patch.
+        amp: mixed precision (fp16 on CUDA, bf16 on CPU); accumulation stays float32.
+        folds: the fold names of ``networks``.
+        previous: the first stage of a cascade (its segmentation becomes extra input channels), or None.
+        cascade_labels: labels one-hot encoded from the first stage's segmentation.
+        batch_size: windows per network call.
     """
 
     plans: Plans
@@ -54,12 +90,29 @@ class Predictor:
     mirror_axes: tuple[int, ...]
     device: torch.device
     step_size: float = 0.5
+    amp: bool = False
+    folds: tuple[str, ...] = ()
+    previous: Predictor | None = None
+    cascade_labels: tuple[int, ...] = ()
+    batch_size: int = 1
 
     @classmethod
     def from_workdir(cls, workdir: str | os.PathLike[str], configuration: str = "3d_fullres", *,
                      folds: Sequence[int | str] | None = None, device: str = "auto", tta: bool = True,
-                     step_size: float = 0.5) -> Predictor:
+                     step_size: float = 0.5, amp: bool | None = None) -> Predictor:
         """Load the final checkpoints of ``folds`` (default: every trained fold) of a configuration.
+
+        A cascade stage (``3d_cascade_fullres``) also loads every trained fold of its first stage, whose
+        segmentation is fed to it as extra channels, as in training.
+
+        Args:
+            workdir: the work folder (``models/<configuration>/fold_*/checkpoint_final.pt``).
+            configuration: which configuration.
+            folds: fold names (``0``, ``"all"``); the logits of several folds are averaged.
+            device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+            tta: mirror over the axes the model was trained with (8 passes in 3D).
+            step_size: window step as a fraction of the patch (0.5 = nnU-Net's default).
+            amp: mixed precision; None = automatic (see :func:`resolve_amp`).
 
         Raises:
             ModelNotFoundError: no final checkpoint for a requested fold (the message lists what exists).
@@ -69,10 +122,13 @@ class Predictor:
         from autoseg.training.run import resolve_device
 
         model_dir = Path(workdir) / "models" / configuration
+        if not (model_dir / "plans.json").is_file() and not (Path(workdir) / "plans.json").is_file():
+            raise ModelNotFoundError(f"{workdir}: no plans.json and no models/{configuration}; this is not an "
+                                     "autoseg work folder. Pass the --workdir given to `autoseg train`.")
         plans = Plans.load(model_dir / "plans.json") if (model_dir / "plans.json").is_file() else \
             Plans.load(Path(workdir) / "plans.json")
         config = plans.configuration(configuration)
-        trained = sorted(p.parent.name[len("fold_"):] for p in model_dir.glob(f"fold_*/{FINAL}"))
+        trained = trained_folds(model_dir)
         wanted = [str(f) for f in folds] if folds is not None else trained
         missing = [f for f in wanted if f not in trained]
         if not wanted or missing:
@@ -83,7 +139,7 @@ class Predictor:
         order = read_dataset_json(spec_path).regions_class_order if spec_path.is_file() else None
         layout = LabelLayout.from_labels(plans.labels, order)
         dev = resolve_device(device)
-        networks, mirror = [], None
+        networks, mirror, cascade = [], None, None
         for f in wanted:
             ckpt = load_checkpoint(model_dir / f"fold_{f}" / FINAL, map_location="cpu")
             net = build_network(config, in_channels=int(ckpt["in_channels"]), num_classes=int(ckpt["num_outputs"]),
@@ -91,19 +147,59 @@ class Predictor:
             net.load_state_dict(ckpt["network"])
             networks.append(net.to(dev).eval())
             mirror = tuple(ckpt.get("mirror_axes", ())) if mirror is None else mirror
-        return cls(plans, config, layout, networks, mirror if tta else (), dev, step_size)
+            cascade = tuple(int(v) for v in ckpt.get("cascade_labels", ())) if cascade is None else cascade
+        previous = None
+        if config.previous_stage:
+            previous = cls.from_workdir(workdir, str(config.previous_stage), device=device, tta=tta,
+                                        step_size=step_size, amp=amp)
+        return cls(plans, config, layout, networks, mirror if tta else (), dev, step_size, resolve_amp(amp, dev),
+                   tuple(wanted), previous, cascade or ())
 
-    def predict_logits(self, images: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, object]:
-        """Fold-averaged logits on the preprocessed grid and the preprocessing record."""
+    @property
+    def description(self) -> str:
+        """One line: configuration, folds, options (for logs)."""
+        parts = [f"{self.config.name} fold(s) {','.join(self.folds) or '?'}",
+                 f"TTA {'on' if self.mirror_axes else 'off'}", f"step {self.step_size:g}",
+                 f"{'mixed precision' if self.amp else 'float32'} on {self.device}"]
+        if self.previous is not None:
+            parts.append(f"after {self.previous.config.name} fold(s) {','.join(self.previous.folds)}")
+        return ", ".join(parts)
+
+    def preprocess(self, images: np.ndarray, geometry: Geometry) -> PreprocessedArrays:
+        """Preprocess one case exactly as the training cases were (the cascade's first stage runs here)."""
         pre = preprocess_arrays(images.astype(np.float32, copy=False), None, geometry, self.plans, self.config)
+        if self.previous is None:
+            return pre
+        from autoseg.training.cascade import previous_stage_to_grid
+        from autoseg.training.validation import one_hot
+
+        first = self.previous.predict(images, geometry)
+        rs = self.config.resampling
+        grid = previous_stage_to_grid(first, pre.properties, self.plans, rs.order_seg, rs.order_z)
+        return dataclasses.replace(pre, data=np.concatenate([pre.data, one_hot(grid, self.cascade_labels)]))
+
+    def logits(self, data: np.ndarray) -> np.ndarray:
+        """Fold-averaged logits of preprocessed data (``(C, *grid)`` -> ``(K, *grid)`` float32)."""
         total = None
         for net in self.networks:
-            logits = predict_logits(net, pre.data, patch_size=self.config.patch_size,
-                                    num_outputs=self.layout.num_outputs, step_size=self.step_size,
-                                    mirror_axes=self.mirror_axes, device=self.device,
-                                    amp=self.device.type == "cuda")
-            total = logits if total is None else total + logits
-        return (total / len(self.networks)).numpy(), pre.properties
+            out = predict_logits(net, data, patch_size=self.config.patch_size, num_outputs=self.layout.num_outputs,
+                                 step_size=self.step_size, mirror_axes=self.mirror_axes, device=self.device,
+                                 amp=self.amp, batch_size=self.batch_size)
+            total = out if total is None else total.add_(out)
+        if len(self.networks) > 1:
+            total /= len(self.networks)
+        return total.numpy()
+
+    def predict_logits(self, images: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, CaseProperties]:
+        """Fold-averaged logits on the preprocessed grid and the preprocessing record."""
+        pre = self.preprocess(images, geometry)
+        return self.logits(pre.data), pre.properties
+
+    def export(self, logits: np.ndarray, props: CaseProperties, *, probabilities: bool = False
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Segmentation (and optionally probabilities) in the input's array layout."""
+        return export_segmentation(logits, props, self.plans, self.config, self.layout,
+                                   return_probabilities=probabilities)
 
     def predict(self, images: np.ndarray, geometry: Geometry | Sequence[float]) -> np.ndarray:
         """Segment one case.
@@ -117,6 +213,12 @@ class Predictor:
         """
         if not isinstance(geometry, Geometry):
             geometry = Geometry.from_array_spacing(tuple(float(s) for s in geometry))
+        images = np.asarray(images)
+        n_in = len(self.plans.channel_names)
+        if images.ndim != geometry.ndim + 1 or images.shape[0] != n_in:
+            raise InferenceError(
+                f"images of shape {images.shape}: the model takes {n_in} channel(s) "
+                f"({', '.join(self.plans.channel_names)}) of {geometry.ndim}D images; pass (C, *spatial) with "
+                f"C = {n_in} (add a leading axis for a single channel).")
         logits, props = self.predict_logits(images, geometry)
-        seg, _ = export_segmentation(logits, props, self.plans, self.config, self.layout)
-        return seg
+        return self.export(logits, props)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +21,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    prefix, suffix = _temporary_affixes(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -30,6 +31,24 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _temporary_affixes(path: Path) -> tuple[str, str]:
+    return f".{path.name.split('.')[0]}.", "".join(path.suffixes) or ".tmp"
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> int:
+    """Delete temporaries of ``path`` left by a killed writer (hidden ``.<stem>.<random><suffixes>`` files,
+    the pattern :func:`atomic_path` uses); returns how many were removed."""
+    path = Path(path)
+    prefix, suffix = _temporary_affixes(path)
+    pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}" + re.escape(suffix) + "$")
+    removed = 0
+    for p in path.parent.glob(f"{prefix}*") if path.parent.is_dir() else ():
+        if pattern.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -158,21 +158,3 @@ def test_ddp_under_torchrun_trains_one_fold_on_two_cpu_processes(tiny_brats):
     folder = wd / "models" / "3d_fullres" / "fold_all"
     assert load_checkpoint(folder / FINAL)["epoch"] == 2 and len(_losses(folder)) == 2
     assert run.stdout.count("validation Dice") == 1  # only rank 0 reports
-
-
-def test_a_predictor_loaded_from_the_workdir_reproduces_the_validation_output(tiny_brats):
-    from autoseg.inference.predictor import ModelNotFoundError, Predictor
-    from autoseg.preprocessing.preprocess import read_case
-
-    ds, wd, _ = tiny_brats
-    folder = wd / "models" / "3d_fullres" / "fold_0"
-    if not (folder / FINAL).is_file():
-        train(ds.root, "3d_fullres", 0, workdir=wd, epochs=1, **FAST)
-    predictor = Predictor.from_workdir(wd, "3d_fullres", folds=[0], device="cpu")
-    case_id = next(iter(json.loads((folder / "val" / "summary.json").read_text())["cases"]))
-    case = next(c for c in ds.cases if c.case_id == case_id)
-    images, _, geometry = read_case(case)
-    seg = predictor.predict(images, geometry)
-    assert np.array_equal(seg, read_label(folder / "val" / f"{case_id}.nii.gz").array)
-    with pytest.raises(ModelNotFoundError, match="trained folds: 0"):
-        Predictor.from_workdir(wd, "3d_fullres", folds=[4, 9], device="cpu")

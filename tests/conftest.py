@@ -1,4 +1,4 @@
-"""A tiny planned dataset shared by the training tests (4 stages of 8-64 features at 32^3 would be slow; the
+"""A tiny planned dataset shared by the training and inference tests (4 stages of 8-64 features at 32^3 would be slow; the
 plans are shrunk to 3 stages of 4-16 features on a 16^3 patch)."""
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def tiny_plans(plans, patch=(16, 16, 16)):
 
 
 def make_planned(root: Path, *, kind: str = "brats", regions: bool = True, n_cases: int = 6,
-                 shape=(20, 20, 20), ndim: int = 3, n_channels: int = 2):
+                 shape=(20, 20, 20), ndim: int = 3, n_channels: int = 2, n_test: int = 0):
     ds = make_synthetic_dataset(root / "Dataset007_Tiny", n_cases=n_cases, shape=shape, n_channels=n_channels,
-                                kind=kind, regions=regions, ndim=ndim, seed=1)
+                                kind=kind, regions=regions, ndim=ndim, seed=1, n_test=n_test)
     wd = root / "work"
     plans = tiny_plans(plan(ds, workdir=wd, preset="cpu", progress=False))
     plans.save(wd / "plans.json")
@@ -44,7 +44,7 @@ def tiny_brats(tmp_path_factory):
     return make_planned(tmp_path_factory.mktemp("tiny_brats"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def planned_factory():
     """:func:`make_planned`, for tests that need a dataset of their own kind."""
     return make_planned

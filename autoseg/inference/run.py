@@ -1,0 +1,171 @@
+"""Predict many cases from files: reading, prediction and export overlap, with bounded memory.
+
+Three stages run at once on consecutive cases: a reader thread loads and preprocesses case ``i + 1`` while
+the network predicts case ``i``, and a writer thread exports case ``i - 1`` (resampling back to the input
+grid, writing the file). At most one case waits in each stage, so memory is bounded by about three cases
+however many are predicted: one preprocessed input, one set of logits on the preprocessed grid, and the
+export of one case (about two full-resolution volumes, see :func:`export_segmentation`). Every file is
+written under a temporary name and renamed when complete, so an interrupted run leaves only finished
+outputs, and a rerun skips them (``overwrite`` redoes them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from autoseg.inference.export import write_prediction
+from autoseg.inference.inputs import InputCase
+from autoseg.inference.predictor import Predictor
+from autoseg.io.atomic import remove_stale_temporaries, write_json_atomic
+from autoseg.io.image import SUPPORTED_ENDINGS, file_ending
+from autoseg.preprocessing.preprocess import PreprocessedArrays, read_case
+
+#: record of the settings and timings, written next to the predictions
+RECORD = "prediction.json"
+
+
+@dataclass
+class PredictionSummary:
+    """What a prediction run did.
+
+    Attributes:
+        outputs: case id -> segmentation file, for every case (written now or before).
+        written: cases predicted in this run.
+        skipped: cases whose output existed already (not redone without ``overwrite``).
+        warnings: input warnings (e.g. spacing far from the training range).
+        seconds: per written case, seconds spent reading, predicting and exporting.
+    """
+
+    outputs: dict[str, Path] = field(default_factory=dict)
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def output_paths(cases: Sequence[InputCase], output: str | os.PathLike[str]) -> dict[str, Path]:
+    """Where each case's segmentation goes: ``OUTPUT/<case><input ending>``; ``output`` may also name the file
+    itself when there is one case (its ending chooses the format)."""
+    out = Path(output)
+    if len(cases) == 1 and file_ending(out) in SUPPORTED_ENDINGS and not out.is_dir():
+        return {cases[0].case_id: out}
+    return {c.case_id: out / f"{c.case_id}{c.ending}" for c in cases}
+
+
+def probabilities_path(seg_path: Path) -> Path:
+    """``<case>.npz`` next to ``<case><ending>``."""
+    return seg_path.with_name(seg_path.name[: -len(file_ending(seg_path))] + ".npz")
+
+
+def is_finished(seg_path: Path, save_probabilities: bool) -> bool:
+    """An output counts as finished when its file exists (files appear only when complete; the
+    probabilities are written before the segmentation)."""
+    return seg_path.is_file() and (not save_probabilities or probabilities_path(seg_path).is_file())
+
+
+def predict_cases(predictor: Predictor, cases: Sequence[InputCase], output: str | os.PathLike[str], *,
+                  overwrite: bool = False, save_probabilities: bool = False, progress: bool = True,
+                  record: dict[str, Any] | None = None) -> PredictionSummary:
+    """Predict ``cases`` and write one segmentation per case in its input's format and geometry.
+
+    Args:
+        predictor: the loaded model(s).
+        cases: from :func:`autoseg.inference.inputs.collect_cases`.
+        output: output folder (created), or a file name when there is one case.
+        overwrite: redo cases whose output exists.
+        save_probabilities: also write ``<case>.npz`` (float16 ``probabilities`` in file layout, ``class_values``).
+        progress: show a progress bar.
+        record: settings saved in ``prediction.json`` in the output folder (with per-case timings).
+
+    Returns:
+        The summary; errors propagate (a failed case stops the run, finished files are kept).
+    """
+    paths = output_paths(cases, output)
+    summary = PredictionSummary(outputs=dict(paths))
+    todo = []
+    for c in cases:
+        if not overwrite and is_finished(paths[c.case_id], save_probabilities):
+            summary.skipped.append(c.case_id)
+        else:
+            todo.append(c)
+    for p in {p.parent for p in paths.values()}:
+        p.mkdir(parents=True, exist_ok=True)
+
+    def load(case: InputCase) -> tuple[PreprocessedArrays, float]:
+        t0 = time.perf_counter()
+        images, _, geometry = read_case(case.as_case_files())
+        pre = predictor.preprocess(images, geometry)
+        return pre, time.perf_counter() - t0
+
+    def write(case: InputCase, logits: Any, props: Any) -> float:
+        t0 = time.perf_counter()
+        target = paths[case.case_id]
+        remove_stale_temporaries(target)
+        remove_stale_temporaries(probabilities_path(target))
+        write_prediction(target, logits, props, predictor.plans, predictor.config, predictor.layout,
+                         save_probabilities=save_probabilities)
+        return time.perf_counter() - t0
+
+    bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress or not todo)
+    reader, writer = ThreadPoolExecutor(1, "autoseg-read"), ThreadPoolExecutor(1, "autoseg-export")
+    exporting: tuple[str, Future[float]] | None = None
+    try:
+        upcoming = reader.submit(load, todo[0]) if todo else None
+        for i, case in enumerate(todo):
+            assert upcoming is not None
+            pre, t_read = upcoming.result()
+            upcoming = reader.submit(load, todo[i + 1]) if i + 1 < len(todo) else None
+            t0 = time.perf_counter()
+            logits = predictor.logits(pre.data)
+            t_pred = time.perf_counter() - t0
+            props = pre.properties
+            del pre
+            if exporting is not None:
+                _finish(exporting, summary, bar)
+            summary.seconds[case.case_id] = {"read": round(t_read, 3), "predict": round(t_pred, 3)}
+            exporting = (case.case_id, writer.submit(write, case, logits, props))
+            del logits
+        if exporting is not None:
+            _finish(exporting, summary, bar)
+    finally:
+        bar.close()
+        reader.shutdown(wait=False, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)  # a running export completes (atomically) or fails
+    if record is not None and not (len(paths) == 1 and file_ending(Path(output)) in SUPPORTED_ENDINGS):
+        _save_record(Path(output) / RECORD, record, summary)
+    return summary
+
+
+def _finish(exporting: tuple[str, Future[float]], summary: PredictionSummary, bar: tqdm) -> None:
+    cid, fut = exporting
+    summary.seconds[cid]["export"] = round(fut.result(), 3)
+    summary.written.append(cid)
+    bar.update()
+
+
+def _save_record(path: Path, record: dict[str, Any], summary: PredictionSummary) -> None:
+    """``{"runs": [settings, ...], "cases": {case: {"run": index, "seconds": {...}}}}``, merged with earlier runs
+    into the same folder (each case points at the settings it was last predicted with)."""
+    import json
+
+    old: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+    runs = list(old.get("runs", [])) if isinstance(old.get("runs"), list) else []
+    if record not in runs:
+        runs.append(record)
+    cases = dict(old.get("cases", {})) if isinstance(old.get("cases"), dict) else {}
+    for cid in summary.written:
+        cases[cid] = {"run": runs.index(record), "seconds": summary.seconds[cid]}
+    write_json_atomic(path, {"runs": runs, "cases": dict(sorted(cases.items()))})
