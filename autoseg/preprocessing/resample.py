@@ -27,12 +27,29 @@ def new_shape_for(shape: Sequence[int], spacing: Sequence[float], new_spacing: S
     return tuple(max(1, int(round(s * sp / nsp))) for s, sp, nsp in zip(shape, spacing, new_spacing, strict=True))
 
 
+#: border added before spline prefiltering (scipy's own choice for mode "nearest")
+_SPLINE_PAD = 12
+
+
 def _zoom(x: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarray:
-    """Resize a spatial float32 array to ``new_shape`` (pixel-edge aligned, edge values replicated)."""
+    """Resize a spatial float32 array to ``new_shape`` (pixel-edge aligned, edge values replicated).
+
+    Orders above 1 compute scipy's zoom (grid_mode, mode "nearest") with float32 spline coefficients
+    instead of scipy's float64 ones: the same values to float32 precision at half the temporary memory
+    (a 512x512x300 channel needs 0.3 GB instead of 0.6 GB extra).
+    """
     if tuple(x.shape) == tuple(new_shape):
         return x
+    if order > 1:
+        padded = np.pad(x.astype(np.float32, copy=False), _SPLINE_PAD, mode="edge")
+        coeffs = ndimage.spline_filter(padded, order, output=np.float32, mode="nearest")
+        del padded
+        scale = np.array([o / n for o, n in zip(x.shape, new_shape, strict=True)])
+        return ndimage.affine_transform(coeffs, scale, offset=0.5 * scale - 0.5 + _SPLINE_PAD,
+                                        output_shape=tuple(int(n) for n in new_shape), order=order,
+                                        mode="nearest", prefilter=False, output=np.float32)
     factors = [n / o for n, o in zip(new_shape, x.shape, strict=True)]
-    out = ndimage.zoom(x, factors, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
+    out = ndimage.zoom(x, factors, order=order, mode="nearest", grid_mode=True, prefilter=False)
     if out.shape != tuple(new_shape):  # zoom rounds the output shape itself; pad/crop the rare off-by-one
         out = _fit(out, new_shape)
     return out
