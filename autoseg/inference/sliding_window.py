@@ -6,8 +6,8 @@ context, and the weighted sum is divided by the summed weights. With mirroring, 
 flipped version of each window (7 extra passes in 3D with 3 axes) and the logits are averaged. A 2D
 network applied to a 3D volume predicts it slice by slice along the first spatial axis.
 
-Accumulators are float32 (on the GPU when predicting there; on CUDA out-of-memory the prediction is
-retried with CPU accumulators).
+Accumulators are float32, on the GPU when predicting there and they take at most 3/4 of its free memory,
+else on the CPU; on CUDA out-of-memory the prediction is retried with CPU accumulators.
 """
 
 from __future__ import annotations
@@ -135,6 +135,16 @@ def _batches(tiles: list[Tile], batch_size: int) -> Iterator[list[Tile]]:
         yield tiles[i:i + batch_size]
 
 
+def _fits_on_gpu(device: torch.device, accumulator_bytes: int) -> bool:
+    """Whether float32 accumulators of ``accumulator_bytes`` leave at least a quarter of the GPU's free
+    memory for the network (otherwise they go to the CPU from the start)."""
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+    except (RuntimeError, AssertionError):
+        return False
+    return accumulator_bytes <= 0.75 * free
+
+
 def _run_network(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, expected: tuple[int, ...],
                  ) -> torch.Tensor:
     out = network(x)
@@ -249,7 +259,9 @@ def predict_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch
         img = img.to(device)
 
     with torch.inference_mode():
-        results_device = device if device.type == "cuda" else torch.device("cpu")
+        results_device = torch.device("cpu")
+        if device.type == "cuda" and _fits_on_gpu(device, (num_outputs + 1) * math.prod(img.shape[1:]) * 4):
+            results_device = device
         args = (network, img, patch, num_outputs, step_size, axes, use_gaussian, batch_size, device)
         try:
             logits = _accumulate(*args, results_device, amp, progress)
