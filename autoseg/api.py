@@ -313,6 +313,11 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
                              "checkpoint_final.pt). Train one with `autoseg train`, or pass the right --workdir."))
         configuration = trained[0]
     ins = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if len(ins) == 1 and Path(ins[0]).is_dir() and Path(output).resolve() == Path(ins[0]).resolve():
+        from autoseg.inference.inputs import PredictionInputError
+
+        raise PredictionInputError(f"{output}: the output folder is the input folder; write the predictions to "
+                                   "another folder (-o), so that they are not mistaken for input images.")
     predictor = Predictor.from_workdir(wd, configuration, folds=folds, device=device, tta=tta and not fast,
                                        step_size=step_size or (FAST_STEP if fast else 0.5), amp=amp)
     names = predictor.plans.channel_names

@@ -163,6 +163,8 @@ def test_bad_inputs_are_refused_before_anything_is_written(trained, tmp_path):
     with pytest.raises(PredictionInputError, match="test_001_0000.nii.gz"):
         predict(src, out, workdir=wd, progress=False)
     assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(PredictionInputError, match="output folder is the input folder"):
+        predict(ds.root / "imagesTs", ds.root / "imagesTs", workdir=wd, progress=False)
     with pytest.raises(ModelNotFoundError, match="no trained model"):
         predict(ds.root / "imagesTs", out, workdir=tmp_path, progress=False)
 
