@@ -227,9 +227,12 @@ def train(dataset: DatasetLike, configuration: str = "3d_fullres", fold: int | s
         model_dir.mkdir(parents=True, exist_ok=True)
         plans.save(model_dir / "plans.json")
         write_text_atomic(model_dir / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
+    every = str(fold).strip().lower() == "all"  # one model on every case needs no split
+    if rank == 0 and not every:
         get_splits(wd, [c.case_id for c in ds.cases], seed=plans.seed, groups=groups)
     barrier()
-    folds = _fold_list(fold, len(get_splits(wd, [c.case_id for c in ds.cases], seed=plans.seed)))
+    folds = ["all"] if every else _fold_list(fold, len(get_splits(wd, [c.case_id for c in ds.cases],
+                                                                 seed=plans.seed)))
     return [train_fold(ds, plans, config.name, f, wd, settings=settings, resume=resume) for f in folds]
 
 

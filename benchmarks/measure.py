@@ -14,9 +14,41 @@ from pathlib import Path
 @dataclass
 class Run:
     seconds: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # sum of RSS over the process tree (counts pages shared between processes repeatedly)
     returncode: int
     output: str
+    peak_pss_mb: float = 0.0  # sum of proportional set sizes (shared pages split between their processes)
+
+
+def _tree_pids(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack.extend(children.get(pid, []))
+    return out
+
+
+def _tree_pss_kb(root: int) -> int:
+    """Sum of Pss over ``root`` and its descendants (``/proc/PID/smaps_rollup``; Linux >= 4.14)."""
+    total = 0
+    for pid in _tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
+        except OSError:
+            continue
+    return total
 
 
 def _tree_rss_kb(root: int) -> int:
@@ -46,20 +78,27 @@ def _tree_rss_kb(root: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, poll: float = 0.05) -> Run:
-    """Run ``cmd``; return wall seconds, peak RSS (MB) of its whole process tree and its output."""
+def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, poll: float = 0.05,
+                 pss: bool = False) -> Run:
+    """Run ``cmd``; return wall seconds, peak RSS (MB) of its whole process tree and its output.
+
+    ``pss`` also samples the tree's proportional set size every 4th poll (fairer for multi-process tools,
+    whose workers share torch's pages; slower to read)."""
     log = Path(tempfile.gettempdir()) / f"bench_{os.getpid()}_{time.monotonic_ns()}.log"
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        peak = 0
+        peak, peak_pss, n = 0, 0, 0
         while proc.poll() is None:
             peak = max(peak, _tree_rss_kb(proc.pid))
+            if pss and n % 4 == 0:
+                peak_pss = max(peak_pss, _tree_pss_kb(proc.pid))
+            n += 1
             time.sleep(poll)
     seconds = time.perf_counter() - t0
     text = log.read_text(errors="replace")
     log.unlink()
-    return Run(seconds, peak / 1024, proc.returncode, text)
+    return Run(seconds, peak / 1024, proc.returncode, text, peak_pss / 1024)
 
 
 def nnunet_layout(dataset: Path, work: Path, dataset_id: int = 999) -> tuple[dict[str, str], int]:

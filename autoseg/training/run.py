@@ -24,7 +24,7 @@ from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.progress import TrainingLog
 from autoseg.training.settings import TrainSettings
-from autoseg.training.splits import fold_cases, get_splits
+from autoseg.training.splits import Fold, fold_cases, get_splits
 
 
 class TrainingError(AutosegError, RuntimeError):
@@ -158,7 +158,10 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
 
     ckpt = _checkpoint_to_resume(folder, resume)
     case_ids = [c.case_id for c in dataset.cases]
-    split = fold_cases(get_splits(workdir, case_ids, seed=plans.seed), fold)
+    if str(fold).strip().lower() == "all":  # every case: no split needed (so no 5-case minimum either)
+        split = Fold(train=tuple(sorted(case_ids)), val=tuple(sorted(case_ids)))
+    else:
+        split = fold_cases(get_splits(workdir, case_ids, seed=plans.seed), fold)
     layout = LabelLayout.from_labels(plans.labels, dataset.spec.regions_class_order)
     prev_folder, prev_labels = None, ()
     if config.previous_stage:
