@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import torch
 
 from autoseg.errors import AutosegError
 from autoseg.inference.export import LabelLayout, export_segmentation
-from autoseg.inference.sliding_window import InferenceError, predict_logits
+from autoseg.inference.sliding_window import InferenceError, inference_network, predict_logits
 from autoseg.io.dataset import read_dataset_json
 from autoseg.io.image import Geometry
 from autoseg.planner.plans import ConfigurationPlan, Plans
@@ -72,7 +72,8 @@ class Predictor:
         plans: the plans the models were trained with.
         config: the configuration.
         layout: how outputs map to labels.
-        networks: one network per fold (evaluation mode, deep supervision off).
+        networks: one network per fold, as :func:`inference_network` prepares it (a traced, optimised graph
+            for float32 on the CPU).
         mirror_axes: axes mirrored at test time (empty = no test-time augmentation).
         device: where the networks run.
         step_size: sliding-window step as a fraction of the patch.
@@ -86,7 +87,7 @@ class Predictor:
     plans: Plans
     config: ConfigurationPlan
     layout: LabelLayout
-    networks: list[torch.nn.Module]
+    networks: list[Callable[[torch.Tensor], torch.Tensor]]
     mirror_axes: tuple[int, ...]
     device: torch.device
     step_size: float = 0.5
@@ -139,20 +140,22 @@ class Predictor:
         order = read_dataset_json(spec_path).regions_class_order if spec_path.is_file() else None
         layout = LabelLayout.from_labels(plans.labels, order)
         dev = resolve_device(device)
+        use_amp = resolve_amp(amp, dev)
         networks, mirror, cascade = [], None, None
         for f in wanted:
             ckpt = load_checkpoint(model_dir / f"fold_{f}" / FINAL, map_location="cpu")
             net = build_network(config, in_channels=int(ckpt["in_channels"]), num_classes=int(ckpt["num_outputs"]),
                                 deep_supervision=False)
             net.load_state_dict(ckpt["network"])
-            networks.append(net.to(dev).eval())
+            networks.append(inference_network(net.to(dev), in_channels=int(ckpt["in_channels"]),
+                                              patch_size=config.patch_size, device=dev, amp=use_amp))
             mirror = tuple(ckpt.get("mirror_axes", ())) if mirror is None else mirror
             cascade = tuple(int(v) for v in ckpt.get("cascade_labels", ())) if cascade is None else cascade
         previous = None
         if config.previous_stage:
             previous = cls.from_workdir(workdir, str(config.previous_stage), device=device, tta=tta,
                                         step_size=step_size, amp=amp)
-        return cls(plans, config, layout, networks, mirror if tta else (), dev, step_size, resolve_amp(amp, dev),
+        return cls(plans, config, layout, networks, mirror if tta else (), dev, step_size, use_amp,
                    tuple(wanted), previous, cascade or ())
 
     @property

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from autoseg.evaluation.dice import dice_scores
 from autoseg.inference.export import LabelLayout, write_prediction
-from autoseg.inference.sliding_window import predict_logits
+from autoseg.inference.sliding_window import inference_network, predict_logits
 from autoseg.io.atomic import write_json_atomic
 from autoseg.io.dataset import Dataset
 from autoseg.io.image import read_label
@@ -55,8 +55,8 @@ def validate_fold(network: torch.nn.Module, dataset: Dataset, plans: Plans, conf
     ending = dataset.spec.file_ending
     out_dir.mkdir(parents=True, exist_ok=True)
     ds_flag = getattr(network, "deep_supervision", False)
-    network.deep_supervision = False
-    network.eval()
+    run = inference_network(network, in_channels=network.in_channels, patch_size=config.patch_size, device=device,
+                            amp=amp)  # the same graph `autoseg predict` uses, so both give the same labels
     per_case: dict[str, dict[str, float | None]] = {}
     try:
         for cid in tqdm(case_ids, desc="validation", leave=False, disable=not progress):
@@ -64,7 +64,7 @@ def validate_fold(network: torch.nn.Module, dataset: Dataset, plans: Plans, conf
             if prev_folder is not None:
                 data = np.concatenate([data, one_hot(np.load(prev_folder / f"{cid}_prev.npy"), prev_labels)])
             props = CaseProperties.load(folder / f"{cid}.json")
-            logits = predict_logits(network, data, patch_size=config.patch_size, num_outputs=layout.num_outputs,
+            logits = predict_logits(run, data, patch_size=config.patch_size, num_outputs=layout.num_outputs,
                                     step_size=step_size, mirror_axes=mirror_axes, device=device, amp=amp).numpy()
             seg = write_prediction(out_dir / f"{cid}{ending}", logits, props, plans, config, layout,
                                    save_probabilities=save_probabilities)

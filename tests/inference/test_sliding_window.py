@@ -132,3 +132,22 @@ def test_clear_errors():
         predict_logits(lambda x: x, torch.zeros(8, 8), patch_size=(8, 8, 8), num_outputs=1)
     with pytest.raises(InferenceError, match="non-finite"):
         predict_logits(lambda x: x / 0, image, patch_size=(8, 8), num_outputs=1)
+
+
+def test_cpu_float32_network_is_traced_and_optimised_with_the_same_output():
+    from autoseg.inference.sliding_window import inference_network
+    from autoseg.networks.topology import UNetTopology
+    from autoseg.networks.unet import UNet
+
+    topo = UNetTopology(strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((3, 3, 3),) * 2, features_per_stage=(4, 8),
+                        n_blocks_per_stage=(1, 1), n_conv_per_stage_decoder=(1,), block="plain")
+    net = UNet(topo, in_channels=2, num_classes=3, deep_supervision=True)
+    fast = inference_network(net, in_channels=2, patch_size=(8, 8, 8), device="cpu", amp=False)
+    assert isinstance(fast, torch.jit.ScriptModule) and net.deep_supervision is False
+    assert inference_network(net, in_channels=2, patch_size=(8, 8, 8), device="cpu", amp=True) is net
+    image = torch.rand(2, 12, 10, 9)
+    kw = {"patch_size": (8, 8, 8), "num_outputs": 3, "mirror_axes": (0, 2)}
+    with torch.inference_mode():
+        eager = predict_logits(net, image, **kw)
+        traced = predict_logits(fast, image, **kw, batch_size=2)  # another batch size than traced with
+    assert torch.allclose(eager, traced, atol=1e-4)
