@@ -112,18 +112,18 @@ def _labels_from_channels(channels: Iterable[tuple[int, np.ndarray]], shape: Seq
     Labels: a running maximum and its index (ties go to the lower index, as ``np.argmax``). Regions: each
     channel paints its value where its sigmoid exceeds 0.5 (logit > 0); channels must come in painting order.
     """
-    seg = np.zeros(tuple(shape), np.int16)
+    seg = torch.zeros(tuple(shape), dtype=torch.int16)  # torch: the elementwise work runs on every core
     best = None
     for k, ch in channels:
+        c = torch.from_numpy(ch)
         if layout.regions is not None:
-            seg[ch > 0] = layout.regions_class_order[k]
+            seg.masked_fill_(c > 0, layout.regions_class_order[k])
         elif best is None:
-            best = ch.copy()
+            best = c.clone()
         else:
-            better = ch > best
-            seg[better] = k
-            np.maximum(best, ch, out=best)
-    return seg
+            seg.masked_fill_(c > best, k)
+            torch.maximum(best, c, out=best)
+    return seg.numpy()
 
 
 def painting_order(layout: LabelLayout) -> list[int]:

@@ -92,8 +92,8 @@ def preprocess_arrays(images: np.ndarray, seg: np.ndarray | None, geometry: Geom
         case_id: name recorded in the properties.
 
     Returns:
-        Normalised, resampled data, label map (or an all-background map with -1 outside when ``seg`` is None)
-        and the properties export needs to undo it.
+        Normalised, resampled data, label map (all zeros when ``seg`` is None) and the properties export
+        needs to undo it.
     """
     file_ndim = images.ndim - 1
     images, seg, spacing_t = to_planning_axes(images, seg, geometry, plans)
@@ -105,7 +105,10 @@ def preprocess_arrays(images: np.ndarray, seg: np.ndarray | None, geometry: Geom
     axis = case_resampling(config.resampling, spacing_t, target)
     rs = config.resampling
     data = resample_data(data, new_shape, order=rs.order_image, separate_axis=axis, order_z=rs.order_z)
-    seg_r = resample_seg(seg_c, new_shape, order=rs.order_seg, separate_axis=axis, order_z=rs.order_z)
+    if seg is None:  # prediction: no labels; the outside-the-body mask (-1) is not needed either
+        seg_r = np.zeros(new_shape, np.int16)
+    else:
+        seg_r = resample_seg(seg_c, new_shape, order=rs.order_seg, separate_axis=axis, order_z=rs.order_z)
     present = tuple(int(v) for v in np.unique(seg_r) if v >= 0) if seg is not None else ()
     props = CaseProperties(case_id=case_id, geometry=geometry, file_ndim=file_ndim, spacing_t=spacing_t,
                            shape_before_crop_t=shape_before, bbox_t=bbox,
