@@ -304,3 +304,17 @@ def test_a_killed_prediction_leaves_only_complete_files_and_a_rerun_finishes(tra
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no stale temporaries
     for p in sorted(ref.glob("c*.nii.gz")):
         assert np.array_equal(read_image(out / p.name).array, read_image(p).array)
+
+
+def test_png_slices_are_predicted_by_the_2d_model_and_written_as_png(tmp_path, planned_factory):
+    from autoseg.api import train
+
+    ds, wd, _ = planned_factory(tmp_path, kind="binary", regions=False, shape=(1, 40, 36), ndim=2, n_channels=1,
+                                n_cases=3, n_test=2)
+    train(ds.root, "2d", "all", workdir=wd, epochs=1, iters_per_epoch=2, val_iters=1, workers=0, device="cpu",
+          progress=False, validate=False)
+    summary = predict(ds.root / "imagesTs", tmp_path / "out", workdir=wd, progress=False)
+    assert sorted(summary.written) == ["test_000", "test_001"]
+    for cid, path in summary.outputs.items():
+        assert path.suffix == ".png"
+        assert read_label(path).array.shape == read_image(ds.root / "imagesTs" / f"{cid}_0000.png").array.shape[1:]
