@@ -102,7 +102,7 @@ def resample_logits(logits: np.ndarray, props: CaseProperties, config: Configura
 
 def logits_to_labels(logits: np.ndarray, layout: LabelLayout) -> np.ndarray:
     """Label map from logits ``(K, *spatial)`` (argmax, or regions painted in order)."""
-    return _labels_from_channels(enumerate(logits), logits.shape[1:], layout)
+    return _labels_from_channels(((k, logits[k]) for k in painting_order(layout)), logits.shape[1:], layout)
 
 
 def _labels_from_channels(channels: Iterable[tuple[int, np.ndarray]], shape: Sequence[int], layout: LabelLayout

@@ -11,7 +11,6 @@ prediction; nothing is written. A spacing far outside the training range only wa
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import AutosegError, ImageReadError
-from autoseg.io.dataset import CaseFiles, read_dataset_json
+from autoseg.io.dataset import CHANNEL_RE, CaseFiles, read_dataset_json
 from autoseg.io.image import SUPPORTED_ENDINGS, file_ending, read_header
 
 #: a spacing more than this factor outside the training range (per axis) gets a warning
 SPACING_WARN_FACTOR = 2.0
 #: problems listed in one error message before "and N more"
 MAX_LISTED = 20
-
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
-
 
 class PredictionInputError(AutosegError, ValueError):
     """The images given to ``predict`` are missing, unreadable or do not fit the model."""
@@ -96,7 +92,7 @@ def collect_cases(inputs: Sequence[str | os.PathLike[str]], channel_names: Seque
         if bad:
             raise PredictionInputError(f"{', '.join(bad)}: not a supported image type. Supported: "
                                        f"{', '.join(SUPPORTED_ENDINGS)}.")
-        plain = [p for p in files if not _CHANNEL_RE.match(p.name[: -len(file_ending(p))])]
+        plain = [p for p in files if not CHANNEL_RE.match(p.name[: -len(file_ending(p))])]
         if n > 1 and len(plain) == len(files) == n:  # the channels of one case, in the order given
             stem = files[0].name[: -len(file_ending(files[0]))]
             return [InputCase(stem, tuple(files), file_ending(files[0]))]
@@ -110,7 +106,7 @@ def _group(files: Iterable[Path], channel_names: Sequence[str]) -> list[InputCas
     for p in files:
         ending = file_ending(p)
         stem = p.name[: -len(ending)]
-        m = _CHANNEL_RE.match(stem)
+        m = CHANNEL_RE.match(stem)
         if m is None and n == 1:
             case, ch = stem, 0
         elif m is None:

@@ -187,7 +187,8 @@ class Dataset:
         return find_cases(folder, self.spec.file_ending, self.spec.n_channels)[0]
 
 
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+#: ``{CASE}_{XXXX}``: a case id and a 4-digit channel index (nnU-Net file names, without the ending)
+CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 
 def find_cases(folder: Path, file_ending: str, n_channels: int,
@@ -203,7 +204,7 @@ def find_cases(folder: Path, file_ending: str, n_channels: int,
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if p.name.startswith(".") or not p.is_file():
             continue
-        m = _CHANNEL_RE.match(p.name[: -len(file_ending)]) if p.name.endswith(file_ending) else None
+        m = CHANNEL_RE.match(p.name[: -len(file_ending)]) if p.name.endswith(file_ending) else None
         if m is None:
             stray.append(p)
         else:

@@ -235,6 +235,8 @@ def test_streaming_export_matches_full_resampling_and_probabilities_sum_to_one(r
     regions = LabelLayout(3, ((1, 2, 3), (2, 3), (3,)), (1, 2, 3))
     seg_r, _ = export_segmentation(logits[:3], props, _Plans, _Cfg, regions)
     assert np.mean(seg_r[1:13, 2:38] == logits_to_labels(full[:3], regions)) > 0.999
+    shuffled = LabelLayout(3, ((2, 3), (3,), (1, 2, 3)), (2, 3, 1))  # outputs listed out of painting order
+    assert (logits_to_labels(np.ones((3, 2, 2, 2), np.float32), shuffled) == 3).all()  # highest label painted last
 
 
 def test_cascade_runs_its_first_stage_and_feeds_it_as_channels(trained, tmp_path):
