@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from autoseg.io.atomic import atomic_path
-from autoseg.io.image import write_label
+from autoseg.io.image import file_ending, write_label
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.preprocessing.cropping import uncrop
 from autoseg.preprocessing.properties import CaseProperties
@@ -192,6 +192,12 @@ def export_segmentation(logits: np.ndarray, props: CaseProperties, plans: Plans,
     return _to_file_axes(seg, props, plans, 0), probs
 
 
+def probabilities_path(seg_path: str | os.PathLike[str]) -> Path:
+    """``<case>.npz`` next to ``<case><ending>`` (the case id may contain dots: ``BraTS.001.nii.gz``)."""
+    seg_path = Path(seg_path)
+    return seg_path.with_name(seg_path.name[: -len(file_ending(seg_path))] + ".npz")
+
+
 def write_prediction(path: str | os.PathLike[str], logits: np.ndarray, props: CaseProperties, plans: Plans,
                      config: ConfigurationPlan, layout: LabelLayout, *, save_probabilities: bool = False) -> np.ndarray:
     """Export and write a prediction with the input's geometry; probabilities go to ``<name>.npz``.
@@ -202,8 +208,7 @@ def write_prediction(path: str | os.PathLike[str], logits: np.ndarray, props: Ca
     seg, probs = export_segmentation(logits, props, plans, config, layout, return_probabilities=save_probabilities)
     path = Path(path)
     if probs is not None:
-        stem = path.name[: -len("".join(path.suffixes))] if path.suffixes else path.name
-        with atomic_path(path.with_name(stem + ".npz")) as tmp, open(tmp, "wb") as fh:
+        with atomic_path(probabilities_path(path)) as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, probabilities=probs, class_values=np.asarray(layout.class_values))
     write_label(path, seg, props.geometry)
     return seg

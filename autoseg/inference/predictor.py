@@ -81,7 +81,6 @@ class Predictor:
         folds: the fold names of ``networks``.
         previous: the first stage of a cascade (its segmentation becomes extra input channels), or None.
         cascade_labels: labels one-hot encoded from the first stage's segmentation.
-        batch_size: windows per network call.
     """
 
     plans: Plans
@@ -95,7 +94,6 @@ class Predictor:
     folds: tuple[str, ...] = ()
     previous: Predictor | None = None
     cascade_labels: tuple[int, ...] = ()
-    batch_size: int = 1
 
     @classmethod
     def from_workdir(cls, workdir: str | os.PathLike[str], configuration: str = "3d_fullres", *,
@@ -158,16 +156,6 @@ class Predictor:
         return cls(plans, config, layout, networks, mirror if tta else (), dev, step_size, use_amp,
                    tuple(wanted), previous, cascade or ())
 
-    @property
-    def description(self) -> str:
-        """One line: configuration, folds, options (for logs)."""
-        parts = [f"{self.config.name} fold(s) {','.join(self.folds) or '?'}",
-                 f"TTA {'on' if self.mirror_axes else 'off'}", f"step {self.step_size:g}",
-                 f"{'mixed precision' if self.amp else 'float32'} on {self.device}"]
-        if self.previous is not None:
-            parts.append(f"after {self.previous.config.name} fold(s) {','.join(self.previous.folds)}")
-        return ", ".join(parts)
-
     def preprocess(self, images: np.ndarray, geometry: Geometry) -> PreprocessedArrays:
         """Preprocess one case exactly as the training cases were (the cascade's first stage runs here)."""
         pre = preprocess_arrays(images.astype(np.float32, copy=False), None, geometry, self.plans, self.config)
@@ -187,7 +175,7 @@ class Predictor:
         for net in self.networks:
             out = predict_logits(net, data, patch_size=self.config.patch_size, num_outputs=self.layout.num_outputs,
                                  step_size=self.step_size, mirror_axes=self.mirror_axes, device=self.device,
-                                 amp=self.amp, batch_size=self.batch_size)
+                                 amp=self.amp)
             total = out if total is None else total.add_(out)
         if len(self.networks) > 1:
             total /= len(self.networks)

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from autoseg.inference.export import write_prediction
+from autoseg.inference.export import probabilities_path, write_prediction
 from autoseg.inference.inputs import InputCase
 from autoseg.inference.predictor import Predictor
 from autoseg.io.atomic import remove_stale_temporaries, write_json_atomic
@@ -58,11 +58,6 @@ def output_paths(cases: Sequence[InputCase], output: str | os.PathLike[str]) -> 
     if len(cases) == 1 and file_ending(out) in SUPPORTED_ENDINGS and not out.is_dir():
         return {cases[0].case_id: out}
     return {c.case_id: out / f"{c.case_id}{c.ending}" for c in cases}
-
-
-def probabilities_path(seg_path: Path) -> Path:
-    """``<case>.npz`` next to ``<case><ending>``."""
-    return seg_path.with_name(seg_path.name[: -len(file_ending(seg_path))] + ".npz")
 
 
 def is_finished(seg_path: Path, save_probabilities: bool) -> bool:

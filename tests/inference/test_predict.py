@@ -320,3 +320,10 @@ def test_png_slices_are_predicted_by_the_2d_model_and_written_as_png(tmp_path, p
     for cid, path in summary.outputs.items():
         assert path.suffix == ".png"
         assert read_label(path).array.shape == read_image(ds.root / "imagesTs" / f"{cid}_0000.png").array.shape[1:]
+
+
+def test_probabilities_sit_next_to_the_segmentation_even_with_dots_in_the_case_id(tmp_path):
+    from autoseg.inference.export import probabilities_path
+
+    assert probabilities_path(tmp_path / "BraTS.001.nii.gz") == tmp_path / "BraTS.001.npz"
+    assert probabilities_path(tmp_path / "case_7.mha") == tmp_path / "case_7.npz"
