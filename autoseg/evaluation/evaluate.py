@@ -1,0 +1,438 @@
+"""Evaluate a folder of predictions against a folder of references.
+
+:func:`evaluate_folder` pairs files by name (case id = file name minus the file ending), computes
+:func:`~autoseg.evaluation.metrics.case_metrics` for every case (in worker processes with ``jobs > 1``),
+writes ``summary.json`` and ``cases.csv`` atomically and returns an :class:`EvaluationSummary`.
+:func:`evaluate_pairs` does the same for an explicit list of ``(case_id, pred_path, ref_path)``.
+
+Metrics use the reference's spacing. A prediction whose array shape differs from its reference, or whose
+spacing differs by more than 0.1 %, is an error naming both files.
+
+``summary.json`` layout (NaN is written as ``null``)::
+
+    {"version": 1, "classes": {name: label or [labels]}, "settings": {...}, "notes": [...],
+     "mean": {class: {metric: v}}, "foreground_mean": {metric: v}, "median": {class: {metric: v}},
+     "cases": {case: {class: {metric: v}}}}
+
+Means ignore NaN cases (both masks empty); ``foreground_mean`` averages the per-class means and is NaN
+when one of them is NaN, as in nnU-Net.
+
+Example::
+
+    summary = evaluate_folder("predictions", "Dataset001/labelsTr", dataset_json="Dataset001/dataset.json")
+    print(summary.format_table())
+    summary.foreground_mean("dice")
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoseg.errors import FileFormatError
+from autoseg.evaluation.lesions import lesion_metrics
+from autoseg.evaluation.metrics import ClassSpec, EvaluationError, case_metrics, class_values, classes_from_labels
+from autoseg.evaluation.surface import IMPLEMENTATION
+from autoseg.io.atomic import read_json, write_json_atomic, write_text_atomic
+from autoseg.io.dataset import DatasetSpec, read_dataset_json
+from autoseg.io.image import SUPPORTED_ENDINGS, read_label
+from autoseg.io.image import file_ending as ending_of
+from autoseg.parallel import imap_ordered
+
+SUMMARY_VERSION = 1
+DEFAULT_TABLE_METRICS = ("dice", "hd95", "nsd", "lesion_dice", "lesion_hd95")
+SPACING_RTOL = 1e-3
+_LESION_DEFAULTS = {k: p.default for k, p in inspect.signature(lesion_metrics).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+LESION_IMPLEMENTATION = ("lesion-wise: BraTS 2023 rules (reference dilated by a full cube, full-connectivity "
+                         "components, lesion score vs union of touching predicted components, missed lesion and "
+                         "false positive = Dice 0 / HD95 penalty)")
+
+
+def _stat(values: Sequence[float], fn: Any) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    return float(fn(arr)) if arr.size else math.nan
+
+
+def _num(v: float) -> str:
+    if math.isnan(v):
+        return "nan"
+    return f"{v:.1f}" if abs(v) >= 100 else f"{v:.2f}" if abs(v) >= 10 else f"{v:.3f}"
+
+
+def _to_json_value(v: Any, where: str) -> Any:
+    """JSON-safe copy: NaN -> None, tuples -> lists, numpy scalars -> Python; infinity is refused."""
+    if isinstance(v, Mapping):
+        return {str(k): _to_json_value(x, f"{where}/{k}") for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_to_json_value(x, where) for x in v]
+    if isinstance(v, (bool, np.bool_, int, np.integer)):
+        return bool(v) if isinstance(v, (bool, np.bool_)) else int(v)
+    if isinstance(v, (float, np.floating)) and math.isinf(v):
+        raise ValueError(f"{where}: infinite value; metrics must be finite or NaN to be stored as JSON.")
+    if isinstance(v, (float, np.floating)):
+        return None if math.isnan(v) else float(v)
+    return v
+
+
+def _class_to_json(v: ClassSpec) -> int | list[int]:
+    return list(v) if isinstance(v, tuple) else int(v)
+
+
+def _normalise_classes(classes: Mapping[str, Any]) -> dict[str, ClassSpec]:
+    out: dict[str, ClassSpec] = {}
+    for name, value in classes.items():
+        vals = class_values(value)
+        out[str(name)] = vals if isinstance(value, (list, tuple)) and len(vals) > 1 else vals[0]
+    return out
+
+
+@dataclass
+class EvaluationSummary:
+    """Metrics of every case and class, with the settings that produced them.
+
+    Attributes:
+        classes: class name -> label value or region (tuple of label values).
+        cases: case id -> class name -> metric name -> value (NaN where undefined).
+        settings: tolerance, lesion options, ignore label, implementation description, folders.
+        notes: remarks about the pairing (skipped cases, predictions without reference).
+    """
+
+    classes: dict[str, ClassSpec]
+    cases: dict[str, dict[str, dict[str, float]]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> list[str]:
+        """Metric names present, in first-seen order."""
+        seen: dict[str, None] = {}
+        for per_class in self.cases.values():
+            for values in per_class.values():
+                seen.update(dict.fromkeys(values))
+        return list(seen)
+
+    def _check_class(self, cls: str) -> None:
+        if cls not in self.classes:
+            raise KeyError(f"unknown class {cls!r}; the summary holds {list(self.classes)}.")
+
+    def per_case(self, metric: str, cls: str) -> list[float]:
+        """The metric of class ``cls`` for every case, in case order (NaN where absent)."""
+        self._check_class(cls)
+        return [float(c.get(cls, {}).get(metric, math.nan)) for c in self.cases.values()]
+
+    def mean(self, metric: str, cls: str) -> float:
+        """Mean of the metric over cases, ignoring NaN (NaN when no case has a value)."""
+        return _stat(self.per_case(metric, cls), np.mean)
+
+    def median(self, metric: str, cls: str) -> float:
+        """Median of the metric over cases, ignoring NaN."""
+        return _stat(self.per_case(metric, cls), np.median)
+
+    def foreground_mean(self, metric: str) -> float:
+        """Mean over classes of the per-class means; NaN when a class mean is NaN (nnU-Net convention)."""
+        means = [self.mean(metric, c) for c in self.classes]
+        return float(np.mean(means)) if means else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``summary.json`` object (NaN -> null).
+
+        Raises:
+            ValueError: a value is infinite.
+        """
+        metrics = self.metrics
+        d = {
+            "version": SUMMARY_VERSION,
+            "classes": {k: _class_to_json(v) for k, v in self.classes.items()},
+            "settings": self.settings,
+            "notes": list(self.notes),
+            "mean": {c: {m: self.mean(m, c) for m in metrics} for c in self.classes},
+            "foreground_mean": {m: self.foreground_mean(m) for m in metrics},
+            "median": {c: {m: self.median(m, c) for m in metrics} for c in self.classes},
+            "cases": self.cases,
+        }
+        return _to_json_value(d, "summary")
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], source: str = "summary.json") -> EvaluationSummary:
+        """Rebuild a summary from :meth:`to_json` output (null -> NaN).
+
+        Raises:
+            FileFormatError: not a summary object, or of an unknown version.
+        """
+        if not isinstance(d, Mapping) or d.get("version") != SUMMARY_VERSION:
+            found = d.get("version") if isinstance(d, Mapping) else type(d).__name__
+            raise FileFormatError(f"{source}: not an autoseg evaluation summary of version {SUMMARY_VERSION} "
+                                  f"(found {found!r}). Re-run the evaluation to regenerate it.")
+        try:
+            cases = {str(case): {str(c): {str(m): (math.nan if v is None else v) for m, v in vals.items()}
+                                 for c, vals in per_class.items()} for case, per_class in d["cases"].items()}
+            return cls(classes=_normalise_classes(d["classes"]), cases=cases,
+                       settings=dict(d.get("settings", {})), notes=list(d.get("notes", [])))
+        except (KeyError, AttributeError, TypeError, ValueError) as err:
+            raise FileFormatError(f"{source}: malformed evaluation summary ({err}). Re-run the evaluation "
+                                  "to regenerate it.") from err
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`to_json` to ``path`` atomically."""
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> EvaluationSummary:
+        """Read a ``summary.json`` written by :meth:`save`.
+
+        Raises:
+            FileFormatError: missing, unreadable or malformed file.
+        """
+        d = read_json(path, FileFormatError, "Re-run the evaluation to regenerate it.")
+        return cls.from_json(d, source=str(path))
+
+    def write_csv(self, path: str | os.PathLike[str]) -> None:
+        """One row per case: ``case`` then ``<class>/<metric>`` for every class and metric (NaN as ``nan``)."""
+        metrics = self.metrics
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["case"] + [f"{c}/{m}" for c in self.classes for m in metrics])
+        for case, per_class in self.cases.items():
+            row = [case]
+            for c in self.classes:
+                for m in metrics:
+                    v = per_class.get(c, {}).get(m, math.nan)
+                    row.append(str(int(v)) if isinstance(v, (int, np.integer)) else repr(float(v)))
+            writer.writerow(row)
+        write_text_atomic(path, buf.getvalue())
+
+    def format_table(self, metrics: Sequence[str] = DEFAULT_TABLE_METRICS) -> str:
+        """A text table: one row per class plus ``mean``; each cell ``mean  median [q1, q3]`` over cases.
+
+        NaN cases are ignored. The ``mean`` row shows the foreground mean (mean of class means) and the
+        median and quartiles of each case's class-averaged value. Metrics absent from the summary are
+        left out.
+        """
+        present = set(self.metrics)
+        metrics = [m for m in metrics if m in present]
+
+        def cell(mean: float, values: Sequence[float]) -> str:
+            q1, med, q3 = (_stat(values, lambda a, q=q: np.percentile(a, q)) for q in (25, 50, 75))
+            return f"{_num(mean)}  {_num(med)} [{_num(q1)}, {_num(q3)}]"
+
+        rows = [["class"] + list(metrics)]
+        for c in self.classes:
+            rows.append([c] + [cell(self.mean(m, c), self.per_case(m, c)) for m in metrics])
+        mean_row = ["mean"]
+        for m in metrics:
+            per_class = np.array([self.per_case(m, c) for c in self.classes], dtype=np.float64)
+            case_avg = [_stat(col, np.mean) for col in per_class.T]
+            mean_row.append(cell(self.foreground_mean(m), case_avg))
+        rows.append(mean_row)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        header = f"{len(self.cases)} cases; each cell: mean  median [q1, q3] over cases (NaN ignored)"
+        return "\n".join([header] + lines)
+
+
+def _check_pair(pred_path: str, ref_path: str, pred_shape: tuple[int, ...], ref_shape: tuple[int, ...],
+                pred_spacing: tuple[float, ...], ref_spacing: tuple[float, ...]) -> None:
+    if pred_shape != ref_shape:
+        raise EvaluationError(
+            f"{pred_path}: prediction shape {pred_shape} differs from the reference {ref_path} shape "
+            f"{ref_shape}. Predict on the reference images (same grid), or resample the prediction onto the "
+            "reference's grid, before evaluating.")
+    if any(abs(p - r) > SPACING_RTOL * abs(r) for p, r in zip(pred_spacing, ref_spacing, strict=True)):
+        raise EvaluationError(
+            f"{pred_path}: spacing {pred_spacing} differs from the reference {ref_path} spacing {ref_spacing} "
+            f"by more than {SPACING_RTOL:.1%}. The prediction was saved with another geometry; write it with the "
+            "reference's geometry (or resample it) before evaluating.")
+
+
+def _evaluate_case(item: tuple[str, str, str, dict[str, ClassSpec], dict[str, Any]]) -> tuple[str, Any]:
+    """Worker: read one pair, check it and compute its metrics (module-level for the process pool)."""
+    case_id, pred_path, ref_path, classes, options = item
+    pred, ref = read_label(pred_path), read_label(ref_path)
+    _check_pair(pred_path, ref_path, pred.array.shape, ref.array.shape, pred.geometry.spacing,
+                ref.geometry.spacing)
+    return case_id, case_metrics(pred.array, ref.array, classes, ref.geometry.array_spacing, **options)
+
+
+def _label_values_in(path: str) -> list[int]:
+    """Worker: the distinct values of a label file."""
+    return [int(v) for v in np.unique(read_label(path).array)]
+
+
+def evaluate_pairs(pairs: Sequence[tuple[str, str | os.PathLike[str], str | os.PathLike[str]]],
+                   classes: Mapping[str, int | Sequence[int]], *, ignore_label: int | None = None,
+                   tolerance_mm: float = 1.0, lesion_wise: bool = True,
+                   lesion_kwargs: Mapping[str, Any] | None = None, jobs: int = 1,
+                   progress: bool = True) -> EvaluationSummary:
+    """Evaluate explicit ``(case_id, pred_path, ref_path)`` pairs.
+
+    Args:
+        pairs: one ``(case_id, prediction file, reference file)`` per case.
+        classes: class name -> label value or region (list/tuple of label values).
+        ignore_label: reference value excluded from every metric.
+        tolerance_mm: NSD tolerance in mm.
+        lesion_wise: also compute lesion-wise metrics.
+        lesion_kwargs: options of :func:`~autoseg.evaluation.lesions.lesion_metrics`.
+        jobs: worker processes (1 = in this process).
+        progress: show a progress bar.
+
+    Returns:
+        The summary (cases in the order given).
+
+    Raises:
+        EvaluationError: no classes, duplicate case ids, unknown lesion options, or a prediction whose
+            shape or spacing differs from its reference.
+        ImageReadError: a file cannot be read.
+    """
+    cls = _normalise_classes(classes)
+    if not cls:
+        raise EvaluationError("no classes to evaluate; give dataset.json labels or at least one class "
+                              "(name -> label value).")
+    ids = [str(p[0]) for p in pairs]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise EvaluationError(f"case id(s) {', '.join(dup)} appear more than once; give each case once.")
+    lesion_opts = dict(lesion_kwargs or {})
+    unknown = sorted(set(lesion_opts) - set(_LESION_DEFAULTS))
+    if unknown:
+        raise EvaluationError(f"unknown lesion option(s) {', '.join(unknown)}; valid: "
+                              f"{', '.join(_LESION_DEFAULTS)}.")
+    options = {"ignore_label": ignore_label, "tolerance_mm": float(tolerance_mm), "lesion_wise": lesion_wise,
+               "lesion_kwargs": lesion_opts}
+    items = [(str(cid), str(p), str(r), cls, options) for cid, p, r in pairs]
+    cases = dict(imap_ordered(_evaluate_case, items, jobs=jobs, desc="evaluating", label=lambda it: it[0],
+                              progress=progress))
+    settings = {
+        "tolerance_mm": float(tolerance_mm),
+        "ignore_label": ignore_label,
+        "lesion_wise": bool(lesion_wise),
+        "lesion": {**_LESION_DEFAULTS, **lesion_opts} if lesion_wise else None,
+        "spacing": "reference file's spacing",
+        "implementation": IMPLEMENTATION + ("; " + LESION_IMPLEMENTATION if lesion_wise else ""),
+    }
+    return EvaluationSummary(classes=cls, cases=cases, settings=_to_json_value(settings, "settings"))
+
+
+def detect_file_ending(folder: Path) -> str:
+    """The most common supported file ending among the files of ``folder``.
+
+    Raises:
+        EvaluationError: the folder holds no supported image file.
+    """
+    counts = Counter(ending_of(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    found = [e for e in SUPPORTED_ENDINGS if counts.get(e)]
+    if not found:
+        raise EvaluationError(f"{folder}: no image files found (looked for {', '.join(SUPPORTED_ENDINGS)}). "
+                              "Check the folder, or give the file ending (or a dataset.json).")
+    return max(found, key=lambda e: counts[e])
+
+
+def _case_files(folder: Path, ending: str) -> dict[str, Path]:
+    return {p.name[: -len(ending)]: p for p in sorted(folder.iterdir())
+            if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(ending.lower())
+            and len(p.name) > len(ending)}
+
+
+def _listing(ids: Sequence[str], limit: int = 50) -> str:
+    return ", ".join(ids[:limit]) + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def evaluate_folder(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[str], *,
+                    dataset_json: str | os.PathLike[str] | DatasetSpec | None = None,
+                    classes: Mapping[str, int | Sequence[int]] | None = None, ignore_label: int | None = None,
+                    file_ending: str | None = None, allow_missing: bool = False,
+                    output: str | os.PathLike[str] | None = None, tolerance_mm: float = 1.0,
+                    lesion_wise: bool = True, lesion_kwargs: Mapping[str, Any] | None = None, jobs: int = 1,
+                    progress: bool = True) -> EvaluationSummary:
+    """Evaluate every reference in ``ref_dir`` against the prediction of the same name in ``pred_dir``.
+
+    Classes: ``classes`` when given, else the labels of ``dataset_json`` (background and ``ignore``
+    skipped, lists as regions), else every nonzero value found in the references (named by value).
+    The ignore label defaults to dataset.json's ``ignore`` entry. The file ending is ``file_ending``, else
+    dataset.json's, else the most common supported ending in ``ref_dir``.
+
+    Args:
+        pred_dir: folder of predicted label files.
+        ref_dir: folder of reference label files.
+        dataset_json: path of a dataset.json (or a parsed ``DatasetSpec``) giving labels, ignore label and
+            file ending.
+        classes: class name -> label value or region; overrides dataset.json's labels.
+        ignore_label: reference value excluded from every metric.
+        file_ending: e.g. ``".nii.gz"``.
+        allow_missing: evaluate only the references that have a prediction (noted in the summary)
+            instead of failing.
+        output: folder for ``summary.json`` and ``cases.csv`` (default ``pred_dir``).
+        tolerance_mm, lesion_wise, lesion_kwargs, jobs, progress: as in :func:`evaluate_pairs`.
+
+    Returns:
+        The summary, also written to ``output``.
+
+    Raises:
+        EvaluationError: a folder is missing or empty, references lack predictions (all listed), no
+            class to evaluate, or a prediction does not match its reference.
+        DatasetError: dataset.json is missing or malformed.
+        ImageReadError: a file cannot be read.
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    for folder, what in ((pred_dir, "prediction"), (ref_dir, "reference")):
+        if not folder.is_dir():
+            raise EvaluationError(f"{folder}: {what} folder not found. Check the path.")
+    spec = dataset_json if isinstance(dataset_json, DatasetSpec) or dataset_json is None \
+        else read_dataset_json(Path(dataset_json))
+    ending = file_ending or (spec.file_ending if spec is not None else None) or detect_file_ending(ref_dir)
+    refs, preds = _case_files(ref_dir, ending), _case_files(pred_dir, ending)
+    if not refs:
+        raise EvaluationError(f"{ref_dir}: no reference files ending in '{ending}'. Check the folder and the "
+                              "file ending.")
+    missing = sorted(set(refs) - set(preds))
+    notes: list[str] = []
+    if missing and not allow_missing:
+        raise EvaluationError(
+            f"{pred_dir}: {len(missing)} of {len(refs)} reference case(s) in {ref_dir} have no prediction "
+            f"'<case>{ending}': {_listing(missing)}. Predict them, or allow missing predictions "
+            "(allow_missing=True) to evaluate only the cases present.")
+    if missing:
+        notes.append(f"{len(missing)} reference case(s) without a prediction were skipped: {_listing(missing)}")
+    extra = sorted(set(preds) - set(refs))
+    if extra:
+        notes.append(f"{len(extra)} prediction(s) without a reference were ignored: {_listing(extra)}")
+    case_ids = sorted(set(refs) & set(preds))
+    if not case_ids:
+        raise EvaluationError(f"{pred_dir}: none of the {len(refs)} reference cases has a prediction "
+                              f"'<case>{ending}'. Check the folder and the file ending.")
+    if ignore_label is None and spec is not None:
+        ignore_label = spec.ignore_label
+    if classes is not None:
+        eval_classes = _normalise_classes(classes)
+    elif spec is not None:
+        eval_classes = classes_from_labels(spec.labels)
+    else:
+        values: set[int] = set()
+        for vals in imap_ordered(_label_values_in, [str(refs[c]) for c in case_ids], jobs=jobs,
+                                 desc="reading labels", progress=progress):
+            values.update(vals)
+        eval_classes = {str(v): v for v in sorted(values - {0, ignore_label})}
+        if not eval_classes:
+            raise EvaluationError(f"{ref_dir}: the references hold no foreground label; give the classes "
+                                  "(or a dataset.json) to evaluate.")
+    summary = evaluate_pairs([(c, preds[c], refs[c]) for c in case_ids], eval_classes, ignore_label=ignore_label,
+                             tolerance_mm=tolerance_mm, lesion_wise=lesion_wise, lesion_kwargs=lesion_kwargs,
+                             jobs=jobs, progress=progress)
+    summary.notes = notes
+    summary.settings.update({"pred_dir": str(pred_dir), "ref_dir": str(ref_dir), "file_ending": ending})
+    out = Path(output) if output is not None else pred_dir
+    summary.save(out / "summary.json")
+    summary.write_csv(out / "cases.csv")
+    return summary
