@@ -39,6 +39,14 @@ _EXPORTS: dict[str, str] = {
     "Plans": "autoseg.planner.plans",
     "load_plans": "autoseg.planner.plans",
     "AutosegError": "autoseg.errors",
+    "evaluate_folder": "autoseg.evaluation.evaluate",
+    "EvaluationSummary": "autoseg.evaluation.evaluate",
+    "find_best": "autoseg.ensemble.selection",
+    "ensemble_folders": "autoseg.ensemble.ensembling",
+    "postprocess_folder": "autoseg.ensemble.postprocessing",
+    "PostprocessingRules": "autoseg.ensemble.postprocessing",
+    "export_bundle": "autoseg.ensemble.bundle",
+    "verify_bundle": "autoseg.ensemble.bundle",
 }
 
 __all__ = sorted([*_EXPORTS, "fingerprint", "__version__"])

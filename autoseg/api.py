@@ -18,7 +18,7 @@ from autoseg.fingerprint.extract import analyze_dataset, dataset_signature
 from autoseg.fingerprint.model import DatasetFingerprint
 from autoseg.io.atomic import write_text_atomic
 from autoseg.io.check import CheckReport, check_dataset
-from autoseg.io.dataset import Dataset, load_dataset
+from autoseg.io.dataset import Dataset, load_dataset, record_dataset_source
 from autoseg.planner.plans import Plans
 from autoseg.planner.planner import plan_experiment
 from autoseg.preprocessing.preprocess import PreprocessSummary, preprocess_dataset
@@ -141,6 +141,7 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
     plans = plan_experiment(fp, gpu_memory_gb=gpu_memory_gb, preset=preset, seed=seed)
     plans.save(wd / "plans.json")
     write_text_atomic(wd / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
+    record_dataset_source(wd, ds.root)
     return plans
 
 
@@ -189,7 +190,7 @@ def preprocess(dataset: DatasetLike, configurations: Sequence[str] | None = None
 def train(dataset: DatasetLike, configuration: str = "3d_fullres", fold: int | str = 0, *,
           workdir: str | os.PathLike[str] | None = None, settings: TrainSettings | None = None,
           resume: bool = False, jobs: int = 1, groups: str | os.PathLike[str] | dict[str, str] | None = None,
-          **overrides: Any) -> list[FoldResult]:
+          validate_only: bool = False, **overrides: Any) -> list[FoldResult]:
     """Train one fold, several, or every fold of a configuration (preprocessing first if needed).
 
     Args:
@@ -203,6 +204,8 @@ def train(dataset: DatasetLike, configuration: str = "3d_fullres", fold: int | s
         jobs: worker processes for preprocessing.
         groups: case -> group (e.g. patient) mapping or a CSV with ``case,group`` columns; new splits keep each
             group in one fold, existing ``splits.json`` files are checked against it.
+        validate_only: do not train; rerun the final validation of trained folds (e.g. with
+            ``save_probabilities=True`` to get the probabilities ensembling needs).
 
     Returns:
         One result per fold (model folder, epochs, validation summary).
@@ -227,13 +230,18 @@ def train(dataset: DatasetLike, configuration: str = "3d_fullres", fold: int | s
         model_dir.mkdir(parents=True, exist_ok=True)
         plans.save(model_dir / "plans.json")
         write_text_atomic(model_dir / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
+        record_dataset_source(wd, ds.root)
     every = str(fold).strip().lower() == "all"  # one model on every case needs no split
     if rank == 0 and not every:
         get_splits(wd, [c.case_id for c in ds.cases], seed=plans.seed, groups=groups)
     barrier()
     folds = ["all"] if every else _fold_list(fold, len(get_splits(wd, [c.case_id for c in ds.cases],
                                                                  seed=plans.seed)))
-    return [train_fold(ds, plans, config.name, f, wd, settings=settings, resume=resume) for f in folds]
+    if not validate_only:
+        return [train_fold(ds, plans, config.name, f, wd, settings=settings, resume=resume) for f in folds]
+    from autoseg.training.run import revalidate_fold
+
+    return [revalidate_fold(ds, plans, config.name, f, wd, settings=settings) for f in folds]
 
 
 def _fold_list(fold: int | str, n_folds: int) -> list[int | str]:
@@ -259,26 +267,30 @@ FAST_STEP = 0.75
 
 def trained_configurations(workdir: str | os.PathLike[str]) -> list[str]:
     """Configurations with at least one finished fold in ``workdir/models``."""
-    from autoseg.inference.predictor import trained_folds
+    from autoseg.inference.predictor import trained_configurations as found
 
-    models = Path(workdir) / "models"
-    return sorted(p.name for p in models.iterdir() if p.is_dir() and trained_folds(p)) if models.is_dir() else []
+    return found(workdir)
 
 
 def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
-            workdir: str | os.PathLike[str], configuration: str | None = None,
+            workdir: str | os.PathLike[str], configuration: str | Sequence[str] | None = None,
             folds: Sequence[int | str] | None = None, device: str = "auto", tta: bool = True,
             step_size: float | None = None, fast: bool = False, amp: bool | None = None,
             save_probabilities: bool = False, overwrite: bool = False, progress: bool = True,
-            on_warning: Callable[[str], None] | None = None) -> PredictionSummary:
-    """Segment image files with trained folds and write the results in the inputs' format and geometry.
+            postprocessing: bool | str | os.PathLike[str] | None = None,
+            label_map: dict[int, int] | str | Sequence[str] | None = None,
+            deterministic: bool = False, on_warning: Callable[[str], None] | None = None) -> PredictionSummary:
+    """Segment image files with trained models and write the results in the inputs' format and geometry.
+
+    With no ``configuration``, the pipeline chosen by :func:`find_best` (``selection/best.json``: a configuration
+    or an ensemble, and its postprocessing) is used; without a choice, the only trained configuration.
 
     Args:
         inputs: a folder of ``CASE_XXXX<ending>`` channel files (nnU-Net layout), or image files.
         output: output folder (``<case><ending>`` per case), or a file name for a single case.
-        workdir: the work folder the models were trained in.
-        configuration: default: the only trained configuration.
-        folds: folds to ensemble (default: every trained fold); their logits are averaged.
+        workdir: the work folder the models were trained in, or an exported bundle.
+        configuration: configuration name(s); several are ensembled (averaged probabilities).
+        folds: folds to use (default: the chosen ones, else every trained fold); their logits are averaged.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         tta: test-time mirroring over the axes the model was trained with.
         step_size: window step as a fraction of the patch (default 0.5; :data:`FAST_STEP` with ``fast``).
@@ -287,6 +299,10 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
         save_probabilities: also write ``<case>.npz`` probabilities (for ensembling).
         overwrite: redo cases whose output exists (default: skip them).
         progress: show a progress bar.
+        postprocessing: None = the learnt rules when following ``find-best``'s choice; True = the learnt rules;
+            False / ``"none"`` = none; a path = that rules file.
+        label_map: write labels in another convention, ``{old: new}`` or ``"3:4"`` (default: a bundle's own).
+        deterministic: float32 and deterministic algorithms, so the same inputs give the same files.
         on_warning: called with each input warning (default: :func:`warnings.warn`).
 
     Returns:
@@ -302,28 +318,25 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
     import warnings
 
     from autoseg import __version__
-    from autoseg.inference.inputs import check_cases, check_channel_names, collect_cases
-    from autoseg.inference.predictor import ModelNotFoundError, Predictor
+    from autoseg.ensemble.pipeline import load_ensemble
+    from autoseg.inference.inputs import PredictionInputError, check_cases, check_channel_names, collect_cases
     from autoseg.inference.run import predict_cases
 
     wd = Path(workdir)
-    if configuration is None:
-        trained = trained_configurations(wd)
-        if len(trained) != 1:
-            raise ModelNotFoundError(
-                f"{wd}: " + (f"several configurations are trained ({', '.join(trained)}); choose one with -c."
-                             if trained else "no trained model found (models/<configuration>/fold_*/"
-                             "checkpoint_final.pt). Train one with `autoseg train`, or pass the right --workdir."))
-        configuration = trained[0]
     ins = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if len(ins) == 1 and Path(ins[0]).is_dir() and Path(output).resolve() == Path(ins[0]).resolve():
-        from autoseg.inference.inputs import PredictionInputError
-
         raise PredictionInputError(f"{output}: the output folder is the input folder; write the predictions to "
                                    "another folder (-o), so that they are not mistaken for input images.")
-    predictor = Predictor.from_workdir(wd, configuration, folds=folds, device=device, tta=tta and not fast,
-                                       step_size=step_size or (FAST_STEP if fast else 0.5), amp=amp)
-    names = predictor.plans.channel_names
+    if deterministic:
+        amp = False
+    from autoseg.ensemble.bundle import MANIFEST, require_intact
+
+    if (wd / MANIFEST).is_file():  # a bundle: refuse modified files before loading anything
+        require_intact(wd)
+    model, chosen = load_ensemble(wd, configurations=configuration, folds=folds, postprocessing=postprocessing,
+                                  label_map=label_map, device=device, tta=tta and not fast,
+                                  step_size=step_size or (FAST_STEP if fast else 0.5), amp=amp)
+    names = model.plans.channel_names
     check_channel_names(ins, names)
     cases = collect_cases(ins, names)
     spacings = None
@@ -335,12 +348,20 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
     _, notes = check_cases(cases, training_spacings=spacings)
     for note in notes:
         (on_warning or (lambda m: warnings.warn(m, stacklevel=3)))(note)
-    record = {"autoseg": __version__, "workdir": str(wd), "configuration": configuration, "folds": list(predictor.folds),
-              "tta": bool(predictor.mirror_axes), "step_size": predictor.step_size, "amp": predictor.amp,
-              "device": str(predictor.device), "previous_stage": (
-                  {"configuration": predictor.previous.config.name, "folds": list(predictor.previous.folds)}
-                  if predictor.previous is not None else None)}
-    summary = predict_cases(predictor, cases, output, overwrite=overwrite, save_probabilities=save_probabilities,
-                            progress=progress, record=record)
+    first = model.members[0]
+    record = {"autoseg": __version__, "workdir": str(wd), "configuration": "+".join(model.names), **chosen,
+              "tta": bool(first.mirror_axes), "step_size": first.step_size, "amp": first.amp,
+              "deterministic": deterministic, "device": str(first.device), "previous_stage": (
+                  {"configuration": first.previous.config.name, "folds": list(first.previous.folds)}
+                  if first.previous is not None else None)}
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic or before)
+    try:
+        summary = predict_cases(model, cases, output, overwrite=overwrite, save_probabilities=save_probabilities,
+                                progress=progress, record=record)
+    finally:
+        torch.use_deterministic_algorithms(before)
     summary.warnings = notes
     return summary

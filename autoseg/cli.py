@@ -77,6 +77,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-probabilities", action="store_true",
                    help="final validation also writes probabilities (.npz) for ensembling")
     t.add_argument("--no-validation", action="store_true", help="skip the final full-volume validation")
+    t.add_argument("--validate-only", action="store_true",
+                   help="do not train: rerun the final validation of trained folds (add --save-probabilities to get "
+                        "what ensembling needs)")
     t.add_argument("--groups", type=Path, metavar="CSV",
                    help="CSV/TSV with case,group columns (e.g. patient ids): splits keep each group in one fold")
     _jobs(t)
@@ -86,10 +89,20 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="folder of CASE_XXXX.<ending> channel files (nnU-Net layout), or image files")
     pr.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
                     help="output folder (CASE.<ending> per case), or a file name for a single case")
-    pr.add_argument("--workdir", required=True, type=Path, help="work folder the models were trained in")
-    pr.add_argument("-c", "--configuration", help="configuration (default: the only trained one)")
+    where = pr.add_mutually_exclusive_group(required=True)
+    where.add_argument("--workdir", type=Path, help="work folder the models were trained in")
+    where.add_argument("--bundle", type=Path, help="a bundle written by `autoseg export` (needs nothing else)")
+    pr.add_argument("-c", "--configuration", nargs="+", metavar="CONFIG",
+                    help="configuration(s); several are ensembled (default: the find-best choice, else the only "
+                         "trained one)")
     pr.add_argument("-f", "--folds", nargs="+", metavar="FOLD",
-                    help="folds to ensemble, e.g. 0 1 2 or all (default: every trained fold)")
+                    help="folds to ensemble, e.g. 0 1 2 or all (default: the chosen, else every trained fold)")
+    pr.add_argument("--postprocessing", metavar="FILE",
+                    help="postprocessing rules file, or 'none' (default: the learnt rules when following the "
+                         "find-best choice)")
+    _label_map(pr)
+    pr.add_argument("--deterministic", action="store_true",
+                    help="float32 and deterministic algorithms: the same inputs always give the same files")
     pr.add_argument("--no-tta", action="store_true", help="no test-time mirroring (about 8x faster in 3D)")
     pr.add_argument("--step", type=float, metavar="S",
                     help="window step as a fraction of the patch (default 0.5; larger is faster)")
@@ -102,11 +115,74 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="float32 only (default: fp16 on CUDA, bf16 on CPUs with native bf16)")
     pr.add_argument("--overwrite", action="store_true", help="redo cases whose output exists (default: skip)")
 
+    _selection_parsers(sub)
+
     m = sub.add_parser("convert-msd", help="convert a Medical Segmentation Decathlon task to the nnU-Net layout")
     m.add_argument("src", type=Path, help="MSD task folder (dataset.json, imagesTr/, labelsTr/)")
     m.add_argument("dst", type=Path, help="new dataset folder to write")
     m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty destination")
     return p
+
+
+def _label_map(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--map-labels", nargs="+", metavar="OLD:NEW",
+                        help="write labels in another convention, e.g. 3:4 (BraTS 2023 enhancing tumour 3 -> 4)")
+
+
+def _selection_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    e = sub.add_parser("evaluate", help="score a folder of segmentations against references (Dice, HD95, NSD, "
+                                        "lesion-wise)")
+    e.add_argument("pred", type=Path, help="folder of predicted segmentations (CASE.<ending>)")
+    e.add_argument("ref", type=Path, help="folder of reference segmentations with the same names")
+    e.add_argument("--dataset-json", type=Path, metavar="J", help="dataset.json naming the labels and regions")
+    e.add_argument("-o", "--output", type=Path, help="folder for summary.json and cases.csv (default: PRED)")
+    e.add_argument("--tolerance", type=float, default=1.0, metavar="MM",
+                   help="normalised surface Dice tolerance in mm (default 1)")
+    e.add_argument("--no-lesions", action="store_true", help="skip the lesion-wise metrics")
+    e.add_argument("--allow-missing", action="store_true", help="score only the references that have a prediction")
+    _jobs(e)
+
+    f = sub.add_parser("find-best", help="choose the best configuration or ensemble on CV and learn postprocessing")
+    f.add_argument("--workdir", type=Path, required=True, help="work folder with trained folds")
+    f.add_argument("--dataset", type=Path, help="dataset folder with labelsTr (default: the one planned from)")
+    f.add_argument("--metric", default="dice", help="ranking metric: dice (default), nsd, iou, lesion_dice, hd95, ...")
+    f.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG", help="candidates (default: every trained)")
+    f.add_argument("--no-ensembles", action="store_true", help="do not try ensembles of configurations")
+    f.add_argument("--no-postprocessing", action="store_true", help="do not learn postprocessing")
+    f.add_argument("--device", default="auto", help="for validation outputs that must be computed first")
+    _jobs(f)
+
+    en = sub.add_parser("ensemble", help="average the probabilities of prediction folders (predict "
+                                         "--save-probabilities)")
+    en.add_argument("-i", "--input", nargs="+", required=True, type=Path, metavar="FOLDER")
+    en.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
+    en.add_argument("--save-probabilities", action="store_true", help="also write the averaged CASE.npz")
+    en.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
+    _label_map(en)
+    _jobs(en)
+
+    po = sub.add_parser("postprocess", help="apply learnt postprocessing rules to any segmentation folder")
+    po.add_argument("-i", "--input", required=True, type=Path, metavar="FOLDER")
+    po.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
+    rules = po.add_mutually_exclusive_group(required=True)
+    rules.add_argument("--rules", type=Path, metavar="FILE", help="postprocessing.json")
+    rules.add_argument("--workdir", type=Path, help="use the rules find-best learnt in this work folder")
+    po.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
+    _jobs(po)
+
+    ex = sub.add_parser("export", help="write a reproducible bundle of the chosen pipeline (weights, plans, manifest)")
+    ex.add_argument("--workdir", type=Path, required=True)
+    ex.add_argument("-o", "--output", type=Path, required=True, metavar="BUNDLE")
+    ex.add_argument("--dataset", type=Path, help="training dataset to hash and take the sample case from")
+    ex.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG", help="default: the find-best choice")
+    ex.add_argument("-f", "--folds", nargs="+", metavar="FOLD", help="default: the chosen folds")
+    ex.add_argument("--sample", metavar="CASE", help="training case stored as the verification sample")
+    ex.add_argument("--no-hash-data", action="store_true", help="do not hash the dataset files into the manifest")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    _label_map(ex)
+
+    v = sub.add_parser("verify-bundle", help="check a bundle's files and rerun its sample prediction")
+    v.add_argument("bundle", type=Path)
 
 
 def _print_warnings(report) -> None:  # type: ignore[no-untyped-def]
@@ -168,7 +244,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              amp=False if args.no_amp else None, save_probabilities=args.save_probabilities,
                              validate=not args.no_validation, progress=not args.quiet)
     for result in train(args.dataset, args.configuration, args.fold, workdir=args.workdir, settings=settings,
-                        resume=args.resume, jobs=args.jobs, groups=args.groups):
+                        resume=args.resume, jobs=args.jobs, groups=args.groups, validate_only=args.validate_only):
         if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
             continue
         print(f"{result.folder}: {result.epochs} epochs")
@@ -192,10 +268,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from autoseg.api import predict
 
     folds = [f for item in args.folds for f in item.split(",") if f] if args.folds else None
-    summary = predict(args.input, args.output, workdir=args.workdir, configuration=args.configuration, folds=folds,
-                      device=args.device, tta=not args.no_tta, step_size=args.step, fast=args.fast,
+    summary = predict(args.input, args.output, workdir=args.bundle or args.workdir, configuration=args.configuration,
+                      folds=folds, device=args.device, tta=not args.no_tta, step_size=args.step, fast=args.fast,
                       amp=False if args.no_amp else None, save_probabilities=args.save_probabilities,
-                      overwrite=args.overwrite, progress=not args.quiet,
+                      overwrite=args.overwrite, progress=not args.quiet, postprocessing=args.postprocessing,
+                      label_map=args.map_labels, deterministic=args.deterministic,
                       on_warning=lambda m: print(f"autoseg predict: warning: {m}", file=sys.stderr))
     if summary.skipped:
         print(f"{len(summary.skipped)} case(s) already predicted, skipped (--overwrite redoes them)")
@@ -207,6 +284,80 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from autoseg.evaluation.evaluate import evaluate_folder
+
+    summary = evaluate_folder(args.pred, args.ref, dataset_json=args.dataset_json, output=args.output,
+                              tolerance_mm=args.tolerance, lesion_wise=not args.no_lesions,
+                              allow_missing=args.allow_missing, jobs=args.jobs, progress=not args.quiet)
+    print(summary.format_table())
+    out = args.output or args.pred
+    print(f"wrote {out / 'summary.json'} and {out / 'cases.csv'}")
+    return 0
+
+
+def _cmd_find_best(args: argparse.Namespace) -> int:
+    from autoseg.ensemble.selection import find_best
+
+    sel = find_best(args.workdir, dataset=args.dataset, metric=args.metric, configurations=args.configurations,
+                    ensembles=not args.no_ensembles, postprocessing=not args.no_postprocessing, jobs=args.jobs,
+                    progress=not args.quiet, device=args.device, on_note=lambda m: print(m, flush=True))
+    print(sel.format_table())
+    print(f"\nwrote {sel.folder / 'best.json'}" + (f" and {sel.folder / 'postprocessing.json'}" if sel.rules else ""))
+    print("`autoseg predict -i IN -o OUT --workdir W` now uses this choice; explicitly:")
+    print(f"  {sel.predict_command(args.workdir)}")
+    return 0
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from autoseg.ensemble.ensembling import ensemble_folders
+
+    written = ensemble_folders(args.input, args.output, jobs=args.jobs, progress=not args.quiet,
+                               overwrite=args.overwrite, save_probabilities=args.save_probabilities,
+                               label_map=_parse_map(args.map_labels))
+    print(f"{len(written)} case(s) ensembled -> {args.output}")
+    return 0
+
+
+def _parse_map(items):  # type: ignore[no-untyped-def]
+    from autoseg.inference.ensemble import parse_label_map
+
+    return parse_label_map(items)
+
+
+def _cmd_postprocess(args: argparse.Namespace) -> int:
+    from autoseg.ensemble.postprocessing import PostprocessingRules, postprocess_folder
+    from autoseg.ensemble.selection import POSTPROCESSING, SELECTION
+
+    path = args.rules or args.workdir / SELECTION / POSTPROCESSING
+    rules = PostprocessingRules.load(path)
+    print("\n".join(rules.describe()) or "the rules are empty: files are copied unchanged")
+    written = postprocess_folder(args.input, args.output, rules, jobs=args.jobs, progress=not args.quiet,
+                                 overwrite=args.overwrite)
+    print(f"{len(written)} file(s) -> {args.output}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from autoseg.ensemble.bundle import export_bundle
+
+    folds = [f for item in args.folds for f in item.split(",") if f] if args.folds else None
+    out = export_bundle(args.workdir, args.output, dataset=args.dataset, configurations=args.configurations,
+                        folds=folds, label_map=_parse_map(args.map_labels), sample=args.sample,
+                        hash_dataset=not args.no_hash_data, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote bundle {out}; predict with `autoseg predict -i IN -o OUT --bundle {out}`, check it with "
+          f"`autoseg verify-bundle {out}`")
+    return 0
+
+
+def _cmd_verify_bundle(args: argparse.Namespace) -> int:
+    from autoseg.ensemble.bundle import verify_bundle
+
+    report = verify_bundle(args.bundle, progress=not args.quiet, on_note=print)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
 def _cmd_convert_msd(args: argparse.Namespace) -> int:
     from autoseg.io.msd import convert_msd
 
@@ -216,7 +367,9 @@ def _cmd_convert_msd(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"check": _cmd_check, "plan": _cmd_plan, "preprocess": _cmd_preprocess, "train": _cmd_train,
-            "predict": _cmd_predict, "convert-msd": _cmd_convert_msd}
+            "predict": _cmd_predict, "convert-msd": _cmd_convert_msd, "evaluate": _cmd_evaluate,
+            "find-best": _cmd_find_best, "ensemble": _cmd_ensemble, "postprocess": _cmd_postprocess,
+            "export": _cmd_export, "verify-bundle": _cmd_verify_bundle}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

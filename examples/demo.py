@@ -1,6 +1,8 @@
 """The demo behind `make demo`: generate a small BraTS-like dataset, check it, plan and preprocess it for CPU
-training, train fold 0 of the 3D U-Net for a few minutes and print the validation Dice per region, then
-segment the two held-out test cases with `autoseg predict` and print their Dice against labelsTs.
+training, train fold 0 of the 3D and the 2D U-Net for a few minutes each, choose the best of them or their
+ensemble on the held-out fold and learn postprocessing (`autoseg find-best`, printing the CV table), export a
+reproducible bundle and verify it, then segment the two test cases from the bundle alone and print their Dice
+against labelsTs.
 
     python examples/demo.py [--data demo_data] [-j 2] [--epochs 10] [--iters 25]
 """
@@ -25,10 +27,14 @@ def run(data: Path, jobs: int, epochs: int = 10, iters: int = 25) -> int:
     steps = [
         ["check", str(dataset), "-j", str(jobs)],
         ["plan", str(dataset), "--workdir", str(workdir), "--preset", "cpu", "--explain", "-j", str(jobs)],
-        ["train", str(dataset), "3d_fullres", "0", "--workdir", str(workdir), "--device", "cpu", "--epochs",
-         str(epochs), "--iters-per-epoch", str(iters), "--val-iters", "4", "--resume"],
-        ["predict", "-i", str(dataset / "imagesTs"), "-o", str(data / "predictions"), "--workdir", str(workdir),
-         "-c", "3d_fullres", "-f", "0", "--device", "cpu"],
+        *[["train", str(dataset), config, "0", "--workdir", str(workdir), "--device", "cpu", "--epochs",
+           str(epochs), "--iters-per-epoch", str(iters), "--val-iters", "4", "--resume", "--save-probabilities"]
+          for config in ("3d_fullres", "2d")],
+        ["find-best", "--workdir", str(workdir), "-j", str(jobs)],
+        ["export", "--workdir", str(workdir), "-o", str(data / "bundle"), "--overwrite"],
+        ["verify-bundle", str(data / "bundle")],
+        ["predict", "-i", str(dataset / "imagesTs"), "-o", str(data / "predictions"), "--bundle", str(data / "bundle"),
+         "--device", "cpu", "--overwrite"],
     ]
     for step in steps:
         print(f"\n$ autoseg {' '.join(step)}", flush=True)
@@ -54,7 +60,7 @@ def test_dice(dataset: Path, predictions: Path) -> str:
     scores = np.array([dice_scores(read_label(predictions / r.name).array, read_label(r).array,
                                    list(regions.values())) for r in refs])
     width = max(map(len, regions))
-    lines = [f"test Dice ({len(refs)} held-out case(s), predicted with `autoseg predict`):"]
+    lines = [f"test Dice ({len(refs)} held-out case(s), predicted from the bundle with `autoseg predict`):"]
     lines += [f"  {n.ljust(width)}  {v:.4f}" for n, v in zip(regions, np.nanmean(scores, axis=0), strict=True)]
     lines.append(f"  {'mean'.ljust(width)}  {np.nanmean(scores):.4f}")
     return "\n".join(lines)

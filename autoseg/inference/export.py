@@ -133,6 +133,14 @@ def painting_order(layout: LabelLayout) -> list[int]:
     return [int(i) for i in np.argsort(layout.regions_class_order, kind="stable")]
 
 
+def probabilities_to_labels(probs: np.ndarray, layout: LabelLayout) -> np.ndarray:
+    """Label map from probabilities ``(K, *spatial)`` (argmax, or regions above 0.5 painted in order);
+    used for averaged probabilities of several models."""
+    offset = 0.5 if layout.regions is not None else 0.0  # a region is present where its probability > 0.5
+    return _labels_from_channels(((k, np.asarray(probs[k], np.float32) - offset) for k in painting_order(layout)),
+                                 probs.shape[1:], layout)
+
+
 def probabilities(logits: np.ndarray, layout: LabelLayout, *, slab: int = 16) -> np.ndarray:
     """Softmax (labels) or sigmoid (regions) of ``(K, *spatial)`` logits, in slabs of the first spatial axis.
 
@@ -208,7 +216,39 @@ def write_prediction(path: str | os.PathLike[str], logits: np.ndarray, props: Ca
     seg, probs = export_segmentation(logits, props, plans, config, layout, return_probabilities=save_probabilities)
     path = Path(path)
     if probs is not None:
-        with atomic_path(probabilities_path(path)) as tmp, open(tmp, "wb") as fh:
-            np.savez_compressed(fh, probabilities=probs, class_values=np.asarray(layout.class_values))
+        save_probabilities_npz(probabilities_path(path), probs, layout)
     write_label(path, seg, props.geometry)
     return seg
+
+
+def save_probabilities_npz(path: str | os.PathLike[str], probs: np.ndarray, layout: LabelLayout) -> None:
+    """Write ``probabilities`` (float16, file layout), ``class_values`` and ``regions`` (sigmoid outputs) atomically.
+
+    The file is self-describing, so folders of them can be ensembled without the model
+    (:func:`load_probabilities_npz`).
+    """
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, probabilities=probs.astype(np.float16, copy=False),
+                            class_values=np.asarray(layout.class_values), regions=np.bool_(layout.regions is not None))
+
+
+def load_probabilities_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, LabelLayout]:
+    """Probabilities and a layout that turns them into labels (regions: painted in ``class_values`` order).
+
+    Raises:
+        ImageReadError: not a probabilities file written by autoseg.
+    """
+    from autoseg.errors import ImageReadError
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            probs, values = z["probabilities"], tuple(int(v) for v in z["class_values"])
+            regions = bool(z["regions"]) if "regions" in z.files else False
+    except (OSError, KeyError, ValueError, EOFError) as err:
+        raise ImageReadError(f"{path}: not a readable probabilities file ({err}); predict again with "
+                             "--save-probabilities to recreate it.") from err
+    if regions:
+        layout = LabelLayout(len(values), tuple((v,) for v in values), values)
+    else:
+        layout = LabelLayout(len(values))
+    return probs, layout

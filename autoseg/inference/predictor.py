@@ -64,6 +64,12 @@ def trained_folds(model_dir: Path) -> list[str]:
     return sorted(p.parent.name[len("fold_"):] for p in model_dir.glob(f"fold_*/{FINAL}"))
 
 
+def trained_configurations(workdir: str | os.PathLike[str]) -> list[str]:
+    """Configurations with at least one finished fold in ``workdir/models``."""
+    models = Path(workdir) / "models"
+    return sorted(p.name for p in models.iterdir() if p.is_dir() and trained_folds(p)) if models.is_dir() else []
+
+
 @dataclass
 class Predictor:
     """The networks of one configuration's folds and everything needed to apply them.
@@ -172,13 +178,14 @@ class Predictor:
     def logits(self, data: np.ndarray) -> np.ndarray:
         """Fold-averaged logits of preprocessed data (``(C, *grid)`` -> ``(K, *grid)`` float32)."""
         total = None
-        for net in self.networks:
-            out = predict_logits(net, data, patch_size=self.config.patch_size, num_outputs=self.layout.num_outputs,
-                                 step_size=self.step_size, mirror_axes=self.mirror_axes, device=self.device,
-                                 amp=self.amp)
-            total = out if total is None else total.add_(out)
-        if len(self.networks) > 1:
-            total /= len(self.networks)
+        with torch.inference_mode():  # outputs are inference tensors: summing them in place needs this mode
+            for net in self.networks:
+                out = predict_logits(net, data, patch_size=self.config.patch_size,
+                                     num_outputs=self.layout.num_outputs, step_size=self.step_size,
+                                     mirror_axes=self.mirror_axes, device=self.device, amp=self.amp)
+                total = out if total is None else total.add_(out)
+            if len(self.networks) > 1:
+                total /= len(self.networks)
         return total.numpy()
 
     def predict_logits(self, images: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, CaseProperties]:
@@ -202,6 +209,16 @@ class Predictor:
         Returns:
             The label map, spatial shape of ``images``.
         """
+        images, geometry = self.check_images(images, geometry)
+        logits, props = self.predict_logits(images, geometry)
+        return self.export(logits, props)[0]
+
+    def check_images(self, images: np.ndarray, geometry: Geometry | Sequence[float]) -> tuple[np.ndarray, Geometry]:
+        """``images`` as an array and ``geometry`` as a :class:`Geometry`, checked against the model's inputs.
+
+        Raises:
+            InferenceError: wrong number of channels or dimensions (the message says what to pass).
+        """
         if not isinstance(geometry, Geometry):
             geometry = Geometry.from_array_spacing(tuple(float(s) for s in geometry))
         images = np.asarray(images)
@@ -211,5 +228,4 @@ class Predictor:
                 f"images of shape {images.shape}: the model takes {n_in} channel(s) "
                 f"({', '.join(self.plans.channel_names)}) of {geometry.ndim}D images; pass (C, *spatial) with "
                 f"C = {n_in} (add a leading axis for a single channel).")
-        logits, props = self.predict_logits(images, geometry)
-        return self.export(logits, props)[0]
+        return images, geometry

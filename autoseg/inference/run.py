@@ -21,7 +21,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from autoseg.inference.export import probabilities_path, write_prediction
+from autoseg.inference.ensemble import ModelEnsemble
+from autoseg.inference.export import probabilities_path
 from autoseg.inference.inputs import InputCase
 from autoseg.inference.predictor import Predictor
 from autoseg.io.atomic import remove_stale_temporaries, write_json_atomic
@@ -66,13 +67,13 @@ def is_finished(seg_path: Path, save_probabilities: bool) -> bool:
     return seg_path.is_file() and (not save_probabilities or probabilities_path(seg_path).is_file())
 
 
-def predict_cases(predictor: Predictor, cases: Sequence[InputCase], output: str | os.PathLike[str], *,
+def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], output: str | os.PathLike[str], *,
                   overwrite: bool = False, save_probabilities: bool = False, progress: bool = True,
                   record: dict[str, Any] | None = None) -> PredictionSummary:
     """Predict ``cases`` and write one segmentation per case in its input's format and geometry.
 
     Args:
-        predictor: the loaded model(s).
+        model: the loaded model(s) (a single :class:`Predictor` or a :class:`ModelEnsemble`)
         cases: from :func:`autoseg.inference.inputs.collect_cases`.
         output: output folder (created), or a file name when there is one case.
         overwrite: redo cases whose output exists.
@@ -83,6 +84,7 @@ def predict_cases(predictor: Predictor, cases: Sequence[InputCase], output: str 
     Returns:
         The summary; errors propagate (a failed case stops the run, finished files are kept).
     """
+    model = model if isinstance(model, ModelEnsemble) else ModelEnsemble([model])
     paths = output_paths(cases, output)
     summary = PredictionSummary(outputs=dict(paths))
     todo = []
@@ -94,10 +96,10 @@ def predict_cases(predictor: Predictor, cases: Sequence[InputCase], output: str 
     for p in {p.parent for p in paths.values()}:
         p.mkdir(parents=True, exist_ok=True)
 
-    def load(case: InputCase) -> tuple[PreprocessedArrays, float]:
+    def load(case: InputCase) -> tuple[list[PreprocessedArrays], float]:
         t0 = time.perf_counter()
         images, _, geometry = read_case(case.as_case_files())
-        pre = predictor.preprocess(images, geometry)
+        pre = model.preprocess(images, geometry)
         return pre, time.perf_counter() - t0
 
     def write(case: InputCase, logits: Any, props: Any) -> float:
@@ -105,8 +107,7 @@ def predict_cases(predictor: Predictor, cases: Sequence[InputCase], output: str 
         target = paths[case.case_id]
         remove_stale_temporaries(target)
         remove_stale_temporaries(probabilities_path(target))
-        write_prediction(target, logits, props, predictor.plans, predictor.config, predictor.layout,
-                         save_probabilities=save_probabilities)
+        model.write(target, logits, props, save_probabilities=save_probabilities)
         return time.perf_counter() - t0
 
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress or not todo)
@@ -119,9 +120,9 @@ def predict_cases(predictor: Predictor, cases: Sequence[InputCase], output: str 
             pre, t_read = upcoming.result()
             upcoming = reader.submit(load, todo[i + 1]) if i + 1 < len(todo) else None
             t0 = time.perf_counter()
-            logits = predictor.logits(pre.data)
+            logits = model.logits(pre)
             t_pred = time.perf_counter() - t0
-            props = pre.properties
+            props = [p.properties for p in pre]
             del pre
             if exporting is not None:
                 _finish(exporting, summary, bar)

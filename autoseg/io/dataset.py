@@ -292,3 +292,24 @@ def load_dataset(root: str | os.PathLike[str]) -> Dataset:
                 not p.name.endswith(spec.file_ending) or p.name[: -len(spec.file_ending)] not in ids):
             stray.append(p)
     return Dataset(root, spec, cases, tuple(stray))
+
+
+#: work-folder file naming the dataset it was planned from (so later stages find the reference labels)
+SOURCE = "source.json"
+
+
+def record_dataset_source(workdir: str | os.PathLike[str], root: str | os.PathLike[str]) -> None:
+    """Remember in ``workdir/source.json`` which dataset folder the work folder belongs to."""
+    from autoseg.io.atomic import write_json_atomic
+
+    write_json_atomic(Path(workdir) / SOURCE, {"dataset": str(Path(root).resolve())})
+
+
+def dataset_source(workdir: str | os.PathLike[str]) -> Path | None:
+    """The dataset folder recorded by :func:`record_dataset_source`, or None."""
+    path = Path(workdir) / SOURCE
+    try:
+        value = read_json(path, DatasetError, "").get("dataset") if path.is_file() else None
+    except (DatasetError, AttributeError):
+        return None
+    return Path(value) if isinstance(value, str) else None

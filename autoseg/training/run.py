@@ -234,6 +234,21 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
     return FoldResult(folder, epochs, summary)
 
 
+def revalidate_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str, workdir: Path, *,
+                    settings: TrainSettings) -> FoldResult:
+    """Rerun the final validation of a trained fold without training (e.g. to add probabilities for ensembling).
+
+    Raises:
+        FileFormatError: the fold has no final checkpoint.
+    """
+    from dataclasses import replace
+
+    done = int(load_checkpoint(fold_folder(workdir, config_name, fold) / FINAL)["epoch"])
+    # resuming a finished run at its own epoch count trains nothing and validates
+    return train_fold(dataset, plans, config_name, fold, workdir, settings=replace(settings, epochs=done, validate=True),
+                      resume=True)
+
+
 def _batch_per_rank(batch_size: int, world: int) -> int:
     if world <= 1:
         return batch_size

@@ -1,0 +1,328 @@
+"""Submission bundles: everything needed to reproduce the chosen pipeline's predictions elsewhere, and a proof.
+
+``export_bundle`` writes a folder that is itself a minimal work folder (so ``predict --bundle B`` is
+``predict --workdir B``)::
+
+    manifest.json            versions, seeds, CV metrics, dataset and bundle file hashes, inference settings
+    plans.json  dataset.json  fingerprint.json  splits.json
+    models/<config>/plans.json, dataset.json, fold_<k>/checkpoint_final.pt   (network weights only)
+    selection/best.json  postprocessing.json  cv_summary.json
+    sample/<case>_XXXX<ending>, sample/expected/<case><ending>              (one case and its prediction)
+
+Weights are tensors in a ``torch.save`` file loaded with ``weights_only=True``: loading never runs code, and a
+file that would (a pickle payload) is refused. Every file's SHA-256 is in the manifest; loading a bundle checks
+them, so a modified file is named before anything is loaded. ``verify_bundle`` also predicts the sample case
+in deterministic mode (float32, CPU) and compares the labels' hash with the one stored at export.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoseg.errors import AutosegError, FileFormatError
+from autoseg.ensemble.selection import BEST, POSTPROCESSING, SELECTION, load_best
+from autoseg.inference.ensemble import parse_label_map
+from autoseg.inference.predictor import ModelNotFoundError, trained_configurations, trained_folds
+from autoseg.io.atomic import read_json, write_json_atomic
+from autoseg.io.dataset import Dataset, dataset_source, load_dataset
+from autoseg.io.image import file_ending, read_label
+from autoseg.planner.plans import Plans
+from autoseg.training.checkpoint import FINAL, load_checkpoint, save_checkpoint
+
+MANIFEST = "manifest.json"
+FORMAT = "autoseg-bundle"
+#: checkpoint entries a bundle keeps (the optimizer, scaler and RNG states are left out)
+KEPT = ("network", "epoch", "configuration", "fold", "mirror_axes", "in_channels", "num_outputs", "cascade_labels",
+        "epochs", "settings")
+
+
+class BundleError(AutosegError, ValueError):
+    """A bundle cannot be written, is incomplete, or was modified after export."""
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def labels_hash(seg: np.ndarray) -> str:
+    """SHA-256 of a label map's values and shape (independent of file compression and dtype)."""
+    arr = np.ascontiguousarray(seg, dtype="<i4")
+    return hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
+
+
+def _members(wd: Path, configurations: Sequence[str] | None, folds: Sequence[str] | None
+             ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    best = load_best(wd) if configurations is None else None
+    if best is not None:
+        members = [{"configuration": str(m["configuration"]), "folds": [str(f) for f in m["folds"]]}
+                   for m in best["members"]]
+    else:
+        names = list(configurations) if configurations else trained_configurations(wd)
+        if len(names) != 1 and not configurations:
+            raise BundleError(f"{wd}: " + ("nothing is trained" if not names else
+                                           f"several configurations are trained ({', '.join(names)})") +
+                              f"; run `autoseg find-best --workdir {wd}` or choose with -c.")
+        members = [{"configuration": n, "folds": trained_folds(wd / "models" / n)} for n in names]
+    for m in members:
+        if folds is not None:
+            m["folds"] = [str(f) for f in folds]
+        have = trained_folds(wd / "models" / m["configuration"])
+        missing = [f for f in m["folds"] if f not in have]
+        if not m["folds"] or missing:
+            raise ModelNotFoundError(f"{wd / 'models' / m['configuration']}: fold(s) {', '.join(missing) or '(none)'} "
+                                     f"not trained (trained: {', '.join(have) or 'none'}).")
+    return members, best
+
+
+def _copy_model(wd: Path, dst: Path, configuration: str, folds: Sequence[str]) -> None:
+    src = wd / "models" / configuration
+    out = dst / "models" / configuration
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("plans.json", "dataset.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    for f in folds:
+        state = load_checkpoint(src / f"fold_{f}" / FINAL)
+        (out / f"fold_{f}").mkdir(exist_ok=True)
+        save_checkpoint(out / f"fold_{f}" / FINAL, {k: state[k] for k in KEPT if k in state})
+
+
+def _dataset_hashes(ds: Dataset, progress: bool) -> dict[str, str]:
+    from tqdm import tqdm
+
+    files = [ds.root / "dataset.json"]
+    for case in ds.cases:
+        files += list(case.images) + ([case.label] if case.label is not None else [])
+    return {p.relative_to(ds.root).as_posix(): sha256(p)
+            for p in tqdm(files, desc="hash dataset", leave=False, disable=not progress)}
+
+
+def export_bundle(workdir: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                  dataset: Dataset | str | os.PathLike[str] | None = None, configurations: Sequence[str] | None = None,
+                  folds: Sequence[int | str] | None = None, label_map: Mapping[int, int] | str | None = None,
+                  sample: str | None = None, hash_dataset: bool = True, overwrite: bool = False,
+                  progress: bool = True) -> Path:
+    """Write a self-contained, verifiable bundle of the chosen pipeline (see the module docstring).
+
+    Args:
+        workdir: the work folder.
+        output: the bundle folder to create.
+        dataset: the training dataset (hashed into the manifest; one case becomes the sample); default: the one
+            the work folder was planned from. Without it the bundle has no dataset hashes and no sample.
+        configurations: default: the ``find-best`` choice, else the only trained configuration.
+        folds: default: the chosen, else every trained fold.
+        label_map: write predictions in another label convention by default, e.g. ``"3:4"``.
+        sample: the case to store as sample (default: the first training case).
+        hash_dataset: hash every dataset file into the manifest.
+        overwrite: replace an existing bundle.
+        progress: show progress bars.
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        BundleError: the output exists, nothing is trained or several configurations and no choice.
+    """
+    from autoseg import __version__
+
+    wd, out = Path(workdir), Path(output)
+    if out.exists() and (not overwrite or not (out / MANIFEST).is_file()) and any(out.iterdir()):
+        raise BundleError(f"{out}: exists and is not empty; choose another -o" +
+                          (" or pass --overwrite." if (out / MANIFEST).is_file() else "."))
+    members, best = _members(wd, configurations, [str(f) for f in folds] if folds is not None else None)
+    mapping = parse_label_map(label_map)
+    plans = Plans.load(wd / "plans.json")
+    ds = dataset if isinstance(dataset, Dataset) else None
+    root = Path(dataset) if dataset is not None and ds is None else dataset_source(wd)
+    if ds is None and root is not None and (root / "dataset.json").is_file():
+        ds = load_dataset(root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name in ("plans.json", "dataset.json", "fingerprint.json", "splits.json"):
+            if (wd / name).is_file():
+                shutil.copy2(wd / name, tmp / name)
+        for m in members:
+            _copy_model(wd, tmp, m["configuration"], m["folds"])
+            prev = plans.configuration(m["configuration"]).previous_stage
+            if prev:  # a cascade's first stage runs with every trained fold
+                _copy_model(wd, tmp, str(prev), trained_folds(wd / "models" / str(prev)))
+        sel = tmp / SELECTION
+        sel.mkdir()
+        rules = best.get("postprocessing") if best is not None else None
+        if rules:
+            shutil.copy2(wd / SELECTION / str(rules), sel / POSTPROCESSING)
+        if (wd / SELECTION / "cv_summary.json").is_file() and best is not None:
+            shutil.copy2(wd / SELECTION / "cv_summary.json", sel / "cv_summary.json")
+        write_json_atomic(sel / BEST, {**(best or {"version": 1, "name": "+".join(m["configuration"] for m in members)}),
+                                       "members": members, "postprocessing": POSTPROCESSING if rules else None,
+                                       "label_map": {str(k): v for k, v in mapping.items()} if mapping else None})
+        sample_info = _write_sample(tmp, ds, sample, progress) if ds is not None else None
+        manifest = {
+            "format": FORMAT, "version": 1,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "software": _versions(__version__),
+            "seed": plans.seed,
+            "seeds_note": "training seeds derive from this seed, the configuration and the fold (training.run."
+                          "derived_seed); the split uses it directly",
+            "members": members, "postprocessing": POSTPROCESSING if rules else None,
+            "label_map": {str(k): v for k, v in mapping.items()} if mapping else None,
+            "inference": {"tta": True, "step_size": 0.5, "verification": "CPU, float32, deterministic algorithms"},
+            "cross_validation": {k: best.get(k) for k in ("metric", "score", "score_after_postprocessing", "n_cases",
+                                                          "name")} if best is not None else None,
+            "dataset": {"name": ds.name, "files": _dataset_hashes(ds, progress) if hash_dataset else None}
+            if ds is not None else None,
+            "sample": sample_info,
+            "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _versions(autoseg_version: str) -> dict[str, str]:
+    import torch
+
+    return {"autoseg": autoseg_version, "torch": torch.__version__, "numpy": np.__version__,
+            "python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine()}
+
+
+def _write_sample(bundle: Path, ds: Dataset, case_id: str | None, progress: bool) -> dict[str, Any] | None:
+    """Copy one training case's images into ``sample/`` and store its deterministic prediction and hash."""
+    from autoseg.api import predict
+
+    cases = {c.case_id: c for c in ds.cases}
+    if case_id is not None and case_id not in cases:
+        raise BundleError(f"--sample {case_id!r} is not a training case of {ds.root}.")
+    case = cases[case_id] if case_id is not None else (ds.cases[0] if ds.cases else None)
+    if case is None:
+        return None
+    folder = bundle / "sample"
+    folder.mkdir()
+    inputs = []
+    for k, img in enumerate(case.images):
+        dst = folder / f"{case.case_id}_{k:04d}{file_ending(img)}"
+        shutil.copy2(img, dst)
+        inputs.append(dst.name)
+    predict(folder, folder / "expected", workdir=bundle, device="cpu", deterministic=True, progress=progress)
+    expected = folder / "expected" / f"{case.case_id}{file_ending(case.images[0])}"
+    (folder / "expected" / "prediction.json").unlink(missing_ok=True)  # holds this machine's paths and timings
+    return {"case": case.case_id, "inputs": inputs, "expected": expected.relative_to(bundle).as_posix(),
+            "labels_sha256": labels_hash(read_label(expected).array)}
+
+
+def _inside(bundle: Path, rel: str) -> Path:
+    path = (bundle / rel).resolve()
+    if not path.is_relative_to(bundle.resolve()) or Path(rel).is_absolute():
+        raise BundleError(f"{bundle / MANIFEST}: the path {rel!r} points outside the bundle; the manifest was "
+                          "tampered with. Do not use this bundle.")
+    return path
+
+
+def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a bundle (checked to be one)."""
+    path = Path(bundle) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle}: no {MANIFEST}; this is not an autoseg bundle (`autoseg export` writes one).")
+    manifest = read_json(path, FileFormatError, "export the bundle again")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{path}: not an autoseg bundle manifest (format {FORMAT!r} with a 'files' table).")
+    return manifest
+
+
+def check_bundle_files(bundle: str | os.PathLike[str]) -> list[str]:
+    """Problems with the bundle's files against the manifest's hashes (missing, modified, unlisted weights)."""
+    root = Path(bundle)
+    manifest = read_manifest(root)
+    problems = []
+    for rel, digest in manifest["files"].items():
+        path = _inside(root, rel)
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256(path) != digest:
+            problems.append(f"{rel}: modified after export (SHA-256 differs)")
+    listed = set(manifest["files"])
+    problems += [f"{p.relative_to(root).as_posix()}: not part of the exported bundle"
+                 for p in sorted((root / "models").rglob("*")) if p.is_file()
+                 and p.relative_to(root).as_posix() not in listed]
+    return problems
+
+
+def require_intact(bundle: str | os.PathLike[str]) -> None:
+    """Raise before anything is loaded when a bundle file was modified, removed or added to ``models/``."""
+    problems = check_bundle_files(bundle)
+    if problems:
+        raise BundleError(f"{bundle}: the bundle does not match its manifest:\n  " + "\n  ".join(problems) +
+                          "\nNothing was loaded. Get an unmodified copy of the bundle (or export it again).")
+
+
+@dataclass
+class BundleReport:
+    """What :func:`verify_bundle` found."""
+
+    bundle: Path
+    problems: list[str] = field(default_factory=list)
+    sample: str | None = None
+    identical: bool | None = None
+    agreement: float | None = None  # fraction of sample voxels equal to the stored prediction
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.identical is not False
+
+    def format(self) -> str:
+        lines = [f"bundle {self.bundle}: " + ("OK" if self.ok else "FAILED")]
+        lines += [f"  problem: {p}" for p in self.problems]
+        if self.sample is not None:
+            lines.append(f"  sample {self.sample}: " + ("identical to the stored prediction" if self.identical else
+                                                        f"differs from the stored prediction ({self.agreement:.6f} "
+                                                        "of voxels agree)"))
+        return "\n".join(lines)
+
+
+def verify_bundle(bundle: str | os.PathLike[str], *, progress: bool = True,
+                  on_note: Callable[[str], None] | None = None) -> BundleReport:
+    """Check every file against the manifest, then rerun the stored sample prediction and compare its hash."""
+    from autoseg.api import predict
+
+    root = Path(bundle)
+    report = BundleReport(root, problems=check_bundle_files(root))
+    manifest = read_manifest(root)
+    sample = manifest.get("sample")
+    if report.problems or not sample:
+        if not sample:
+            (on_note or (lambda m: None))("the bundle holds no sample case; only its files were checked.")
+        return report
+    report.sample = str(sample["case"])
+    inputs = [_inside(root, f"sample/{name}") for name in sample["inputs"]]
+    expected = _inside(root, sample["expected"])
+    with tempfile.TemporaryDirectory(prefix="autoseg-verify-") as tmp:
+        out = Path(tmp) / expected.name
+        predict(inputs, out, workdir=root, device="cpu", deterministic=True, progress=progress)
+        got = read_label(out).array
+    report.identical = labels_hash(got) == sample["labels_sha256"]
+    ref = read_label(expected).array
+    report.agreement = float((got == ref).mean()) if got.shape == ref.shape else 0.0
+    return report
