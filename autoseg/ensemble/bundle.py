@@ -35,7 +35,7 @@ from autoseg.errors import AutosegError, FileFormatError
 from autoseg.ensemble.selection import BEST, POSTPROCESSING, SELECTION, load_best
 from autoseg.inference.ensemble import parse_label_map
 from autoseg.inference.predictor import ModelNotFoundError, trained_configurations, trained_folds
-from autoseg.io.atomic import read_json, write_json_atomic
+from autoseg.io.atomic import current_umask, read_json, write_json_atomic
 from autoseg.io.dataset import Dataset, dataset_source, load_dataset
 from autoseg.io.image import file_ending, read_label
 from autoseg.planner.plans import Plans
@@ -155,6 +155,7 @@ def export_bundle(workdir: str | os.PathLike[str], output: str | os.PathLike[str
         ds = load_dataset(root)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # a bundle is meant to be shared: not owner-only like mkdtemp's
     try:
         for name in ("plans.json", "dataset.json", "fingerprint.json", "splits.json"):
             if (wd / name).is_file():

@@ -104,7 +104,11 @@ class Selection:
             lines.append(f"  {c.name.ljust(width)}  {c.score:.4f}{mark}")
         if self.rules is not None:
             lines.append("postprocessing (kept only where it improves the CV score):")
-            lines += [f"  {d}" for d in self.rules.describe(tried=True)] or ["  nothing to try"]
+            lines += [f"  {d}" for d in self.rules.describe()] or ["  none kept"]
+            rejected = sum(not t.get("accepted") for t in self.rules.tried)
+            if rejected:
+                lines.append(f"  {rejected} candidate rule(s) rejected; {self.folder / POSTPROCESSING} lists each "
+                             "with its CV score ('tried')")
         lines.append(f"chosen pipeline on CV, after postprocessing ({self.best.name}):")
         lines.append(self.final.format_table())
         return "\n".join(lines)
@@ -222,9 +226,13 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
     out = wd / SELECTION
     (out / "cv").mkdir(parents=True, exist_ok=True)
 
-    def evaluate(cand: Candidate) -> None:
+    def evaluate(cand: Candidate, full: bool = False) -> None:
+        """Candidates are ranked on the metric alone (overlap metrics are ~10x faster than surface ones); the
+        chosen pipeline gets every metric."""
         pairs = [(cid, cand.predictions[cid], refs[cid]) for cid in common]
-        cand.summary = evaluate_pairs(pairs, classes, ignore_label=ds.spec.ignore_label, jobs=jobs, progress=progress)
+        cand.summary = evaluate_pairs(pairs, classes, ignore_label=ds.spec.ignore_label, jobs=jobs, progress=progress,
+                                      surface=full or metric in ("hd95", "assd", "nsd"),
+                                      lesion_wise=full or metric.startswith("lesion"))
         cand.summary.save(out / "cv" / cand.name / "summary.json")
         cand.summary.write_csv(out / "cv" / cand.name / "cases.csv")
         cand.score = float(cand.summary.foreground_mean(metric))
@@ -263,10 +271,13 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
             jobs_list = [(rules.to_json(), best.predictions[cid], folder / f"{cid}{ending}") for cid in common]
             list(imap_ordered(_postprocess_job, jobs_list, jobs=jobs, desc="postprocess", progress=progress))
             post = Candidate(folder.name, best.members, {cid: folder / f"{cid}{ending}" for cid in common})
-            evaluate(post)
+            evaluate(post, full=True)
             final = post.summary
     elif (out / POSTPROCESSING).is_file():
         (out / POSTPROCESSING).unlink()
+    if final is best.summary:
+        evaluate(best, full=True)
+        final = best.summary
     assert final is not None
     selection = Selection(metric, candidates, best, final, rules, out)
     write_json_atomic(out / "cv_summary.json", {

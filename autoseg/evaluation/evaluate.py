@@ -273,7 +273,7 @@ def _label_values_in(path: str) -> list[int]:
 
 def evaluate_pairs(pairs: Sequence[tuple[str, str | os.PathLike[str], str | os.PathLike[str]]],
                    classes: Mapping[str, int | Sequence[int]], *, ignore_label: int | None = None,
-                   tolerance_mm: float = 1.0, lesion_wise: bool = True,
+                   tolerance_mm: float = 1.0, lesion_wise: bool = True, surface: bool = True,
                    lesion_kwargs: Mapping[str, Any] | None = None, jobs: int = 1,
                    progress: bool = True) -> EvaluationSummary:
     """Evaluate explicit ``(case_id, pred_path, ref_path)`` pairs.
@@ -284,6 +284,7 @@ def evaluate_pairs(pairs: Sequence[tuple[str, str | os.PathLike[str], str | os.P
         ignore_label: reference value excluded from every metric.
         tolerance_mm: NSD tolerance in mm.
         lesion_wise: also compute lesion-wise metrics.
+        surface: also compute the surface metrics (HD95, ASSD, NSD); overlap metrics alone are ~10x faster.
         lesion_kwargs: options of :func:`~autoseg.evaluation.lesions.lesion_metrics`.
         jobs: worker processes (1 = in this process).
         progress: show a progress bar.
@@ -310,7 +311,7 @@ def evaluate_pairs(pairs: Sequence[tuple[str, str | os.PathLike[str], str | os.P
         raise EvaluationError(f"unknown lesion option(s) {', '.join(unknown)}; valid: "
                               f"{', '.join(_LESION_DEFAULTS)}.")
     options = {"ignore_label": ignore_label, "tolerance_mm": float(tolerance_mm), "lesion_wise": lesion_wise,
-               "lesion_kwargs": lesion_opts}
+               "surface": surface, "lesion_kwargs": lesion_opts}
     items = [(str(cid), str(p), str(r), cls, options) for cid, p, r in pairs]
     cases = dict(imap_ordered(_evaluate_case, items, jobs=jobs, desc="evaluating", label=lambda it: it[0],
                               progress=progress))
@@ -318,6 +319,7 @@ def evaluate_pairs(pairs: Sequence[tuple[str, str | os.PathLike[str], str | os.P
         "tolerance_mm": float(tolerance_mm),
         "ignore_label": ignore_label,
         "lesion_wise": bool(lesion_wise),
+        "surface": bool(surface),
         "lesion": {**_LESION_DEFAULTS, **lesion_opts} if lesion_wise else None,
         "spacing": "reference file's spacing",
         "implementation": IMPLEMENTATION + ("; " + LESION_IMPLEMENTATION if lesion_wise else ""),
@@ -402,7 +404,7 @@ def evaluate_folder(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike
         raise EvaluationError(
             f"{pred_dir}: {len(missing)} of {len(refs)} reference case(s) in {ref_dir} have no prediction "
             f"'<case>{ending}': {_listing(missing)}. Predict them, or allow missing predictions "
-            "(allow_missing=True) to evaluate only the cases present.")
+            "(`--allow-missing`; allow_missing=True in Python) to evaluate only the cases present.")
     if missing:
         notes.append(f"{len(missing)} reference case(s) without a prediction were skipped: {_listing(missing)}")
     extra = sorted(set(preds) - set(refs))

@@ -96,7 +96,7 @@ def overlap_metrics(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, classes: Mapping[str, int | Sequence[int]],
                  spacing: Sequence[float], *, ignore_label: int | None = None, tolerance_mm: float = 1.0,
-                 lesion_wise: bool = True,
+                 lesion_wise: bool = True, surface: bool = True,
                  lesion_kwargs: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
     """Every metric of every class for one predicted label map against its reference.
 
@@ -108,6 +108,7 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, classes: Mapping[str, int | 
         ignore_label: reference value whose voxels are excluded from both masks.
         tolerance_mm: NSD tolerance.
         lesion_wise: also compute the lesion-wise metrics (:func:`~autoseg.evaluation.lesions.lesion_metrics`).
+        surface: also compute HD95, ASSD and NSD (:func:`~autoseg.evaluation.surface.surface_metrics`).
         lesion_kwargs: options passed to ``lesion_metrics`` (``dilation``, ``min_volume_voxels``,
             ``penalty_mm``, ``size_bins_mm``).
 
@@ -137,7 +138,8 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, classes: Mapping[str, int | 
             r &= valid
         m = overlap_metrics(p, r)
         counts = {k: m.pop(k) for k in ("tp", "fp", "fn")}
-        m.update(surface_metrics(p, r, sp, tolerance_mm=tolerance_mm))
+        if surface:
+            m.update(surface_metrics(p, r, sp, tolerance_mm=tolerance_mm))
         m["volume_pred_ml"] = (counts["tp"] + counts["fp"]) * voxel_ml
         m["volume_ref_ml"] = (counts["tp"] + counts["fn"]) * voxel_ml
         m.update(counts)
