@@ -40,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     "load_plans": "autoseg.planner.plans",
     "AutosegError": "autoseg.errors",
     "evaluate_folder": "autoseg.evaluation.evaluate",
-    "EvaluationSummary": "autoseg.evaluation.evaluate",
+    "EvaluationSummary": "autoseg.evaluation.summary",
     "find_best": "autoseg.ensemble.selection",
     "ensemble_folders": "autoseg.ensemble.ensembling",
     "postprocess_folder": "autoseg.ensemble.postprocessing",

@@ -3,7 +3,7 @@
 Components use full connectivity (26 neighbours in 3D, 8 in 2D); arrays are in numpy axis order.
 :func:`apply_step` changes a label map in place; removing voxels from a class relabels them to the class's
 parent (:func:`fill_label`), so region datasets stay consistent. :func:`score_task` is the worker that
-:func:`autoseg.ensemble.postprocessing.learn_postprocessing` runs per case and pass.
+:func:`autoseg.ensemble.learning.learn_postprocessing` runs per case and pass.
 """
 from __future__ import annotations
 

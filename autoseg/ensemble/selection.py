@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.ensemble.ensembling import average_case
-from autoseg.ensemble.postprocessing import CasePair, PostprocessingRules, learn_postprocessing
+from autoseg.ensemble.learning import CasePair, learn_postprocessing
+from autoseg.ensemble.postprocessing import PostprocessingRules, postprocess_job
 from autoseg.errors import AutosegError, FileFormatError
-from autoseg.evaluation.evaluate import EvaluationSummary, evaluate_pairs
+from autoseg.evaluation.evaluate import evaluate_pairs
+from autoseg.evaluation.summary import EvaluationSummary
 from autoseg.evaluation.metrics import classes_from_labels
 from autoseg.inference.export import probabilities_path
 from autoseg.io.atomic import read_json, write_json_atomic
@@ -148,15 +150,6 @@ def _ensemble_job(job: tuple[list[Path], Path, Path]) -> Path:
     return average_case(npz, geometry_from, out)
 
 
-def _postprocess_job(job: tuple[dict[str, Any], Path, Path]) -> Path:
-    from autoseg.io.image import read_label, write_label
-
-    rules, src, dst = job
-    img = read_label(src)
-    write_label(dst, PostprocessingRules.from_json(rules).apply(img.array, img.geometry.array_spacing), img.geometry)
-    return dst
-
-
 def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.PathLike[str] | None = None,
               metric: str = "dice", configurations: Sequence[str] | None = None, ensembles: bool = True,
               postprocessing: bool = True, jobs: int = 1, progress: bool = True, device: str = "auto",
@@ -268,8 +261,8 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
         if not rules.is_empty:
             folder = out / "cv" / f"{best.name}__postprocessed"
             folder.mkdir(parents=True, exist_ok=True)
-            jobs_list = [(rules.to_json(), best.predictions[cid], folder / f"{cid}{ending}") for cid in common]
-            list(imap_ordered(_postprocess_job, jobs_list, jobs=jobs, desc="postprocess", progress=progress))
+            jobs_list = [(best.predictions[cid], folder / f"{cid}{ending}", rules.to_json()) for cid in common]
+            list(imap_ordered(postprocess_job, jobs_list, jobs=jobs, desc="postprocess", progress=progress))
             post = Candidate(folder.name, best.members, {cid: folder / f"{cid}{ending}" for cid in common})
             evaluate(post, full=True)
             final = post.summary

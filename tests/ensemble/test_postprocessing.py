@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from autoseg.ensemble import postprocessing
-from autoseg.ensemble.postprocessing import CasePair, PostprocessingRules, learn_postprocessing, postprocess_folder
+from autoseg.ensemble import learning
+from autoseg.ensemble.learning import CasePair, learn_postprocessing
+from autoseg.ensemble.postprocessing import PostprocessingRules, postprocess_folder
 from autoseg.errors import DatasetError, FileFormatError, ImageReadError, ImageWriteError
 from autoseg.io.image import Geometry, read_label, write_label
 
@@ -185,7 +186,7 @@ def test_ignore_label_and_bad_cases():
 
 
 def test_learning_from_files_in_parallel(tmp_path, monkeypatch):
-    monkeypatch.setattr(postprocessing, "CACHE_BYTES", 0)  # nothing cached: every pass re-reads the files
+    monkeypatch.setattr(learning, "CACHE_BYTES", 0)  # nothing cached: every pass re-reads the files
     cases = []
     for i in range(3):
         pred, ref = organ_case(i)

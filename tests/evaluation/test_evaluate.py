@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from autoseg.evaluation.evaluate import EvaluationSummary, evaluate_folder, evaluate_pairs
+from autoseg.evaluation.evaluate import evaluate_folder, evaluate_pairs
+from autoseg.evaluation.summary import EvaluationSummary
 from autoseg.evaluation.metrics import EvaluationError, case_metrics
 from autoseg.io.image import Geometry, write_label
 
