@@ -47,6 +47,10 @@ _EXPORTS: dict[str, str] = {
     "PostprocessingRules": "autoseg.ensemble.postprocessing",
     "export_bundle": "autoseg.ensemble.bundle",
     "verify_bundle": "autoseg.ensemble.bundle",
+    "measure": "autoseg.api_trust",
+    "evaluate_missing": "autoseg.api_trust",
+    "explain": "autoseg.api_trust",
+    "QualityRule": "autoseg.inference.quality",
 }
 
 __all__ = sorted([*_EXPORTS, "fingerprint", "__version__"])

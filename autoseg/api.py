@@ -279,7 +279,8 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
             save_probabilities: bool = False, overwrite: bool = False, progress: bool = True,
             postprocessing: bool | str | os.PathLike[str] | None = None,
             label_map: dict[int, int] | str | Sequence[str] | None = None,
-            deterministic: bool = False, on_warning: Callable[[str], None] | None = None) -> PredictionSummary:
+            deterministic: bool = False, uncertainty: bool = False, missing: Sequence[str | int] = (),
+            drift: bool = True, on_warning: Callable[[str], None] | None = None) -> PredictionSummary:
     """Segment image files with trained models and write the results in the inputs' format and geometry.
 
     With no ``configuration``, the pipeline chosen by :func:`find_best` (``selection/best.json``: a configuration
@@ -303,6 +304,13 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
             False / ``"none"`` = none; a path = that rules file.
         label_map: write labels in another convention, ``{old: new}`` or ``"3:4"`` (default: a bundle's own).
         deterministic: float32 and deterministic algorithms, so the same inputs give the same files.
+        uncertainty: also write voxel-wise entropy and disagreement maps (``OUTPUT/uncertainty/``) and per-case
+            quality scores; cases at or below the threshold ``find-best`` learnt on CV are flagged in
+            ``OUTPUT/quality.csv``.
+        missing: channels (names or indices) that were not acquired: their files are not needed and they are
+            filled as the model saw them blanked (best with a model trained with ``modality_dropout``).
+        drift: compare each input with the training fingerprint (spacing, size, intensity percentiles, channel
+            names); findings are warnings and flags in ``OUTPUT/quality.csv``.
         on_warning: called with each input warning (default: :func:`warnings.warn`).
 
     Returns:
@@ -318,7 +326,8 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
     import warnings
 
     from autoseg import __version__
-    from autoseg.ensemble.pipeline import load_ensemble
+    from autoseg.ensemble.pipeline import load_ensemble, load_quality_rule
+    from autoseg.fingerprint.drift import check_case, load_drift_reference
     from autoseg.inference.inputs import PredictionInputError, check_cases, check_channel_names, collect_cases
     from autoseg.inference.run import predict_cases
 
@@ -338,20 +347,18 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
                                   step_size=step_size or (FAST_STEP if fast else 0.5), amp=amp)
     names = model.plans.channel_names
     check_channel_names(ins, names)
-    cases = collect_cases(ins, names)
-    spacings = None
-    if (wd / "fingerprint.json").is_file():
-        try:
-            spacings = DatasetFingerprint.load(wd / "fingerprint.json").spacings
-        except Exception:  # noqa: BLE001 - the drift warning is optional, a bad cache must not stop prediction
-            spacings = None
-    _, notes = check_cases(cases, training_spacings=spacings)
-    for note in notes:
-        (on_warning or (lambda m: warnings.warn(m, stacklevel=3)))(note)
+    cases = collect_cases(ins, names, missing=missing)
+    warn = on_warning or (lambda m: warnings.warn(m, stacklevel=3))
+    _, notes = check_cases(cases)  # every header readable, channels on one grid
+    reference = load_drift_reference(wd) if drift else None
+    drift_check = None if reference is None else (  # spacing, size and intensities against the training data
+        lambda cid, images, geometry, missing: [
+            f.message for f in check_case(reference, images, geometry.array_spacing, cid, missing=missing)])
     first = model.members[0]
     record = {"autoseg": __version__, "workdir": str(wd), "configuration": "+".join(model.names), **chosen,
               "tta": bool(first.mirror_axes), "step_size": first.step_size, "amp": first.amp,
-              "deterministic": deterministic, "device": str(first.device), "previous_stage": (
+              "deterministic": deterministic, "device": str(first.device), "uncertainty": uncertainty,
+              "missing": [names[i] for i in sorted({i for c in cases for i in c.missing})], "previous_stage": (
                   {"configuration": first.previous.config.name, "folds": list(first.previous.folds)}
                   if first.previous is not None else None)}
     import torch
@@ -360,8 +367,10 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
     torch.use_deterministic_algorithms(deterministic or before)
     try:
         summary = predict_cases(model, cases, output, overwrite=overwrite, save_probabilities=save_probabilities,
-                                progress=progress, record=record)
+                                progress=progress, record=record, uncertainty=uncertainty, drift_check=drift_check,
+                                quality_rule=load_quality_rule(wd, model.names) if uncertainty else None,
+                                on_warning=warn)
     finally:
         torch.use_deterministic_algorithms(before)
-    summary.warnings = notes
+    summary.warnings = notes + summary.warnings
     return summary

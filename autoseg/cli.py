@@ -9,13 +9,9 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from autoseg import __version__
+from autoseg import __version__, cli_selection as selection, cli_trust as trust
+from autoseg.cli_selection import add_jobs, add_label_map
 from autoseg.errors import AutosegError
-
-
-def _jobs(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-j", "--jobs", type=int, default=2, metavar="N",
-                        help="worker processes (default 2)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -30,7 +26,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strict-geometry", action="store_true",
                    help="treat origin/direction mismatches inside a case as errors")
     c.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
-    _jobs(c)
+    add_jobs(c)
 
     pl = sub.add_parser("plan", help="check, fingerprint and plan a dataset (writes plans.json)")
     pl.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
@@ -47,7 +43,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--preprocess", nargs="+", metavar="CONFIG", default=None,
                     help="configurations to preprocess after planning (default: 3d_fullres, or 2d for 2D data; "
                          "'all' for every configuration, 'none' to skip)")
-    _jobs(pl)
+    add_jobs(pl)
 
     pp = sub.add_parser("preprocess", help="preprocess the training cases for configurations (idempotent)")
     pp.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
@@ -55,7 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="configurations (default 3d_fullres, or 2d for 2D data)")
     pp.add_argument("--workdir", type=Path, help="work folder holding plans.json")
     pp.add_argument("--overwrite", action="store_true", help="redo every case")
-    _jobs(pp)
+    add_jobs(pp)
 
     t = sub.add_parser("train", help="train a configuration with cross-validation (resumable)")
     t.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
@@ -80,9 +76,12 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--validate-only", action="store_true",
                    help="do not train: rerun the final validation of trained folds (add --save-probabilities to get "
                         "what ensembling needs)")
+    t.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
+                   help="blank each input channel with probability P per sample (never all), so the model copes "
+                        "with missing sequences (predict --missing); e.g. 0.25")
     t.add_argument("--groups", type=Path, metavar="CSV",
                    help="CSV/TSV with case,group columns (e.g. patient ids): splits keep each group in one fold")
-    _jobs(t)
+    add_jobs(t)
 
     pr = sub.add_parser("predict", help="segment images with trained folds (output in the inputs' geometry)")
     pr.add_argument("-i", "--input", nargs="+", required=True, metavar="IN",
@@ -100,7 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--postprocessing", metavar="FILE",
                     help="postprocessing rules file, or 'none' (default: the learnt rules when following the "
                          "find-best choice)")
-    _label_map(pr)
+    add_label_map(pr)
     pr.add_argument("--deterministic", action="store_true",
                     help="float32 and deterministic algorithms: the same inputs always give the same files")
     pr.add_argument("--no-tta", action="store_true", help="no test-time mirroring (about 8x faster in 3D)")
@@ -114,75 +113,24 @@ def _build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-amp", action="store_true",
                     help="float32 only (default: fp16 on CUDA, bf16 on CPUs with native bf16)")
     pr.add_argument("--overwrite", action="store_true", help="redo cases whose output exists (default: skip)")
+    pr.add_argument("--uncertainty", action="store_true",
+                    help="also write entropy and disagreement maps (OUT/uncertainty/) and per-case quality scores; "
+                         "cases below the threshold find-best learnt on CV are flagged in OUT/quality.csv")
+    pr.add_argument("--missing", nargs="+", metavar="NAME", default=(),
+                    help="channels that were not acquired (names from dataset.json, or indices): no files needed")
+    pr.add_argument("--no-drift-check", action="store_true",
+                    help="do not compare inputs with the training data (spacing, size, intensities)")
+    pr.add_argument("--tables", action="store_true",
+                    help="also write OUT/volumes.csv and OUT/lesions.csv (volume per class, per-lesion list)")
 
-    _selection_parsers(sub)
+    selection.add_parsers(sub)
+    trust.add_parsers(sub)
 
     m = sub.add_parser("convert-msd", help="convert a Medical Segmentation Decathlon task to the nnU-Net layout")
     m.add_argument("src", type=Path, help="MSD task folder (dataset.json, imagesTr/, labelsTr/)")
     m.add_argument("dst", type=Path, help="new dataset folder to write")
     m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty destination")
     return p
-
-
-def _label_map(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--map-labels", nargs="+", metavar="OLD:NEW",
-                        help="write labels in another convention, e.g. 3:4 (BraTS 2023 enhancing tumour 3 -> 4)")
-
-
-def _selection_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    e = sub.add_parser("evaluate", help="score a folder of segmentations against references (Dice, HD95, NSD, "
-                                        "lesion-wise)")
-    e.add_argument("pred", type=Path, help="folder of predicted segmentations (CASE.<ending>)")
-    e.add_argument("ref", type=Path, help="folder of reference segmentations with the same names")
-    e.add_argument("--dataset-json", type=Path, metavar="J", help="dataset.json naming the labels and regions")
-    e.add_argument("-o", "--output", type=Path, help="folder for summary.json and cases.csv (default: PRED)")
-    e.add_argument("--tolerance", type=float, default=1.0, metavar="MM",
-                   help="normalised surface Dice tolerance in mm (default 1)")
-    e.add_argument("--no-lesions", action="store_true", help="skip the lesion-wise metrics")
-    e.add_argument("--allow-missing", action="store_true", help="score only the references that have a prediction")
-    _jobs(e)
-
-    f = sub.add_parser("find-best", help="choose the best configuration or ensemble on CV and learn postprocessing")
-    f.add_argument("--workdir", type=Path, required=True, help="work folder with trained folds")
-    f.add_argument("--dataset", type=Path, help="dataset folder with labelsTr (default: the one planned from)")
-    f.add_argument("--metric", default="dice", help="ranking metric: dice (default), nsd, iou, lesion_dice, hd95, ...")
-    f.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG", help="candidates (default: every trained)")
-    f.add_argument("--no-ensembles", action="store_true", help="do not try ensembles of configurations")
-    f.add_argument("--no-postprocessing", action="store_true", help="do not learn postprocessing")
-    f.add_argument("--device", default="auto", help="for validation outputs that must be computed first")
-    _jobs(f)
-
-    en = sub.add_parser("ensemble", help="average the probabilities of prediction folders (predict "
-                                         "--save-probabilities)")
-    en.add_argument("-i", "--input", nargs="+", required=True, type=Path, metavar="FOLDER")
-    en.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
-    en.add_argument("--save-probabilities", action="store_true", help="also write the averaged CASE.npz")
-    en.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
-    _label_map(en)
-    _jobs(en)
-
-    po = sub.add_parser("postprocess", help="apply learnt postprocessing rules to any segmentation folder")
-    po.add_argument("-i", "--input", required=True, type=Path, metavar="FOLDER")
-    po.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
-    rules = po.add_mutually_exclusive_group(required=True)
-    rules.add_argument("--rules", type=Path, metavar="FILE", help="postprocessing.json")
-    rules.add_argument("--workdir", type=Path, help="use the rules find-best learnt in this work folder")
-    po.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
-    _jobs(po)
-
-    ex = sub.add_parser("export", help="write a reproducible bundle of the chosen pipeline (weights, plans, manifest)")
-    ex.add_argument("--workdir", type=Path, required=True)
-    ex.add_argument("-o", "--output", type=Path, required=True, metavar="BUNDLE")
-    ex.add_argument("--dataset", type=Path, help="training dataset to hash and take the sample case from")
-    ex.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG", help="default: the find-best choice")
-    ex.add_argument("-f", "--folds", nargs="+", metavar="FOLD", help="default: the chosen folds")
-    ex.add_argument("--sample", metavar="CASE", help="training case stored as the verification sample")
-    ex.add_argument("--no-hash-data", action="store_true", help="do not hash the dataset files into the manifest")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    _label_map(ex)
-
-    v = sub.add_parser("verify-bundle", help="check a bundle's files and rerun its sample prediction")
-    v.add_argument("bundle", type=Path)
 
 
 def _print_warnings(report) -> None:  # type: ignore[no-untyped-def]
@@ -242,7 +190,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              initial_lr=args.lr, save_every=args.save_every, workers=args.workers,
                              device=args.device, deterministic=args.deterministic,
                              amp=False if args.no_amp else None, save_probabilities=args.save_probabilities,
-                             validate=not args.no_validation, progress=not args.quiet)
+                             validate=not args.no_validation, progress=not args.quiet,
+                             modality_dropout=args.modality_dropout)
     for result in train(args.dataset, args.configuration, args.fold, workdir=args.workdir, settings=settings,
                         resume=args.resume, jobs=args.jobs, groups=args.groups, validate_only=args.validate_only):
         if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
@@ -272,7 +221,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                       folds=folds, device=args.device, tta=not args.no_tta, step_size=args.step, fast=args.fast,
                       amp=False if args.no_amp else None, save_probabilities=args.save_probabilities,
                       overwrite=args.overwrite, progress=not args.quiet, postprocessing=args.postprocessing,
-                      label_map=args.map_labels, deterministic=args.deterministic,
+                      label_map=args.map_labels, deterministic=args.deterministic, uncertainty=args.uncertainty,
+                      missing=[m for item in args.missing for m in item.split(",") if m],
+                      drift=not args.no_drift_check,
                       on_warning=lambda m: print(f"autoseg predict: warning: {m}", file=sys.stderr))
     if summary.skipped:
         print(f"{len(summary.skipped)} case(s) already predicted, skipped (--overwrite redoes them)")
@@ -281,81 +232,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"{summary.outputs[cid]}  ({t['read']:.1f} s read, {t['predict']:.1f} s predict, "
               f"{t['export']:.1f} s export)")
     print(f"{len(summary.written)} case(s) predicted -> {args.output}")
+    if summary.quality_table is not None:
+        flagged = f"; flagged: {', '.join(summary.flagged)}" if summary.flagged else "; none flagged"
+        print(f"quality table: {summary.quality_table}{flagged}")
+    if args.tables:
+        from autoseg.api_trust import measure
+
+        paths = measure(args.output, workdir=args.bundle or args.workdir, progress=not args.quiet)
+        print(f"wrote {paths.volumes} and {paths.lesions}")
     return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from autoseg.evaluation.evaluate import evaluate_folder
-
-    summary = evaluate_folder(args.pred, args.ref, dataset_json=args.dataset_json, output=args.output,
-                              tolerance_mm=args.tolerance, lesion_wise=not args.no_lesions,
-                              allow_missing=args.allow_missing, jobs=args.jobs, progress=not args.quiet)
-    print(summary.format_table())
-    out = args.output or args.pred
-    print(f"wrote {out / 'summary.json'} and {out / 'cases.csv'}")
-    return 0
-
-
-def _cmd_find_best(args: argparse.Namespace) -> int:
-    from autoseg.ensemble.selection import find_best
-
-    sel = find_best(args.workdir, dataset=args.dataset, metric=args.metric, configurations=args.configurations,
-                    ensembles=not args.no_ensembles, postprocessing=not args.no_postprocessing, jobs=args.jobs,
-                    progress=not args.quiet, device=args.device, on_note=lambda m: print(m, flush=True))
-    print(sel.format_table())
-    print(f"\nwrote {sel.folder / 'best.json'}" + (f" and {sel.folder / 'postprocessing.json'}" if sel.rules else ""))
-    print("`autoseg predict -i IN -o OUT --workdir W` now uses this choice; explicitly:")
-    print(f"  {sel.predict_command(args.workdir)}")
-    return 0
-
-
-def _cmd_ensemble(args: argparse.Namespace) -> int:
-    from autoseg.ensemble.ensembling import ensemble_folders
-
-    written = ensemble_folders(args.input, args.output, jobs=args.jobs, progress=not args.quiet,
-                               overwrite=args.overwrite, save_probabilities=args.save_probabilities,
-                               label_map=_parse_map(args.map_labels))
-    print(f"{len(written)} case(s) ensembled -> {args.output}")
-    return 0
-
-
-def _parse_map(items):  # type: ignore[no-untyped-def]
-    from autoseg.inference.ensemble import parse_label_map
-
-    return parse_label_map(items)
-
-
-def _cmd_postprocess(args: argparse.Namespace) -> int:
-    from autoseg.ensemble.postprocessing import PostprocessingRules, postprocess_folder
-    from autoseg.ensemble.selection import POSTPROCESSING, SELECTION
-
-    path = args.rules or args.workdir / SELECTION / POSTPROCESSING
-    rules = PostprocessingRules.load(path)
-    print("\n".join(rules.describe()) or "the rules are empty: files are copied unchanged")
-    written = postprocess_folder(args.input, args.output, rules, jobs=args.jobs, progress=not args.quiet,
-                                 overwrite=args.overwrite)
-    print(f"{len(written)} file(s) -> {args.output}")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from autoseg.ensemble.bundle import export_bundle
-
-    folds = [f for item in args.folds for f in item.split(",") if f] if args.folds else None
-    out = export_bundle(args.workdir, args.output, dataset=args.dataset, configurations=args.configurations,
-                        folds=folds, label_map=_parse_map(args.map_labels), sample=args.sample,
-                        hash_dataset=not args.no_hash_data, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote bundle {out}; predict with `autoseg predict -i IN -o OUT --bundle {out}`, check it with "
-          f"`autoseg verify-bundle {out}`")
-    return 0
-
-
-def _cmd_verify_bundle(args: argparse.Namespace) -> int:
-    from autoseg.ensemble.bundle import verify_bundle
-
-    report = verify_bundle(args.bundle, progress=not args.quiet, on_note=print)
-    print(report.format())
-    return 0 if report.ok else 1
 
 
 def _cmd_convert_msd(args: argparse.Namespace) -> int:
@@ -367,9 +252,7 @@ def _cmd_convert_msd(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"check": _cmd_check, "plan": _cmd_plan, "preprocess": _cmd_preprocess, "train": _cmd_train,
-            "predict": _cmd_predict, "convert-msd": _cmd_convert_msd, "evaluate": _cmd_evaluate,
-            "find-best": _cmd_find_best, "ensemble": _cmd_ensemble, "postprocess": _cmd_postprocess,
-            "export": _cmd_export, "verify-bundle": _cmd_verify_bundle}
+            "predict": _cmd_predict, "convert-msd": _cmd_convert_msd, **selection.COMMANDS, **trust.COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """The demo behind `make demo`: generate a small BraTS-like dataset, check it, plan and preprocess it for CPU
 training, train fold 0 of the 3D and the 2D U-Net for a few minutes each, choose the best of them or their
 ensemble on the held-out fold and learn postprocessing (`autoseg find-best`, printing the CV table), export a
-reproducible bundle and verify it, then segment the two test cases from the bundle alone and print their Dice
-against labelsTs.
+reproducible bundle and verify it, then segment the two test cases from the bundle alone (with uncertainty maps,
+the quality table and the clinical volume/lesion tables) and print their Dice against labelsTs.
 
     python examples/demo.py [--data demo_data] [-j 2] [--epochs 10] [--iters 25]
 """
@@ -34,7 +34,7 @@ def run(data: Path, jobs: int, epochs: int = 10, iters: int = 25) -> int:
         ["export", "--workdir", str(workdir), "-o", str(data / "bundle"), "--overwrite"],
         ["verify-bundle", str(data / "bundle")],
         ["predict", "-i", str(dataset / "imagesTs"), "-o", str(data / "predictions"), "--bundle", str(data / "bundle"),
-         "--device", "cpu", "--overwrite"],
+         "--device", "cpu", "--overwrite", "--uncertainty", "--tables"],
     ]
     for step in steps:
         print(f"\n$ autoseg {' '.join(step)}", flush=True)

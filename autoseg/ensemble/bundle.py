@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.errors import AutosegError, FileFormatError
-from autoseg.ensemble.selection import BEST, POSTPROCESSING, SELECTION, load_best
+from autoseg.ensemble.selection import BEST, POSTPROCESSING, QUALITY_RULE, SELECTION, load_best
 from autoseg.inference.ensemble import parse_label_map
 from autoseg.inference.predictor import ModelNotFoundError, trained_configurations, trained_folds
 from autoseg.io.atomic import current_umask, read_json, write_json_atomic
@@ -170,8 +170,9 @@ def export_bundle(workdir: str | os.PathLike[str], output: str | os.PathLike[str
         rules = best.get("postprocessing") if best is not None else None
         if rules:
             shutil.copy2(wd / SELECTION / str(rules), sel / POSTPROCESSING)
-        if (wd / SELECTION / "cv_summary.json").is_file() and best is not None:
-            shutil.copy2(wd / SELECTION / "cv_summary.json", sel / "cv_summary.json")
+        for name in ("cv_summary.json", QUALITY_RULE):  # the CV scores and the quality flag's threshold
+            if (wd / SELECTION / name).is_file() and best is not None:
+                shutil.copy2(wd / SELECTION / name, sel / name)
         write_json_atomic(sel / BEST, {**(best or {"version": 1, "name": "+".join(m["configuration"] for m in members)}),
                                        "members": members, "postprocessing": POSTPROCESSING if rules else None,
                                        "label_map": {str(k): v for k, v in mapping.items()} if mapping else None})

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.ensemble.postprocessing import PostprocessingRules
-from autoseg.ensemble.selection import POSTPROCESSING, SELECTION, load_best
+from autoseg.ensemble.selection import POSTPROCESSING, QUALITY_RULE, SELECTION, load_best
 from autoseg.inference.ensemble import ModelEnsemble, parse_label_map
 from autoseg.inference.predictor import ModelNotFoundError, Predictor, trained_configurations
+from autoseg.inference.quality import QualityRule
 
 PostprocessingChoice = bool | str | os.PathLike[str] | PostprocessingRules | None
 
@@ -93,3 +94,14 @@ def load_ensemble(workdir: str | os.PathLike[str], *, configurations: str | Sequ
               "postprocessing": rules.describe() if rules is not None else None,
               "label_map": {str(k): v for k, v in mapping.items()} if mapping else None}
     return ensemble, record
+
+
+def load_quality_rule(workdir: str | os.PathLike[str], names: Sequence[str]) -> QualityRule | None:
+    """The quality threshold ``find-best`` learnt (``selection/quality.json``), if it was learnt for the pipeline
+    made of the configurations ``names``; None otherwise (cases are then flagged for input drift only)."""
+    path = Path(workdir) / SELECTION / QUALITY_RULE
+    if not path.is_file():
+        return None
+    rule = QualityRule.load(path)
+    learnt = rule.candidate.removeprefix("ensemble__").removesuffix("__postprocessed").split("__")
+    return rule if sorted(learnt) == sorted(names) else None

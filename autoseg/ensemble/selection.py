@@ -9,7 +9,9 @@ only where they improve the CV score (:mod:`autoseg.ensemble.postprocessing`).
 
 Files written in ``<workdir>/selection/``: ``cv/<candidate>/`` (ensembled CV predictions and each candidate's
 ``summary.json`` and ``cases.csv``), ``cv_summary.json`` (every candidate's score), ``best.json`` (the choice),
-``postprocessing.json`` (the rules). ``autoseg predict`` uses ``best.json`` and its postprocessing by default.
+``postprocessing.json`` (the rules), ``quality.json`` (the quality flag's threshold and the Spearman correlation
+between each quality score and the real CV errors, :mod:`autoseg.evaluation.quality`). ``autoseg predict`` uses
+``best.json``, its postprocessing and the quality threshold by default.
 """
 
 from __future__ import annotations
@@ -29,17 +31,24 @@ from autoseg.errors import AutosegError, FileFormatError
 from autoseg.evaluation.evaluate import evaluate_pairs
 from autoseg.evaluation.summary import EvaluationSummary
 from autoseg.evaluation.metrics import classes_from_labels
+from autoseg.evaluation.quality import calibrate_quality, case_errors
+from autoseg.evaluation.quality import describe as describe_quality
 from autoseg.inference.export import probabilities_path
+from autoseg.inference.quality import QualityRule
+from autoseg.inference.uncertainty import QUALITY_SCORES, combined_score
 from autoseg.io.atomic import read_json, write_json_atomic
 from autoseg.io.dataset import Dataset, dataset_source, load_dataset
 from autoseg.parallel import imap_ordered
 from autoseg.planner.plans import Plans
 from autoseg.training.checkpoint import FINAL
 from autoseg.training.splits import load_splits
+from autoseg.training.validation import QUALITY
 
 SELECTION = "selection"
 BEST = "best.json"
 POSTPROCESSING = "postprocessing.json"
+#: the quality flag's threshold and how well the quality scores rank the CV errors
+QUALITY_RULE = "quality.json"
 #: metrics where lower is better; every other metric is maximised
 LOWER_IS_BETTER = frozenset({"hd95", "assd", "lesion_hd95"})
 #: metrics a selection can rank by (means over foreground classes)
@@ -83,6 +92,7 @@ class Selection:
     rules: PostprocessingRules | None
     folder: Path
     notes: list[str] = field(default_factory=list)
+    quality: QualityRule | None = None
 
     def predict_command(self, workdir: Path) -> str:
         """The explicit command that reproduces the chosen pipeline (``autoseg predict --workdir W`` alone also
@@ -113,6 +123,8 @@ class Selection:
                              "with its CV score ('tried')")
         lines.append(f"chosen pipeline on CV, after postprocessing ({self.best.name}):")
         lines.append(self.final.format_table())
+        if self.quality is not None:
+            lines += describe_quality(self.quality)
         return "\n".join(lines)
 
 
@@ -201,10 +213,12 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
     files: dict[str, dict[str, Path]] = {}
     for c in names:
         files[c], incomplete = _cv_files(wd, c, folds[c], splits, ending)
+        lacking = {f for f in folds[c] if splits[int(f)].val
+                   and not (wd / "models" / c / f"fold_{f}" / "val" / QUALITY).is_file()}
         if need_npz:
-            lacking = {f for f in folds[c] if any(not probabilities_path(files[c][cid]).is_file()
-                                                   for cid in splits[int(f)].val)}
-            incomplete = sorted(set(incomplete) | lacking)
+            lacking |= {f for f in folds[c] if any(not probabilities_path(files[c][cid]).is_file()
+                                                    for cid in splits[int(f)].val)}
+        incomplete = sorted(set(incomplete) | lacking)
         if incomplete:
             _revalidate(ds, plans, wd, c, incomplete, device=device, progress=progress, note=note)
     refs = {case.case_id: case.label for case in ds.cases if case.label is not None}
@@ -272,7 +286,11 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
         evaluate(best, full=True)
         final = best.summary
     assert final is not None
-    selection = Selection(metric, candidates, best, final, rules, out)
+    quality = calibrate_quality(_cv_quality(wd, best.members, splits, common), case_errors(final, "dice"),
+                                candidate=best.name)
+    if quality is not None:
+        quality.save(out / QUALITY_RULE)
+    selection = Selection(metric, candidates, best, final, rules, out, quality=quality)
     write_json_atomic(out / "cv_summary.json", {
         "version": 1, "metric": metric, "cases": common,
         "candidates": [{"name": c.name, "members": [m.to_json() for m in c.members], "score": c.score,
@@ -285,6 +303,29 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
         "score_after_postprocessing": float(final.foreground_mean(metric)),
         "predict_command": selection.predict_command(wd)})
     return selection
+
+
+def _cv_quality(wd: Path, members: Sequence[Member], splits: list, cases: Sequence[str]
+                ) -> dict[str, dict[str, float | None]]:
+    """Per CV case the quality scores its validation saved, averaged over the pipeline's configurations."""
+    per_member = []
+    for m in members:
+        scores: dict[str, dict[str, Any]] = {}
+        for f in m.folds:
+            path = wd / "models" / m.configuration / f"fold_{f}" / "val" / QUALITY
+            if path.is_file():
+                scores.update(read_json(path, FileFormatError, "rerun the fold's validation").get("cases", {}))
+        per_member.append(scores)
+    out: dict[str, dict[str, float | None]] = {}
+    for cid in cases:
+        entries = [s[cid] for s in per_member if cid in s]
+        if len(entries) == len(per_member):
+            out[cid] = {}
+            for name in QUALITY_SCORES:
+                vals = [e.get(name) for e in entries]
+                out[cid][name] = None if any(v is None for v in vals) else float(sum(vals)) / len(vals)
+            out[cid]["combined"] = combined_score(out[cid])  # of the averaged parts, as predict computes it
+    return out
 
 
 def _resolve_dataset(wd: Path, dataset: Dataset | str | os.PathLike[str] | None) -> Dataset:

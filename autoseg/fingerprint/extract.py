@@ -6,7 +6,8 @@ intensity samples per case), so memory is bounded by ``jobs`` cases, not by the 
 
 Intensity statistics follow nnU-Net (foreground voxels, every case weighted equally), but mean, std,
 min and max are exact (from per-case moments) instead of estimated from 10^8 samples; the median and the
-0.5/99.5 percentiles come from an equal-size random sample of every case's foreground.
+0.5/99.5 percentiles come from an equal-size random sample of every case's foreground. Each case also
+records its own intensity percentiles over the nonzero region, which the drift check compares new inputs with.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from autoseg.fingerprint.drift import intensity_percentiles
 from autoseg.fingerprint.model import (
     DUMMY_2D_SPACING,
     CaseFingerprint,
@@ -86,8 +88,9 @@ def fingerprint_case(case_id: str, images: np.ndarray, label: np.ndarray, array_
     """Statistics of one case from its arrays (``images`` (C, *spatial), ``label`` spatial).
 
     Returns:
-        The case fingerprint, ``(C, n_samples)`` foreground samples (empty when the case has no
-        foreground) and ``(C, 5)`` foreground moments (n, sum, sum of squares, min, max).
+        The case fingerprint (with the case's nonzero-region intensity percentiles), ``(C, n_samples)``
+        foreground samples (empty when the case has no foreground) and ``(C, 5)`` foreground moments
+        (n, sum, sum of squares, min, max).
     """
     spacing = tuple(float(s) for s in array_spacing)
     if images.ndim == 3:  # 2D case: a leading dummy axis with the largest spacing
@@ -116,6 +119,7 @@ def fingerprint_case(case_id: str, images: np.ndarray, label: np.ndarray, array_
         case_id=case_id, spacing=spacing, shape=tuple(int(s) for s in label.shape),
         shape_after_crop=tuple(s.stop - s.start for s in bbox), class_voxels=class_voxels,
         component_sizes=component_sizes(label, spec.foreground_labels),
+        intensity_percentiles=intensity_percentiles(images),
     )
     return fp, samples, moments
 

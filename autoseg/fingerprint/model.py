@@ -7,7 +7,11 @@ Conventions (shared with the planner):
   the largest in-plane spacing, so one set of rules plans 2D and 3D data (the dummy axis always has the
   largest spacing);
 * intensity statistics are over the foreground voxels (label > 0, ignore label excluded), every case
-  weighted equally, as nnU-Net does.
+  weighted equally, as nnU-Net does;
+* each case also records its intensity percentiles :data:`DRIFT_PERCENTILES` per channel over the nonzero
+  region (any channel != 0; the whole image when it is all zero), because a case to predict has no labels:
+  :mod:`autoseg.fingerprint.drift` compares new inputs with these. Fingerprints written before this field
+  existed load with it empty (the intensity drift check is then skipped).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from autoseg.io.atomic import read_json, write_json_atomic
 
 FINGERPRINT_VERSION = 1
 DUMMY_2D_SPACING = 999.0
+#: intensity percentiles (in %) each case records over its nonzero region, for the drift check
+DRIFT_PERCENTILES = (0.5, 50.0, 99.5)
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class CaseFingerprint:
     shape_after_crop: tuple[int, ...]
     class_voxels: dict[int, int]  # label value -> voxels (background and ignore included)
     component_sizes: dict[int, tuple[int, ...]] = field(default_factory=dict)  # fg label -> sizes, largest first
+    #: per channel, the :data:`DRIFT_PERCENTILES` of the nonzero region (empty in older fingerprints)
+    intensity_percentiles: tuple[tuple[float, float, float], ...] = ()
 
     @property
     def relative_size_after_cropping(self) -> float:
@@ -139,6 +147,8 @@ class DatasetFingerprint:
                     shape_after_crop=tuple(c["shape_after_crop"]),
                     class_voxels={int(k): int(v) for k, v in c["class_voxels"].items()},
                     component_sizes={int(k): tuple(v) for k, v in c.get("component_sizes", {}).items()},
+                    intensity_percentiles=tuple(tuple(float(v) for v in p)
+                                                for p in c.get("intensity_percentiles", ())),
                 )
                 for c in d["cases"]
             )
@@ -146,7 +156,7 @@ class DatasetFingerprint:
                        labels=dict(d["labels"]), num_training=int(d["num_training"]), is_2d=bool(d["is_2d"]),
                        cases=cases, intensity=tuple(IntensityStats(**s) for s in d["intensity"]),
                        dataset_signature=str(d.get("dataset_signature", "")))
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise FileFormatError(f"fingerprint JSON is missing or has a malformed field ({err}); rerun "
                                   "`autoseg plan` to recompute it.") from err
 

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.inference.export import (LabelLayout, export_segmentation, probabilities_path, probabilities_to_labels,
-                                      save_probabilities_npz)
+from autoseg.inference.export import (LabelLayout, export_map, export_segmentation, probabilities_path,
+                                      probabilities_to_labels, save_probabilities_npz)
 from autoseg.inference.predictor import Predictor
 from autoseg.inference.sliding_window import InferenceError
-from autoseg.io.image import Geometry, label_dtype, write_label
+from autoseg.inference.uncertainty import MemberOutputs, combined_score, entropy_map, probability_scores
+from autoseg.io.image import Geometry, file_ending, label_dtype, write_image, write_label
 from autoseg.preprocessing.preprocess import PreprocessedArrays
 from autoseg.preprocessing.properties import CaseProperties
 
@@ -58,6 +59,13 @@ def parse_label_map(text: str | Sequence[str] | Mapping[int, int] | None) -> dic
                                  "--map-labels 3:4 (BraTS 2023 enhancing tumour 3 written as 4).")
         out[int(old)] = int(new)
     return out or None
+
+
+def map_path(folder: Path, seg_path: Path, name: str) -> Path:
+    """``folder/<case>_<name><ending>`` for the segmentation ``seg_path`` (2D image formats: ``.tif``)."""
+    ending = file_ending(seg_path)
+    stem = seg_path.name[: -len(ending)]
+    return folder / f"{stem}_{name}{'.tif' if ending in ('.png', '.bmp') else ending}"
 
 
 @dataclass
@@ -96,14 +104,15 @@ class ModelEnsemble:
         """The first member's plans (channel names, labels)."""
         return self.members[0].plans
 
-    def preprocess(self, images: np.ndarray, geometry: Geometry) -> list[PreprocessedArrays]:
-        """Each member's preprocessed input (identical plans share one)."""
+    def preprocess(self, images: np.ndarray, geometry: Geometry, missing: Sequence[int] = ()
+                   ) -> list[PreprocessedArrays]:
+        """Each member's preprocessed input (identical plans share one); ``missing`` channels are blanked."""
         out: list[PreprocessedArrays] = []
         seen: dict[tuple[str, str | None], PreprocessedArrays] = {}
         for m in self.members:
             key = (m.config.data_identifier, m.config.previous_stage)
             if key not in seen:
-                seen[key] = m.preprocess(images, geometry)
+                seen[key] = m.preprocess(images, geometry, missing)
             out.append(seen[key])
         return out
 
@@ -130,17 +139,68 @@ class ModelEnsemble:
             seg = self.postprocess(seg, props[0].geometry.array_spacing)
         return apply_label_map(seg, self.label_map), probs
 
-    def write(self, path: str | os.PathLike[str], logits: Sequence[np.ndarray], props: Sequence[CaseProperties], *,
-              save_probabilities: bool = False) -> np.ndarray:
-        """Export and write one case (probabilities first, to ``<case>.npz``); returns the label map written."""
-        seg, probs = self.export(logits, props, probabilities=save_probabilities)
-        if probs is not None:
-            save_probabilities_npz(probabilities_path(Path(path)), probs, self.layout)
-        write_label(path, seg, props[0].geometry)
-        return seg
+    def member_outputs(self, inputs: Sequence[PreprocessedArrays]) -> list[MemberOutputs]:
+        """Each member's logits with its folds' and mirror variants' agreement (for ``--uncertainty``)."""
+        return [m.members(p.data) for m, p in zip(self.members, inputs, strict=True)]
 
-    def predict(self, images: np.ndarray, geometry: Geometry | Sequence[float]) -> np.ndarray:
-        """Segment one case given as arrays (see :meth:`Predictor.predict`)."""
+    def uncertainty(self, outputs: Sequence[MemberOutputs], props: Sequence[CaseProperties], probs: np.ndarray
+                    ) -> tuple[dict[str, float | None], dict[str, np.ndarray]]:
+        """Per-case scores and voxel maps (file layout) of one case; see :mod:`autoseg.inference.uncertainty`.
+
+        Args:
+            outputs: from :meth:`member_outputs`.
+            props: each member's preprocessing record.
+            probs: the final averaged probabilities in file layout (from :meth:`export`).
+
+        Returns:
+            Scores (``tta_agreement``, ``fold_agreement``, ``confidence``, ``expected_dice``; None where not
+            defined) and maps (``entropy``, and ``disagreement`` when there are at least two members).
+        """
+        entropy = entropy_map(probs, self.layout)
+        scores: dict[str, float | None] = dict(probability_scores(probs, self.layout, entropy))
+        tta = [o.tta_agreement for o in outputs if o.tta_agreement is not None]
+        folds = [o.fold_agreement for o in outputs if o.fold_agreement is not None]
+        scores["tta_agreement"] = float(np.mean(tta)) if tta else None
+        scores["fold_agreement"] = float(np.mean(folds)) if folds else None
+        scores["combined"] = combined_score(scores)
+        maps = {"entropy": entropy}
+        grids = [(o.disagreement, m, p) for o, m, p in zip(outputs, self.members, props, strict=True)
+                 if o.disagreement is not None]
+        if grids:
+            maps["disagreement"] = sum(export_map(d, p, m.plans, m.config) for d, m, p in grids) / len(grids)
+        return scores, maps
+
+    def write(self, path: str | os.PathLike[str], logits: Sequence[np.ndarray], props: Sequence[CaseProperties], *,
+              save_probabilities: bool = False, outputs: Sequence[MemberOutputs] | None = None,
+              maps_dir: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, dict[str, float | None] | None]:
+        """Export and write one case (probabilities first, to ``<case>.npz``).
+
+        With ``outputs`` (from :meth:`member_outputs`) the uncertainty maps are also written, to
+        ``maps_dir/<case>_entropy<ending>`` and ``<case>_disagreement<ending>`` (float32, the input's geometry;
+        2D image formats get ``.tif``), and the case's scores are returned.
+
+        Returns:
+            The label map written, and the scores (None without ``outputs``).
+        """
+        path = Path(path)
+        seg, probs = self.export(logits, props, probabilities=save_probabilities or outputs is not None)
+        if probs is not None and save_probabilities:
+            save_probabilities_npz(probabilities_path(path), probs, self.layout)
+        scores = None
+        if outputs is not None:
+            assert probs is not None
+            scores, maps = self.uncertainty(outputs, props, probs)
+            del probs
+            folder = Path(maps_dir) if maps_dir is not None else path.parent
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, arr in maps.items():
+                write_image(map_path(folder, path, name), arr.astype(np.float32, copy=False), props[0].geometry)
+        write_label(path, seg, props[0].geometry)
+        return seg, scores
+
+    def predict(self, images: np.ndarray, geometry: Geometry | Sequence[float], *, missing: Sequence[int] = ()
+                ) -> np.ndarray:
+        """Segment one case given as arrays (see :meth:`Predictor.predict`); ``missing`` channels are blanked."""
         images, geometry = self.members[0].check_images(images, geometry)
-        pre = self.preprocess(images, geometry)
+        pre = self.preprocess(images, geometry, missing)
         return self.export(self.logits(pre), [p.properties for p in pre])[0]

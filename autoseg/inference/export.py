@@ -200,6 +200,19 @@ def export_segmentation(logits: np.ndarray, props: CaseProperties, plans: Plans,
     return _to_file_axes(seg, props, plans, 0), probs
 
 
+def export_map(values: np.ndarray, props: CaseProperties, plans: Plans, config: ConfigurationPlan) -> np.ndarray:
+    """A float map on the preprocessed grid (e.g. voxel uncertainty) in the input file's array layout.
+
+    Resampled like probabilities (linear by default), clipped to the map's range, 0 outside the crop.
+    """
+    axis = case_resampling(config.resampling, props.target_spacing_t, props.spacing_t)
+    rs = config.resampling
+    x = np.asarray(values, np.float32)
+    out = _resize_channel(x, props.shape_after_crop_t, min(rs.order_probabilities, 1), axis, min(rs.order_z, 1))
+    out = np.clip(out, float(x.min(initial=0.0)), float(x.max(initial=0.0)))
+    return _to_file_axes(uncrop(out, props.bbox_t, props.shape_before_crop_t, fill=0), props, plans, 0)
+
+
 def probabilities_path(seg_path: str | os.PathLike[str]) -> Path:
     """``<case>.npz`` next to ``<case><ending>`` (the case id may contain dots: ``BraTS.001.nii.gz``)."""
     seg_path = Path(seg_path)

@@ -3,13 +3,15 @@
 Input is a folder in the nnU-Net layout (``{CASE}_{XXXX}{ending}``, one file per channel), or a list of
 files. Files without a channel suffix are accepted as whole cases when the model takes one channel, and a
 list of exactly as many unsuffixed files as the model has channels is taken as the channels of one case, in
-order. Every header is read up front, so a missing channel, an unreadable file, channels that do not line up
+order. Channels that were not acquired are named with ``missing``: their files are not needed, and
+:meth:`InputCase.read` zero-fills them (preprocessing blanks them after normalisation). Every header is read up front, so a missing channel, an unreadable file, channels that do not line up
 or a channel-name mismatch stops the run with one message listing every problem, before hours of
 prediction; nothing is written. A spacing far outside the training range only warns.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,11 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import AutosegError, ImageReadError
+from autoseg.fingerprint.drift import DriftReference, check_header
 from autoseg.io.dataset import CHANNEL_RE, CaseFiles, read_dataset_json
-from autoseg.io.image import SUPPORTED_ENDINGS, file_ending, read_header
+from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, file_ending, read_header, read_image
 
-#: a spacing more than this factor outside the training range (per axis) gets a warning
-SPACING_WARN_FACTOR = 2.0
 #: problems listed in one error message before "and N more"
 MAX_LISTED = 20
 
@@ -32,14 +33,70 @@ class PredictionInputError(AutosegError, ValueError):
 
 @dataclass(frozen=True)
 class InputCase:
-    """One case to predict: its channel files (in channel order) and the file ending outputs get."""
+    """One case to predict.
+
+    Attributes:
+        case_id: the case name (outputs are ``<case_id><ending>``).
+        images: the files of the *present* channels, in channel order (channel ``present[i]`` is
+            ``images[i]``); with nothing missing, one file per model channel.
+        ending: the file ending the outputs get.
+        missing: indices of the model's channels that were not acquired (no file; filled with 0 after
+            normalisation), sorted.
+    """
 
     case_id: str
     images: tuple[Path, ...]
     ending: str
+    missing: tuple[int, ...] = ()
+
+    @property
+    def n_channels(self) -> int:
+        """The model's number of input channels (present + missing)."""
+        return len(self.images) + len(self.missing)
+
+    @property
+    def present(self) -> tuple[int, ...]:
+        """Channel index of each file in :attr:`images`."""
+        return tuple(c for c in range(self.n_channels) if c not in self.missing)
 
     def as_case_files(self) -> CaseFiles:
+        """The present channel files as a :class:`CaseFiles` (no label); see :meth:`read` for all channels."""
         return CaseFiles(self.case_id, self.images, None)
+
+    def read(self) -> tuple[np.ndarray, Geometry]:
+        """Read the case as the model's full input: missing channels are zero-filled.
+
+        Pass :attr:`missing` on to preprocessing (``preprocess_arrays(..., missing=case.missing)``): the zeros
+        here only hold the place; preprocessing sets those channels to 0 *after* normalisation.
+
+        Returns:
+            float32 ``(n_channels, *spatial)`` in file layout, and the geometry of the first present file.
+
+        Raises:
+            ImageReadError: a file cannot be read.
+            PredictionInputError: a file holds more than one channel, or files of the case differ in shape.
+
+        Example:
+            >>> images, geometry = case.read()  # doctest: +SKIP
+        """
+        arrays, geometry = [], None
+        for path in self.images:
+            img = read_image(path)
+            if img.array.shape[0] != 1:
+                raise PredictionInputError(f"{path}: {img.array.shape[0]} values per voxel; each channel must be "
+                                           "its own single-valued file (split it into _0000, _0001, ...).")
+            if arrays and img.array.shape != arrays[0].shape:
+                raise PredictionInputError(f"case {self.case_id}: {path.name} has shape {img.array.shape[1:]}, "
+                                           f"{self.images[0].name} has {arrays[0].shape[1:]}; all channels of a "
+                                           "case must be on the same grid.")
+            geometry = geometry or img.geometry
+            arrays.append(img.array)
+        if geometry is None:
+            raise PredictionInputError(f"case {self.case_id}: no channel file (every channel is missing).")
+        out = np.zeros((self.n_channels, *arrays[0].shape[1:]), np.float32)
+        for c, arr in zip(self.present, arrays, strict=True):
+            out[c] = arr[0]
+        return out, geometry
 
 
 def _channels_text(names: Sequence[str]) -> str:
@@ -54,21 +111,76 @@ def _fail(problems: list[str], what: str) -> None:
                                    + "\n  ".join(shown) + more)
 
 
-def collect_cases(inputs: Sequence[str | os.PathLike[str]], channel_names: Sequence[str]) -> list[InputCase]:
+def resolve_missing(missing: Sequence[str | int], channel_names: Sequence[str]) -> tuple[int, ...]:
+    """Channel indices of channels named as not acquired.
+
+    Args:
+        missing: channel names (case-insensitive, as in dataset.json ``channel_names``) or indices (ints, or
+            strings of digits that are not a channel name).
+        channel_names: the model's input channels.
+
+    Returns:
+        Sorted indices without duplicates.
+
+    Raises:
+        PredictionInputError: an unknown name (with "did you mean" and the channel list), an index out of
+            range, or every channel missing.
+
+    Example:
+        >>> resolve_missing(["flair", 0], ["T1", "T1ce", "T2", "FLAIR"])
+        (0, 3)
+    """
+    lower = [name.lower() for name in channel_names]
+    n = len(channel_names)
+    out: set[int] = set()
+    for m in [missing] if isinstance(missing, str) else missing:
+        if isinstance(m, (int, np.integer)) and not isinstance(m, bool):
+            index = int(m)
+        elif isinstance(m, str) and m.strip().lower() in lower:
+            index = lower.index(m.strip().lower())
+        elif isinstance(m, str) and m.strip().isdigit():
+            index = int(m.strip())
+        else:
+            close = difflib.get_close_matches(str(m).lower(), lower, n=1, cutoff=0.5) if isinstance(m, str) else []
+            hint = f" Did you mean {channel_names[lower.index(close[0])]!r}?" if close else ""
+            raise PredictionInputError(f"--missing {m!r} is not an input channel of this model.{hint} Its channels "
+                                       f"are {_channels_text(channel_names)}; give names or indices.")
+        if not 0 <= index < n:
+            raise PredictionInputError(f"--missing {m!r}: channel index {index} is out of range; this model has "
+                                       f"{n} channel(s): {_channels_text(channel_names)}.")
+        out.add(index)
+    if n and len(out) == n:
+        raise PredictionInputError(f"--missing names every input channel ({_channels_text(channel_names)}); at "
+                                   "least one channel must be given to segment anything.")
+    return tuple(sorted(out))
+
+
+def collect_cases(inputs: Sequence[str | os.PathLike[str]], channel_names: Sequence[str],
+                  missing: Sequence[str | int] = ()) -> list[InputCase]:
     """Group input files into cases.
 
     Args:
         inputs: one folder, or image files.
         channel_names: the model's input channels (their number sets how files are grouped).
+        missing: channels that were not acquired, by name (case-insensitive) or index: their ``_000k`` files
+            are not needed (and ignored if present); every case gets them in :attr:`InputCase.missing`. A list
+            of unsuffixed files as long as the present channels is then one case, in the present channels'
+            order (a list as long as all channels still is one case; the missing channels' files are ignored).
 
     Returns:
         Cases sorted by id.
 
     Raises:
         PredictionInputError: no input, an empty folder, missing or surplus channel files, unsupported files
-            given explicitly (the message lists every problem and how to name the files).
+            given explicitly (the message lists every problem and how to name the files), an unknown
+            ``missing`` channel, or every channel missing.
+
+    Example:
+        >>> collect_cases(["imagesTs"], ["T1", "T2", "FLAIR"], missing=["FLAIR"])  # doctest: +SKIP
     """
+    absent = resolve_missing(missing, channel_names)
     n = len(channel_names)
+    n_present = n - len(absent)
     paths = [Path(p) for p in inputs]
     if not paths:
         raise PredictionInputError("no input given; pass a folder of images or image files with -i.")
@@ -93,22 +205,26 @@ def collect_cases(inputs: Sequence[str | os.PathLike[str]], channel_names: Seque
             raise PredictionInputError(f"{', '.join(bad)}: not a supported image type. Supported: "
                                        f"{', '.join(SUPPORTED_ENDINGS)}.")
         plain = [p for p in files if not CHANNEL_RE.match(p.name[: -len(file_ending(p))])]
-        if n > 1 and len(plain) == len(files) == n:  # the channels of one case, in the order given
+        one_case = len(files) == n or (n_present > 1 and len(files) == n_present)
+        if n > 1 and len(plain) == len(files) and one_case:  # one case's channels, in the order given
+            if len(files) == n:  # every channel given: those marked missing are ignored
+                files = [files[c] for c in range(n) if c not in absent]
             stem = files[0].name[: -len(file_ending(files[0]))]
-            return [InputCase(stem, tuple(files), file_ending(files[0]))]
-    return _group(files, channel_names)
+            return [InputCase(stem, tuple(files), file_ending(files[0]), absent)]
+    return _group(files, channel_names, absent)
 
 
-def _group(files: Iterable[Path], channel_names: Sequence[str]) -> list[InputCase]:
+def _group(files: Iterable[Path], channel_names: Sequence[str], missing: tuple[int, ...] = ()) -> list[InputCase]:
     n = len(channel_names)
+    present = [c for c in range(n) if c not in missing]
     by_case: dict[tuple[str, str], dict[int, Path]] = {}
     problems: list[str] = []
     for p in files:
         ending = file_ending(p)
         stem = p.name[: -len(ending)]
         m = CHANNEL_RE.match(stem)
-        if m is None and n == 1:
-            case, ch = stem, 0
+        if m is None and len(present) == 1:
+            case, ch = stem, present[0]
         elif m is None:
             problems.append(f"{p}: no channel suffix, but the model takes {n} channels; name the files "
                             f"{stem}_0000{ending} ... {stem}_{n - 1:04d}{ending} ({_channels_text(channel_names)}).")
@@ -130,13 +246,15 @@ def _group(files: Iterable[Path], channel_names: Sequence[str]) -> list[InputCas
             problems.append(f"case {case}: {', '.join(chans[c].name for c in extra)} but the model takes {n} "
                             f"channel(s) ({_channels_text(channel_names)}); remove the extra file(s) or use "
                             "the model trained with them.")
-        lacking = [c for c in range(n) if c not in chans]
+        lacking = [c for c in present if c not in chans]
         if lacking:
+            names = " ".join(channel_names[c] for c in sorted({*missing, *lacking}))
             problems.append(f"case {case}: missing channel file(s) "
                             + ", ".join(f"{case}_{c:04d}{ending} ({channel_names[c]})" for c in lacking)
-                            + "; every case needs all the channels the model was trained with.")
+                            + "; every case needs all the channels the model was trained with (if this sequence "
+                            f"was not acquired, pass --missing {names}).")
         if not extra and not lacking:
-            cases.append(InputCase(case, tuple(chans[c] for c in range(n)), ending))
+            cases.append(InputCase(case, tuple(chans[c] for c in present), ending, missing))
     _fail(problems, "input images")
     return cases
 
@@ -172,21 +290,26 @@ class CaseInfo:
     spacing: tuple[float, ...]
 
 
-def check_cases(cases: Sequence[InputCase], *, training_spacings: np.ndarray | None = None
-                ) -> tuple[list[CaseInfo], list[str]]:
+def check_cases(cases: Sequence[InputCase], *, reference: DriftReference | None = None,
+                training_spacings: np.ndarray | DriftReference | None = None) -> tuple[list[CaseInfo], list[str]]:
     """Read every header; channels of a case must agree in shape and spacing.
 
     Args:
         cases: from :func:`collect_cases`.
-        training_spacings: ``(n_cases, ndim)`` spacings of the training cases (numpy order), for the drift
-            warning; None skips it.
+        reference: the training data (:func:`autoseg.fingerprint.drift.load_drift_reference`), for the
+            spacing and size drift warnings (:func:`autoseg.fingerprint.drift.check_header`); None skips them.
+        training_spacings: older form: ``(n_cases, ndim)`` training spacings (numpy order; spacing warning
+            only), or a reference.
 
     Returns:
-        Per case its shape and spacing, and warnings (spacing far outside the training range).
+        Per case its shape and spacing, and warnings (spacing or size far outside the training range).
 
     Raises:
         PredictionInputError: unreadable files, or channels that do not line up (every problem listed).
     """
+    if reference is None and training_spacings is not None:
+        reference = (training_spacings if isinstance(training_spacings, DriftReference)
+                     else DriftReference.from_spacings(training_spacings))
     problems: list[str] = []
     warnings: list[str] = []
     infos: list[CaseInfo] = []
@@ -215,24 +338,8 @@ def check_cases(cases: Sequence[InputCase], *, training_spacings: np.ndarray | N
                                     f"{'; '.join(diff)}; register/resample the channels onto one grid.")
         info = CaseInfo(case, first.shape, tuple(first.geometry.array_spacing))
         infos.append(info)
-        if training_spacings is not None:
-            warnings += _spacing_drift(info, training_spacings)
+        if reference is not None:
+            warnings += [f.message for f in check_header(reference, info.shape, info.spacing, case.case_id)]
     _fail(problems, "input images")
     return infos, warnings
 
-
-def _spacing_drift(info: CaseInfo, training: np.ndarray) -> list[str]:
-    if training.ndim == 2 and training.shape[1] == len(info.spacing) + 1:
-        training = training[:, 1:]  # 2D files: the fingerprint's leading axis is the dummy one
-    if training.ndim != 2 or training.shape[1] != len(info.spacing):
-        return []
-    lo, hi = training.min(axis=0), training.max(axis=0)
-    out = []
-    axes = ("z", "y", "x")[-len(info.spacing):]
-    for ax, s, a, b in zip(axes, info.spacing, lo, hi, strict=True):
-        factor = max(a / s, s / b) if s > 0 else float("inf")
-        if factor > SPACING_WARN_FACTOR:
-            side = "finer than the finest" if s < a else "coarser than the coarsest"
-            out.append(f"case {info.case.case_id}: spacing {s:.4g} mm along {ax} is {factor:.1f}x {side} training "
-                       f"spacing (training range {a:.4g}-{b:.4g} mm); it is resampled, but expect lower accuracy.")
-    return out

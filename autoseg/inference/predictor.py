@@ -24,6 +24,7 @@ import torch
 from autoseg.errors import AutosegError
 from autoseg.inference.export import LabelLayout, export_segmentation
 from autoseg.inference.sliding_window import InferenceError, inference_network, predict_logits
+from autoseg.inference.uncertainty import MemberOutputs, predict_members
 from autoseg.io.dataset import read_dataset_json
 from autoseg.io.image import Geometry
 from autoseg.planner.plans import ConfigurationPlan, Plans
@@ -162,15 +163,19 @@ class Predictor:
         return cls(plans, config, layout, networks, mirror if tta else (), dev, step_size, use_amp,
                    tuple(wanted), previous, cascade or ())
 
-    def preprocess(self, images: np.ndarray, geometry: Geometry) -> PreprocessedArrays:
-        """Preprocess one case exactly as the training cases were (the cascade's first stage runs here)."""
-        pre = preprocess_arrays(images.astype(np.float32, copy=False), None, geometry, self.plans, self.config)
+    def preprocess(self, images: np.ndarray, geometry: Geometry, missing: Sequence[int] = ()) -> PreprocessedArrays:
+        """Preprocess one case exactly as the training cases were (the cascade's first stage runs here).
+
+        ``missing`` channels (indices) are blanked after normalisation, as modality dropout does in training.
+        """
+        pre = preprocess_arrays(images.astype(np.float32, copy=False), None, geometry, self.plans, self.config,
+                                missing=missing)
         if self.previous is None:
             return pre
         from autoseg.training.cascade import previous_stage_to_grid
         from autoseg.training.validation import one_hot
 
-        first = self.previous.predict(images, geometry)
+        first = self.previous.predict(images, geometry, missing=missing)
         rs = self.config.resampling
         grid = previous_stage_to_grid(first, pre.properties, self.plans, rs.order_seg, rs.order_z)
         return dataclasses.replace(pre, data=np.concatenate([pre.data, one_hot(grid, self.cascade_labels)]))
@@ -188,6 +193,12 @@ class Predictor:
                 total /= len(self.networks)
         return total.numpy()
 
+    def members(self, data: np.ndarray) -> MemberOutputs:
+        """Like :meth:`logits`, plus how the folds and mirror variants agree (see :func:`predict_members`)."""
+        return predict_members(self.networks, data, patch_size=self.config.patch_size, layout=self.layout,
+                               mirror_axes=self.mirror_axes, step_size=self.step_size, device=self.device,
+                               amp=self.amp)
+
     def predict_logits(self, images: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, CaseProperties]:
         """Fold-averaged logits on the preprocessed grid and the preprocessing record."""
         pre = self.preprocess(images, geometry)
@@ -199,19 +210,21 @@ class Predictor:
         return export_segmentation(logits, props, self.plans, self.config, self.layout,
                                    return_probabilities=probabilities)
 
-    def predict(self, images: np.ndarray, geometry: Geometry | Sequence[float]) -> np.ndarray:
+    def predict(self, images: np.ndarray, geometry: Geometry | Sequence[float], *, missing: Sequence[int] = ()
+                ) -> np.ndarray:
         """Segment one case.
 
         Args:
             images: ``(C, *spatial)`` channels in file layout (numpy ``z, y, x``), as ``read_image`` returns.
             geometry: the images' :class:`Geometry`, or just their spacing in numpy axis order.
+            missing: indices of channels that were not acquired (their content is ignored).
 
         Returns:
             The label map, spatial shape of ``images``.
         """
         images, geometry = self.check_images(images, geometry)
-        logits, props = self.predict_logits(images, geometry)
-        return self.export(logits, props)[0]
+        pre = self.preprocess(images, geometry, missing)
+        return self.export(self.logits(pre.data), pre.properties)[0]
 
     def check_images(self, images: np.ndarray, geometry: Geometry | Sequence[float]) -> tuple[np.ndarray, Geometry]:
         """``images`` as an array and ``geometry`` as a :class:`Geometry`, checked against the model's inputs.

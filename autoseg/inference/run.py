@@ -13,24 +13,30 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
-from autoseg.inference.ensemble import ModelEnsemble
+from autoseg.inference.ensemble import ModelEnsemble, map_path
 from autoseg.inference.export import probabilities_path
 from autoseg.inference.inputs import InputCase
 from autoseg.inference.predictor import Predictor
+from autoseg.inference.quality import QualityRule, quality_row, write_quality_table
 from autoseg.io.atomic import remove_stale_temporaries, write_json_atomic
-from autoseg.io.image import SUPPORTED_ENDINGS, file_ending
-from autoseg.preprocessing.preprocess import PreprocessedArrays, read_case
+from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, file_ending
+from autoseg.preprocessing.preprocess import PreprocessedArrays
 
 #: record of the settings and timings, written next to the predictions
 RECORD = "prediction.json"
+#: subfolder of the output with the uncertainty maps
+UNCERTAINTY_DIR = "uncertainty"
+#: ``(case_id, images (C, *spatial), geometry, missing channels) -> findings`` (one message each)
+DriftCheck = Callable[[str, np.ndarray, Geometry, Sequence[int]], Sequence[str]]
 
 
 @dataclass
@@ -43,6 +49,8 @@ class PredictionSummary:
         skipped: cases whose output existed already (not redone without ``overwrite``).
         warnings: input warnings (e.g. spacing far from the training range).
         seconds: per written case, seconds spent reading, predicting and exporting.
+        quality_table: the quality table written (with uncertainty or drift checks), else None.
+        flagged: cases of this run flagged in the quality table.
     """
 
     outputs: dict[str, Path] = field(default_factory=dict)
@@ -50,6 +58,8 @@ class PredictionSummary:
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    quality_table: Path | None = None
+    flagged: list[str] = field(default_factory=list)
 
 
 def output_paths(cases: Sequence[InputCase], output: str | os.PathLike[str]) -> dict[str, Path]:
@@ -61,15 +71,18 @@ def output_paths(cases: Sequence[InputCase], output: str | os.PathLike[str]) -> 
     return {c.case_id: out / f"{c.case_id}{c.ending}" for c in cases}
 
 
-def is_finished(seg_path: Path, save_probabilities: bool) -> bool:
+def is_finished(seg_path: Path, save_probabilities: bool, uncertainty: bool = False) -> bool:
     """An output counts as finished when its file exists (files appear only when complete; the
-    probabilities are written before the segmentation)."""
-    return seg_path.is_file() and (not save_probabilities or probabilities_path(seg_path).is_file())
+    probabilities and uncertainty maps are written before the segmentation)."""
+    return seg_path.is_file() and (not save_probabilities or probabilities_path(seg_path).is_file()) and (
+        not uncertainty or map_path(seg_path.parent / UNCERTAINTY_DIR, seg_path, "entropy").is_file())
 
 
 def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], output: str | os.PathLike[str], *,
                   overwrite: bool = False, save_probabilities: bool = False, progress: bool = True,
-                  record: dict[str, Any] | None = None) -> PredictionSummary:
+                  record: dict[str, Any] | None = None, uncertainty: bool = False,
+                  drift_check: DriftCheck | None = None, quality_rule: QualityRule | None = None,
+                  on_warning: Callable[[str], None] | None = None) -> PredictionSummary:
     """Predict ``cases`` and write one segmentation per case in its input's format and geometry.
 
     Args:
@@ -80,6 +93,14 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
         save_probabilities: also write ``<case>.npz`` (float16 ``probabilities`` in file layout, ``class_values``).
         progress: show a progress bar.
         record: settings saved in ``prediction.json`` in the output folder (with per-case timings).
+        uncertainty: also write entropy and disagreement maps to ``OUTPUT/uncertainty/`` and quality scores to
+            the quality table (:mod:`autoseg.inference.uncertainty`).
+        drift_check: ``(case_id, images, geometry, missing) -> findings`` comparing an input with the training data;
+            findings become warnings and flags in the quality table.
+        quality_rule: the threshold learnt by ``find-best``; cases at or below it are flagged.
+        on_warning: called with each drift finding as it is found (they are also in ``summary.warnings``).
+
+    The quality table (``quality.csv``/``quality.json``) is written when ``uncertainty`` or ``drift_check`` is on.
 
     Returns:
         The summary; errors propagate (a failed case stops the run, finished files are kept).
@@ -89,25 +110,33 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
     summary = PredictionSummary(outputs=dict(paths))
     todo = []
     for c in cases:
-        if not overwrite and is_finished(paths[c.case_id], save_probabilities):
+        if not overwrite and is_finished(paths[c.case_id], save_probabilities, uncertainty):
             summary.skipped.append(c.case_id)
         else:
             todo.append(c)
     for p in {p.parent for p in paths.values()}:
         p.mkdir(parents=True, exist_ok=True)
 
+    drift: dict[str, list[str]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+
     def load(case: InputCase) -> tuple[list[PreprocessedArrays], float]:
         t0 = time.perf_counter()
-        images, _, geometry = read_case(case.as_case_files())
-        pre = model.preprocess(images, geometry)
+        images, geometry = case.read()
+        if drift_check is not None:
+            drift[case.case_id] = list(drift_check(case.case_id, images, geometry, case.missing))
+        pre = model.preprocess(images, geometry, case.missing)
         return pre, time.perf_counter() - t0
 
-    def write(case: InputCase, logits: Any, props: Any) -> float:
+    def write(case: InputCase, logits: Any, props: Any, outputs: Any) -> float:
         t0 = time.perf_counter()
         target = paths[case.case_id]
         remove_stale_temporaries(target)
         remove_stale_temporaries(probabilities_path(target))
-        model.write(target, logits, props, save_probabilities=save_probabilities)
+        _, scores = model.write(target, logits, props, save_probabilities=save_probabilities, outputs=outputs,
+                                maps_dir=target.parent / UNCERTAINTY_DIR)
+        if uncertainty or drift_check is not None:
+            rows[case.case_id] = quality_row(case.case_id, scores, drift.get(case.case_id, []), quality_rule)
         return time.perf_counter() - t0
 
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress or not todo)
@@ -119,23 +148,33 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
             assert upcoming is not None
             pre, t_read = upcoming.result()
             upcoming = reader.submit(load, todo[i + 1]) if i + 1 < len(todo) else None
+            for note in drift.get(case.case_id, []):
+                summary.warnings.append(note)
+                if on_warning is not None:
+                    on_warning(note)
             t0 = time.perf_counter()
-            logits = model.logits(pre)
+            outputs = model.member_outputs(pre) if uncertainty else None
+            logits = [o.logits for o in outputs] if outputs is not None else model.logits(pre)
             t_pred = time.perf_counter() - t0
             props = [p.properties for p in pre]
             del pre
             if exporting is not None:
                 _finish(exporting, summary, bar)
             summary.seconds[case.case_id] = {"read": round(t_read, 3), "predict": round(t_pred, 3)}
-            exporting = (case.case_id, writer.submit(write, case, logits, props))
-            del logits
+            exporting = (case.case_id, writer.submit(write, case, logits, props, outputs))
+            del logits, outputs
         if exporting is not None:
             _finish(exporting, summary, bar)
     finally:
         bar.close()
         reader.shutdown(wait=False, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)  # a running export completes (atomically) or fails
-    if record is not None and not (len(paths) == 1 and file_ending(Path(output)) in SUPPORTED_ENDINGS):
+    single_file = len(paths) == 1 and file_ending(Path(output)) in SUPPORTED_ENDINGS
+    if rows:
+        table = write_quality_table(Path(output).parent if single_file else Path(output), list(rows.values()))
+        summary.quality_table = table
+        summary.flagged = [cid for cid, r in rows.items() if r["flagged"]]
+    if record is not None and not single_file:
         _save_record(Path(output) / RECORD, record, summary)
     return summary
 

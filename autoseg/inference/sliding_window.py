@@ -22,7 +22,8 @@ import torch
 
 from autoseg.errors import AutosegError
 
-__all__ = ["InferenceError", "gaussian_importance_map", "inference_network", "predict_logits", "window_starts"]
+__all__ = ["InferenceError", "gaussian_importance_map", "inference_network", "mirror_variants", "predict_logits",
+           "window_starts"]
 
 #: largest 3D patch (voxels) whose float32 CPU network is traced and optimised (see :func:`inference_network`)
 OPTIMIZE_MAX_VOXELS = 300_000
@@ -187,22 +188,37 @@ def _run_network(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     return out.float()
 
 
+def mirror_variants(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every test-time-augmentation variant: ``()`` (the image itself), then each non-empty subset of the axes.
+
+    Example:
+        >>> mirror_variants((0, 1))
+        [(), (0,), (1,), (0, 1)]
+    """
+    axes = tuple(int(a) for a in mirror_axes)
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
 def _predict_batch(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, num_outputs: int,
-                   mirror_axes: Sequence[int], autocast: torch.autocast) -> torch.Tensor:
+                   variants: Sequence[tuple[int, ...]], autocast: torch.autocast) -> torch.Tensor:
+    """Mean logits of the mirror ``variants`` of a batch (each flipped, predicted and flipped back)."""
     expected = (x.shape[0], num_outputs, *x.shape[2:])
+    pred = None
     with autocast:
-        pred = _run_network(network, x, expected)
-        subsets = [c for r in range(1, len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
-        for axes in subsets:
+        for axes in variants:
             dims = [a + 2 for a in axes]
-            pred += torch.flip(_run_network(network, torch.flip(x, dims), expected), dims)
-    if subsets:
-        pred /= len(subsets) + 1
+            out = torch.flip(_run_network(network, torch.flip(x, dims), expected), dims) if dims else \
+                _run_network(network, x, expected)
+            pred = out if pred is None else pred.add_(out)
+    assert pred is not None
+    if len(variants) > 1:
+        pred /= len(variants)
     return pred
 
 
 def _accumulate(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, patch: tuple[int, ...],
-                num_outputs: int, step_size: float, mirror_axes: Sequence[int], use_gaussian: bool, batch_size: int,
+                num_outputs: int, step_size: float, variants: Sequence[tuple[int, ...]], use_gaussian: bool,
+                batch_size: int,
                 device: torch.device, results_device: torch.device, amp: bool, progress: bool) -> torch.Tensor:
     spatial = tuple(image.shape[1:])
     n_sliced = len(spatial) - len(patch)
@@ -219,7 +235,7 @@ def _accumulate(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
         batches = tqdm(batches, total=-(-len(tiles) // batch_size), desc="sliding window", unit="batch")
     for batch in batches:
         x = torch.stack([image[(slice(None), *t)] for t in batch]).to(device, non_blocking=True)
-        pred = _predict_batch(network, x, num_outputs, mirror_axes, autocast).to(results_device)
+        pred = _predict_batch(network, x, num_outputs, variants, autocast).to(results_device)
         for t, p in zip(batch, pred, strict=True):
             logits[(slice(None), *t)] += p * weight
             weights[t] += weight
@@ -230,7 +246,8 @@ def _accumulate(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
 def predict_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor | np.ndarray, *,
                    patch_size: Sequence[int], num_outputs: int, step_size: float = 0.5,
                    mirror_axes: Sequence[int] = (), use_gaussian: bool = True, batch_size: int = 1,
-                   device: str | torch.device = "cpu", amp: bool = False, progress: bool = False) -> torch.Tensor:
+                   device: str | torch.device = "cpu", amp: bool = False, progress: bool = False,
+                   variant: Sequence[int] | None = None) -> torch.Tensor:
     """Logits of a whole (preprocessed) image by Gaussian-weighted sliding-window prediction.
 
     Args:
@@ -248,6 +265,9 @@ def predict_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch
         device: where the network runs; accumulators live there too for CUDA.
         amp: run the network under autocast (fp16 on CUDA, bf16 on CPU); accumulation stays float32.
         progress: show a tqdm bar.
+        variant: predict only this mirror variant (patch axes flipped; ``()`` = the image as is) instead of
+            averaging over ``mirror_axes``. Averaging the logits of every variant of :func:`mirror_variants`
+            gives the test-time-augmented logits (up to float rounding); used for uncertainty.
 
     Returns:
         float32 logits ``(num_outputs, *spatial)`` on the CPU, same spatial shape as ``image``.
@@ -274,6 +294,11 @@ def predict_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch
     if len(set(axes)) != len(axes) or any(not 0 <= a < len(patch) for a in axes):
         raise InferenceError(f"mirror_axes={tuple(mirror_axes)}: must be distinct patch axes in "
                              f"0..{len(patch) - 1} (spatial axes of the patch, not counting batch or channel).")
+    if variant is not None:
+        axes = [int(a) for a in variant]
+        if len(set(axes)) != len(axes) or any(not 0 <= a < len(patch) for a in axes):
+            raise InferenceError(f"variant={tuple(variant)}: must be distinct patch axes in 0..{len(patch) - 1}.")
+    variants = [tuple(axes)] if variant is not None else mirror_variants(axes)
     window_starts(patch, patch, step_size)  # validates step_size
     img = img.detach().to("cpu", torch.float32)
     n_sliced = img.ndim - 1 - len(patch)
@@ -291,7 +316,7 @@ def predict_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch
         results_device = torch.device("cpu")
         if device.type == "cuda" and _fits_on_gpu(device, (num_outputs + 1) * math.prod(img.shape[1:]) * 4):
             results_device = device
-        args = (network, img, patch, num_outputs, step_size, axes, use_gaussian, batch_size, device)
+        args = (network, img, patch, num_outputs, step_size, variants, use_gaussian, batch_size, device)
         try:
             logits = _accumulate(*args, results_device, amp, progress)
         except torch.OutOfMemoryError:

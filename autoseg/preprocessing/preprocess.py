@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from autoseg.errors import AutosegError
 from autoseg.fingerprint.model import DUMMY_2D_SPACING
 from autoseg.io.atomic import atomic_path
 from autoseg.io.dataset import CaseFiles, Dataset
@@ -79,8 +80,55 @@ def to_planning_axes(images: np.ndarray, seg: np.ndarray | None, geometry: Geome
     return images, seg, tuple(spacing[a] for a in fwd)
 
 
+class MissingChannelError(AutosegError, ValueError):
+    """The channels declared absent do not fit the image (unknown index, or every channel absent)."""
+
+
+def check_missing(missing: Sequence[int], n_channels: int) -> tuple[int, ...]:
+    """Validate indices of absent channels.
+
+    Args:
+        missing: channel indices (0-based, as the ``_000k`` file suffixes).
+        n_channels: channels of the image.
+
+    Returns:
+        The indices, sorted and without duplicates.
+
+    Raises:
+        MissingChannelError: an index is not an integer in ``0 .. n_channels - 1``, or every channel is absent.
+
+    Example:
+        >>> check_missing([2, 0, 2], 4)
+        (0, 2)
+    """
+    out = set()
+    for m in missing:
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 0 <= int(m) < n_channels:
+            raise MissingChannelError(f"missing channel {m!r} is not a channel index of this image: it has "
+                                      f"{n_channels} channel(s), indices 0..{n_channels - 1}; pass the indices "
+                                      "of the absent channels (the _000k file suffixes).")
+        out.add(int(m))
+    if n_channels and len(out) == n_channels:
+        raise MissingChannelError(f"every channel ({', '.join(map(str, sorted(out)))}) is marked missing; at "
+                                  "least one input channel must be present to segment anything.")
+    return tuple(sorted(out))
+
+
+def _crop_present(images: np.ndarray, seg: np.ndarray | None, missing: tuple[int, ...]
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[tuple[int, int], ...]]:
+    """:func:`crop_to_nonzero` with the mask taken from the present channels only; absent ones come back as 0."""
+    if not missing:
+        return crop_to_nonzero(images, seg)
+    present = [c for c in range(images.shape[0]) if c not in missing]
+    cropped, seg_c, bbox = crop_to_nonzero(images[present], seg)
+    data = np.zeros((images.shape[0], *cropped.shape[1:]), dtype=cropped.dtype)
+    data[present] = cropped
+    return data, seg_c, bbox
+
+
 def preprocess_arrays(images: np.ndarray, seg: np.ndarray | None, geometry: Geometry, plans: Plans,
-                      config: ConfigurationPlan, *, case_id: str = "") -> PreprocessedArrays:
+                      config: ConfigurationPlan, *, case_id: str = "", missing: Sequence[int] = ()
+                      ) -> PreprocessedArrays:
     """Preprocess one case held in memory (also what prediction uses for new images).
 
     Args:
@@ -90,21 +138,36 @@ def preprocess_arrays(images: np.ndarray, seg: np.ndarray | None, geometry: Geom
         plans: the plans.
         config: the configuration.
         case_id: name recorded in the properties.
+        missing: indices of channels that were not acquired. Their content is ignored (it may be anything,
+            e.g. zeros): they take no part in the crop-to-nonzero mask and are 0 after normalisation (the
+            channel mean, as modality dropout blanks channels in training).
 
     Returns:
         Normalised, resampled data, label map (all zeros when ``seg`` is None) and the properties export
         needs to undo it.
+
+    Raises:
+        MissingChannelError: a ``missing`` index is out of range, or every channel is missing.
+        PlanningError: the image has another number of channels than the plans.
+
+    Example:
+        >>> out = preprocess_arrays(images, None, geometry, plans, config, missing=(2,))  # doctest: +SKIP
+        >>> bool((out.data[2] == 0).all())  # doctest: +SKIP
+        True
     """
+    absent = check_missing(missing, images.shape[0])
     file_ndim = images.ndim - 1
     images, seg, spacing_t = to_planning_axes(images, seg, geometry, plans)
     shape_before = tuple(int(s) for s in images.shape[1:])
-    data, seg_c, bbox = crop_to_nonzero(images, seg)
+    data, seg_c, bbox = _crop_present(images, seg, absent)
     data = normalize(data, config.normalization, seg_c)
+    data[list(absent)] = 0
     target = target_spacing(config, spacing_t)
     new_shape = new_shape_for(data.shape[1:], spacing_t, target)
     axis = case_resampling(config.resampling, spacing_t, target)
     rs = config.resampling
     data = resample_data(data, new_shape, order=rs.order_image, separate_axis=axis, order_z=rs.order_z)
+    data[list(absent)] = 0  # exact zeros whatever the interpolation does
     if seg is None:  # prediction: no labels; the outside-the-body mask (-1) is not needed either
         seg_r = np.zeros(new_shape, np.int16)
     else:

@@ -17,6 +17,8 @@ is larger than the network patch so that rotation and scaling find image content
 7. contrast (p 0.15, factor 0.75-1.25, range preserved);
 8. simulated low resolution (p 0.25, zoom 0.5-1, each channel with p 0.5, dummy-2D axis untouched);
 9. inverted gamma (p 0.1) and gamma (p 0.3), gamma 0.7-1.5, mean and std retained;
+9b. modality dropout (optional, ``modality_dropout > 0``): whole image channels blanked to 0 (see
+    :mod:`autoseg.training.modality_dropout`);
 10. mirroring along each allowed axis with p 0.5;
 11. image set to 0 where seg < 0 in the ``mask_channels`` (channels normalised inside a mask);
 12. seg -1 -> 0; cascade only: the previous stage's prediction (seg channel 1) becomes one-hot image
@@ -58,6 +60,7 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 from batchgenerators.transforms.utility_transforms import RemoveLabelTransform
 
 from autoseg.errors import TrainingConfigError
+from autoseg.training.modality_dropout import ModalityDropout, check_modality_dropout
 from autoseg.training.transforms import (
     DownsampleTargets, FoldFirstAxis, GaussianBlur, GaussianNoise, MaskOutside, MoveCascadeToData, PerturbCascade,
     SegToTarget, ToTorch, UnfoldFirstAxis,
@@ -228,11 +231,22 @@ def _label_steps(regions: list[tuple[int, ...]] | None, ignore_label: int | None
     return steps
 
 
+def _modality_dropout(p: float, n_image_channels: int | None) -> list[AbstractTransform]:
+    """The dropout step for the pipeline (empty when ``p == 0``)."""
+    if check_modality_dropout(p, n_image_channels) == 0:
+        return []
+    if n_image_channels is None:
+        raise TrainingConfigError(f"training_transforms: modality_dropout={p} needs n_image_channels (the "
+                                  "dataset's number of input channels, without cascade channels).")
+    return [ModalityDropout(p, n_image_channels=n_image_channels)]
+
+
 def training_transforms(params: AugmentationParams, *, label_values: Sequence[int] | None,
                         regions: Sequence[Sequence[int]] | None, ignore_label: int | None,
                         ds_scales: Sequence[Sequence[float]] | None, mask_channels: Sequence[int] = (),
                         elastic: bool = False, order_data: int = 3, order_seg: int = 1,
-                        cascade_labels: Sequence[int] = ()) -> Compose:
+                        cascade_labels: Sequence[int] = (), modality_dropout: float = 0.0,
+                        n_image_channels: int | None = None) -> Compose:
     """The training augmentation pipeline (see the module docstring for the steps).
 
     Args:
@@ -253,17 +267,22 @@ def training_transforms(params: AugmentationParams, *, label_values: Sequence[in
             then delivers ``seg`` with 2 channels (ground truth, previous prediction); the prediction
             becomes one one-hot image channel per label (appended after the image channels) and is
             perturbed (random morphology p 0.4, connected-component removal p 0.2).
+        modality_dropout: probability per image channel per sample that the channel is blanked to 0 after
+            the intensity augmentations (never all channels of a sample; cascade channels never). 0 = off.
+        n_image_channels: the dataset's input channels; required when ``modality_dropout > 0``.
 
     Returns:
         A batchgenerators ``Compose`` called as ``pipeline(**batch)``.
 
     Raises:
-        TrainingConfigError: regions, labels or scales are inconsistent, or an order is not 0, 1 or 3.
+        TrainingConfigError: regions, labels or scales are inconsistent, an order is not 0, 1 or 3, or
+            ``modality_dropout`` is outside [0, 1), lacks ``n_image_channels`` or has fewer than 2 channels.
     """
     if order_data not in (0, 1, 3) or order_seg not in (0, 1):
         raise TrainingConfigError(
             f"training_transforms: order_data={order_data} must be 0, 1 or 3 and order_seg={order_seg} "
             "must be 0 or 1 (interpolation orders).")
+    dropout = _modality_dropout(modality_dropout, n_image_channels)
     patch = params.patch_size
     regs = _check_labels(label_values, regions, ignore_label, ds_scales, len(patch))
     spatial_patch = patch[1:] if params.dummy_2d else patch
@@ -291,6 +310,7 @@ def training_transforms(params: AugmentationParams, *, label_values: Sequence[in
         GammaTransform((0.7, 1.5), invert_image=True, per_channel=True, retain_stats=True, p_per_sample=0.1),
         GammaTransform((0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True, p_per_sample=0.3),
     ]
+    steps += dropout
     if params.mirror_axes:
         steps.append(MirrorTransform(params.mirror_axes))
     if mask_channels:

@@ -22,6 +22,7 @@ from autoseg.training.cascade import cascade_input_folder, prepare_cascade_input
 from autoseg.training.checkpoint import FINAL, LATEST, load_checkpoint
 from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
 from autoseg.training.loop import TrainingLoop
+from autoseg.training.modality_dropout import check_modality_dropout
 from autoseg.training.progress import TrainingLog
 from autoseg.training.settings import TrainSettings
 from autoseg.training.splits import Fold, fold_cases, get_splits
@@ -145,9 +146,14 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
     Raises:
         TrainingError: checkpoints exist but ``resume`` is False, a device is unavailable, cascade inputs are
             missing, or the batch cannot be split over the DDP processes.
+        TrainingConfigError: ``settings.modality_dropout > 0`` for a single-channel dataset.
+
+    The settings (``modality_dropout`` included) are stored in every checkpoint under ``"settings"``, so a
+    model folder (and a bundle made from it) says how it was trained.
     """
     workdir = Path(workdir)
     config = plans.configuration(config_name)
+    check_modality_dropout(settings.modality_dropout, len(plans.channel_names))  # before any folder is made
     rank, world, device = setup_distributed(settings.device)
     _set_determinism(settings.deterministic, device)
     folder = fold_folder(workdir, config_name, fold)
@@ -202,7 +208,9 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
         label_kw = {"label_values": None, "regions": layout.regions, "ignore_label": dataset.spec.ignore_label,
                     "ds_scales": ds_scales if len(ds_scales) > 1 else None}
         mask_channels = [i for i, n in enumerate(config.normalization) if n.use_mask]
-        t_train = training_transforms(aug, mask_channels=mask_channels, cascade_labels=prev_labels, **label_kw)
+        t_train = training_transforms(aug, mask_channels=mask_channels, cascade_labels=prev_labels,
+                                      modality_dropout=settings.modality_dropout,
+                                      n_image_channels=len(plans.channel_names), **label_kw)
         t_val = validation_transforms(cascade_labels=prev_labels, **label_kw)
         seed = derived_seed(plans.seed, config_name, fold, rank)
         workers = settings.resolved_workers(device.type)

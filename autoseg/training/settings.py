@@ -6,6 +6,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from autoseg.training.modality_dropout import check_modality_dropout
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -28,6 +30,12 @@ class TrainSettings:
         validate: run the full-volume validation of the held-out cases at the end.
         step_size: sliding-window step of the final validation (fraction of the patch).
         progress: show progress bars.
+        modality_dropout: probability per input channel per training sample that the channel is blanked
+            (set to 0, its mean after normalisation), so the model learns to cope with a missing sequence
+            (predict with ``missing``). Never all channels of a sample; needs >= 2 channels; 0 = off.
+
+    Raises:
+        TrainingConfigError: ``modality_dropout`` is not in [0, 1).
     """
 
     epochs: int | None = None
@@ -46,6 +54,10 @@ class TrainSettings:
     validate: bool = True
     step_size: float = 0.5
     progress: bool = True
+    modality_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modality_dropout", check_modality_dropout(self.modality_dropout))
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form."""

@@ -1,5 +1,9 @@
 """Full-volume validation of a trained fold: sliding-window prediction of each held-out case (with
-mirroring), export in the original geometry, Dice per class/region against the reference."""
+mirroring), export in the original geometry, Dice per class/region against the reference.
+
+Each case's quality scores (:mod:`autoseg.inference.uncertainty`) are saved in ``quality.json`` next to the
+predictions, so ``find-best`` can check them against the real errors and learn the flag threshold.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,18 @@ import torch
 from tqdm import tqdm
 
 from autoseg.evaluation.dice import dice_scores
-from autoseg.inference.export import LabelLayout, write_prediction
-from autoseg.inference.sliding_window import inference_network, predict_logits
+from autoseg.inference.export import LabelLayout, export_segmentation, probabilities_path, save_probabilities_npz
+from autoseg.inference.sliding_window import inference_network
+from autoseg.inference.uncertainty import QUALITY_SCORES, combined_score, predict_members, probability_scores
 from autoseg.io.atomic import write_json_atomic
 from autoseg.io.dataset import Dataset
-from autoseg.io.image import read_label
+from autoseg.io.image import read_label, write_label
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.preprocessing.properties import CaseProperties
+
+
+#: per-case quality scores of the validation cases, next to summary.json
+QUALITY = "quality.json"
 
 
 def class_names(plans: Plans, layout: LabelLayout) -> list[str]:
@@ -58,17 +67,25 @@ def validate_fold(network: torch.nn.Module, dataset: Dataset, plans: Plans, conf
     run = inference_network(network, in_channels=network.in_channels, patch_size=config.patch_size, device=device,
                             amp=amp)  # the same graph `autoseg predict` uses, so both give the same labels
     per_case: dict[str, dict[str, float | None]] = {}
+    quality: dict[str, dict[str, float | None]] = {}
     try:
         for cid in tqdm(case_ids, desc="validation", leave=False, disable=not progress):
             data = np.load(folder / f"{cid}.npy")
             if prev_folder is not None:
                 data = np.concatenate([data, one_hot(np.load(prev_folder / f"{cid}_prev.npy"), prev_labels)])
             props = CaseProperties.load(folder / f"{cid}.json")
-            logits = predict_logits(run, data, patch_size=config.patch_size, num_outputs=layout.num_outputs,
-                                    step_size=step_size, mirror_axes=mirror_axes, device=device, amp=amp).numpy()
-            seg = write_prediction(out_dir / f"{cid}{ending}", logits, props, plans, config, layout,
-                                   save_probabilities=save_probabilities)
-            del logits
+            outs = predict_members([run], data, patch_size=config.patch_size, layout=layout,
+                                   mirror_axes=mirror_axes, step_size=step_size, device=device, amp=amp)
+            tta = outs.tta_agreement
+            seg, probs = export_segmentation(outs.logits, props, plans, config, layout, return_probabilities=True)
+            del outs
+            target = out_dir / f"{cid}{ending}"
+            if save_probabilities:
+                save_probabilities_npz(probabilities_path(target), probs, layout)
+            write_label(target, seg, props.geometry)
+            quality[cid] = {"tta_agreement": tta, **probability_scores(probs, layout)}
+            quality[cid]["combined"] = combined_score(quality[cid])
+            del probs
             case = refs.get(cid)
             if case is not None and case.label is not None:
                 ref = read_label(case.label).array
@@ -84,4 +101,5 @@ def validate_fold(network: torch.nn.Module, dataset: Dataset, plans: Plans, conf
     summary = {"configuration": config.name, "metric": "dice", "classes": names, "mean": mean,
                "mean_foreground_dice": float(np.mean(fg)) if fg else None, "cases": per_case}
     write_json_atomic(out_dir / "summary.json", summary)
+    write_json_atomic(out_dir / QUALITY, {"scores": list(QUALITY_SCORES), "cases": quality})
     return summary

@@ -15,6 +15,7 @@ from autoseg.ensemble.bundle import BundleError, export_bundle, verify_bundle
 from autoseg.ensemble.ensembling import EnsembleError, ensemble_folders
 from autoseg.ensemble.selection import find_best, load_best
 from autoseg.inference.export import load_probabilities_npz, probabilities_to_labels
+from autoseg.inference.quality import QualityRule
 from autoseg.io.image import read_label
 
 FAST = {"iters_per_epoch": 4, "val_iters": 1, "workers": 0, "device": "cpu", "progress": False}
@@ -47,6 +48,10 @@ def test_find_best_ranks_configurations_and_ensembles_and_writes_the_choice(cv):
     table = sel.format_table()
     assert "<- best" in table and "postprocessing" in table
     assert "--postprocessing" in best["predict_command"] and str(wd) in best["predict_command"]
+    # the quality flag was learnt on the same CV cases, with each score's Spearman against the real errors
+    rule = QualityRule.load(wd / "selection" / "quality.json")
+    assert rule.n_cases == n_cv and rule.candidate == sel.best.name and set(rule.spearman) >= {"combined"}
+    assert "Spearman" in table and "flag when" in table
 
 
 def test_cv_ensemble_is_the_average_of_the_members_probabilities(cv):

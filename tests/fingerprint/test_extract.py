@@ -52,6 +52,8 @@ def test_case_statistics_use_foreground_only_and_record_crop_and_counts():
     assert fp.class_voxels == {0: 208, 1: 8, 2: 0}
     assert samples.shape == (2, 50) and np.all(samples[0] == 100) and np.all(samples[1] == 10)
     assert moments[0, 0] == 8 and moments[0, 1] == 800
+    # drift percentiles are over the nonzero region (64 voxels, 8 of them at 100), not the label foreground
+    assert fp.intensity_percentiles == ((10.0, 10.0, 100.0), (10.0, 10.0, 10.0))
 
 
 def test_2d_cases_get_a_leading_dummy_axis_with_the_largest_spacing():
@@ -106,6 +108,8 @@ def test_fingerprint_api_saves_json_and_reuses_it_while_files_are_unchanged(tmp_
     assert DatasetFingerprint.load(saved) == fp
     assert fp.median_spacing == (3.0, 1.0, 1.0) and len(fp.cases) == 3
     assert 40 < fp.intensity[0].mean < 60
+    assert all(len(c.intensity_percentiles) == 1 and 40 < c.intensity_percentiles[0][1] < 60 for c in fp.cases)
+    assert json.loads(saved.read_text())["cases"][0]["intensity_percentiles"] == [list(fp.cases[0].intensity_percentiles[0])]
     before = saved.stat().st_mtime_ns
     assert api.fingerprint(ds, workdir=tmp_path / "w", progress=False) == fp
     assert saved.stat().st_mtime_ns == before  # reused, not recomputed

@@ -138,3 +138,48 @@ def test_export_of_a_perfect_prediction_restores_the_label_and_geometry(tmp_path
     back = read_label(tmp_path / f"p{ending}")
     ref = read_label(tmp_path / f"c{ending}")
     assert back.geometry.differences(ref.geometry) == []
+
+
+def test_an_absent_channel_is_zero_and_changes_nothing_else(planned):
+    """A zero-filled channel passed as missing gives the full case's other channels, crop and mask; its own
+    content is ignored whatever it is, and it comes out as exact zeros (its mean after normalisation)."""
+    ds, plans, _ = planned
+    cfg = plans.configuration("3d_fullres")
+    images, seg, geom = read_case(ds.cases[0])
+    full = preprocess_arrays(images, seg, geom, plans, cfg)
+    zero_filled = images.copy()
+    zero_filled[1] = 0
+    out = preprocess_arrays(zero_filled, seg, geom, plans, cfg, missing=(1,))
+    assert out.data.shape == full.data.shape and out.data.dtype == np.float32
+    assert not out.data[1].any()
+    assert np.array_equal(out.data[0], full.data[0]) and np.array_equal(out.seg, full.seg)
+    assert out.properties.bbox_t == full.properties.bbox_t
+    assert out.properties.shape_after_resampling_t == full.properties.shape_after_resampling_t
+    garbage = images.copy()
+    garbage[1] = np.random.default_rng(0).uniform(500, 1000, size=garbage[1].shape)  # nonzero everywhere
+    again = preprocess_arrays(garbage, seg, geom, plans, cfg, missing=[1])
+    assert np.array_equal(again.data, out.data) and again.properties.bbox_t == out.properties.bbox_t
+
+
+def test_an_absent_channel_does_not_widen_the_crop(planned):
+    ds, plans, _ = planned
+    cfg = plans.configuration("3d_fullres")
+    images, seg, geom = read_case(ds.cases[0])
+    images = np.pad(images, [(0, 0), (0, 0), (0, 0), (0, 6)])  # empty margin: cropped away
+    padded_seg = np.pad(seg, [(0, 0), (0, 0), (0, 6)])
+    images[1, :, :, -1] = 7.0  # the absent channel has content in the margin
+    out = preprocess_arrays(images, padded_seg, geom, plans, cfg, missing=(1,))
+    ref = preprocess_arrays(images[:, :, :, :-6], seg, geom, plans, cfg)
+    assert out.properties.bbox_t == ref.properties.bbox_t
+    assert np.array_equal(out.data[0], ref.data[0]) and not out.data[1].any()
+
+
+@pytest.mark.parametrize("missing, match", [((2,), "indices 0..1"), ((-1,), "indices 0..1"), (("1",), "not a channel"),
+                                            ((0, 1), "every channel")])
+def test_bad_missing_channels_are_clear_errors(planned, missing, match):
+    from autoseg.errors import AutosegError
+
+    ds, plans, _ = planned
+    images, seg, geom = read_case(ds.cases[0])
+    with pytest.raises(AutosegError, match=match):
+        preprocess_arrays(images, seg, geom, plans, plans.configuration("3d_fullres"), missing=missing)
