@@ -95,7 +95,10 @@ def check_missing(missing: Sequence[int], n_channels: int) -> tuple[int, ...]:
         The indices, sorted and without duplicates.
 
     Raises:
-        MissingChannelError: an index is not an integer in ``0 .. n_channels - 1``, or every channel is absent.
+        MissingChannelError: an index is not an integer in ``0 .. n_channels - 1``.
+
+    Every channel may be absent (the input is then all zeros: what ``explain`` scores as the empty coalition);
+    prediction inputs refuse that earlier, in :func:`autoseg.inference.inputs.resolve_missing`.
 
     Example:
         >>> check_missing([2, 0, 2], 4)
@@ -108,9 +111,6 @@ def check_missing(missing: Sequence[int], n_channels: int) -> tuple[int, ...]:
                                       f"{n_channels} channel(s), indices 0..{n_channels - 1}; pass the indices "
                                       "of the absent channels (the _000k file suffixes).")
         out.add(int(m))
-    if n_channels and len(out) == n_channels:
-        raise MissingChannelError(f"every channel ({', '.join(map(str, sorted(out)))}) is marked missing; at "
-                                  "least one input channel must be present to segment anything.")
     return tuple(sorted(out))
 
 
@@ -120,6 +120,8 @@ def _crop_present(images: np.ndarray, seg: np.ndarray | None, missing: tuple[int
     if not missing:
         return crop_to_nonzero(images, seg)
     present = [c for c in range(images.shape[0]) if c not in missing]
+    if not present:  # nothing acquired: the whole image, all zeros
+        return crop_to_nonzero(np.zeros_like(images), seg)
     cropped, seg_c, bbox = crop_to_nonzero(images[present], seg)
     data = np.zeros((images.shape[0], *cropped.shape[1:]), dtype=cropped.dtype)
     data[present] = cropped

@@ -174,8 +174,14 @@ def test_an_absent_channel_does_not_widen_the_crop(planned):
     assert np.array_equal(out.data[0], ref.data[0]) and not out.data[1].any()
 
 
-@pytest.mark.parametrize("missing, match", [((2,), "indices 0..1"), ((-1,), "indices 0..1"), (("1",), "not a channel"),
-                                            ((0, 1), "every channel")])
+def test_every_channel_missing_is_an_all_zero_input(planned):
+    ds, plans, _ = planned
+    images, seg, geom = read_case(ds.cases[0])
+    out = preprocess_arrays(images, seg, geom, plans, plans.configuration("3d_fullres"), missing=(0, 1))
+    assert not out.data.any()  # what attribution scores as "no channel": the model sees nothing
+
+
+@pytest.mark.parametrize("missing, match", [((2,), "indices 0..1"), ((-1,), "indices 0..1"), (("1",), "not a channel")])
 def test_bad_missing_channels_are_clear_errors(planned, missing, match):
     from autoseg.errors import AutosegError
 
