@@ -122,3 +122,17 @@ def synthetic_dataset(dest: Path, n_cases: int, size: int, seed: int = 0) -> Pat
     from autoseg.data.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(dest, n_cases=n_cases, shape=(size, size, size), seed=seed)
+
+
+def small_3d_plans(plans):  # type: ignore[no-untyped-def]
+    """Only 3d_fullres, as a 4-stage 8-64 feature U-Net on a 32^3 patch (quick CPU training for benchmarks)."""
+    import dataclasses
+
+    from autoseg.networks.topology import UNetTopology
+
+    cfg = plans.configuration("3d_fullres")
+    topo = UNetTopology(strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), kernel_sizes=((3, 3, 3),) * 4,
+                        features_per_stage=(8, 16, 32, 64), n_blocks_per_stage=(1, 1, 1, 1),
+                        n_conv_per_stage_decoder=(1, 1, 1), block=cfg.topology.block)
+    cfg = dataclasses.replace(cfg, patch_size=(32, 32, 32), topology=topo, batch_size=2)
+    return dataclasses.replace(plans, configurations={"3d_fullres": cfg})

@@ -8,13 +8,12 @@ compares each validation case's quality scores with its real error ``1 - Dice`` 
 Prints, one per line: Spearman(1 - score, 1 - Dice) per score, the chosen score, the threshold's precision and
 recall at catching the worst 10% of cases, and the number of CV cases.
 
-    python benchmarks/quality_vs_error.py --cases 30 --epochs 12      # about 10 minutes on 2 cores
+    python benchmarks/quality_vs_error.py --epochs 40      # about 15 minutes on 2 cores (12 epochs: 2-3)
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import tempfile
 import time
@@ -59,8 +58,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import autoseg
+    from measure import small_3d_plans
     from autoseg.data.synthetic import make_synthetic_dataset
-    from autoseg.networks.topology import UNetTopology
 
     base = args.keep or Path(tempfile.mkdtemp(prefix="autoseg_quality_"))
     t0 = time.perf_counter()
@@ -70,13 +69,7 @@ def main() -> None:
         degrade(root, args.seed)
         wd = base / "work"
         plans = autoseg.plan(root, workdir=wd, preset="cpu", progress=False)
-        cfg = plans.configuration("3d_fullres")
-        topo = UNetTopology(strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), kernel_sizes=((3, 3, 3),) * 4,
-                            features_per_stage=(8, 16, 32, 64), n_blocks_per_stage=(1, 1, 1, 1),
-                            n_conv_per_stage_decoder=(1, 1, 1), block=cfg.topology.block)
-        cfg = dataclasses.replace(cfg, patch_size=(32, 32, 32), topology=topo, batch_size=2)
-        plans = dataclasses.replace(plans, configurations={"3d_fullres": cfg})
-        plans.save(wd / "plans.json")
+        small_3d_plans(plans).save(wd / "plans.json")
         autoseg.train(root, "3d_fullres", "cv", workdir=wd, epochs=args.epochs, iters_per_epoch=args.iters,
                       val_iters=2, workers=1, device="cpu", progress=False)
         sel = autoseg.find_best(wd, dataset=root, ensembles=False, postprocessing=False, progress=False)
