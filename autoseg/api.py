@@ -349,7 +349,7 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
     check_channel_names(ins, names)
     cases = collect_cases(ins, names, missing=missing)
     warn = on_warning or (lambda m: warnings.warn(m, stacklevel=3))
-    _, notes = check_cases(cases)  # every header readable, channels on one grid
+    check_cases(cases)  # every header readable, channels on one grid, before any prediction
     reference = load_drift_reference(wd) if drift else None
     drift_check = None if reference is None else (  # spacing, size and intensities against the training data
         lambda cid, images, geometry, missing: [
@@ -372,5 +372,4 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
                                 on_warning=warn)
     finally:
         torch.use_deterministic_algorithms(before)
-    summary.warnings = notes + summary.warnings
     return summary

@@ -140,6 +140,15 @@ def _subset_predictor(model: Any, images: np.ndarray, geometry: Any) -> Any:
     return predict
 
 
+def _channel_study(study: Any, wd: Path, *, progress: bool, **source: Any) -> Any:
+    """Run ``study`` (evaluate over channel subsets, or explain) on the cases of :func:`_case_source`."""
+    plans, cases = _case_source(wd, **source)
+    classes = _classes(wd) or {}
+    return study(((cid, _subset_predictor(m, arr, g), ref) for cid, m, arr, g, ref in cases),
+                 len(plans.channel_names), list(plans.channel_names), list(classes), list(classes.values()),
+                 progress=progress)
+
+
 def evaluate_missing(workdir: str | os.PathLike[str], *, images: str | os.PathLike[str] | None = None,
                      labels: str | os.PathLike[str] | None = None, dataset: str | os.PathLike[str] | None = None,
                      configuration: str | None = None, folds: Sequence[str] | None = None, device: str = "auto",
@@ -166,12 +175,9 @@ def evaluate_missing(workdir: str | os.PathLike[str], *, images: str | os.PathLi
     from autoseg.evaluation.modalities import evaluate_missing as run
 
     wd = Path(workdir)
-    plans, cases = _case_source(wd, images=images, labels=labels, dataset=dataset, configuration=configuration,
-                                folds=folds, device=device, tta=tta, max_cases=max_cases, labels_required=True)
-    classes = _classes(wd) or {}
-    summary = run(((cid, _subset_predictor(m, arr, g), ref) for cid, m, arr, g, ref in cases),
-                  len(plans.channel_names), list(plans.channel_names), list(classes), list(classes.values()),
-                  progress=progress)
+    summary = _channel_study(run, wd, images=images, labels=labels, dataset=dataset, configuration=configuration,
+                             folds=folds, device=device, tta=tta, max_cases=max_cases, labels_required=True,
+                             progress=progress)
     out = Path(output) if output is not None else wd / "trust"
     out.mkdir(parents=True, exist_ok=True)
     summary.save(out / "missing_channels.json")
@@ -194,13 +200,9 @@ def explain(workdir: str | os.PathLike[str], images: str | os.PathLike[str], *, 
     """
     from autoseg.evaluation.attribution import explain_cases
 
-    wd = Path(workdir)
-    plans, cases = _case_source(wd, images=images, labels=labels, dataset=None, configuration=configuration,
-                                folds=folds, device=device, tta=tta, max_cases=max_cases, labels_required=False)
-    classes = _classes(wd) or {}
-    result = explain_cases(((cid, _subset_predictor(m, arr, g), ref) for cid, m, arr, g, ref in cases),
-                           len(plans.channel_names), list(plans.channel_names), list(classes),
-                           list(classes.values()), progress=progress)
+    result = _channel_study(explain_cases, Path(workdir), images=images, labels=labels, dataset=None,
+                            configuration=configuration, folds=folds, device=device, tta=tta, max_cases=max_cases,
+                            labels_required=False, progress=progress)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     result.write_csv(out / "attribution.csv")

@@ -35,7 +35,7 @@ from autoseg.evaluation.quality import calibrate_quality, case_errors
 from autoseg.evaluation.quality import describe as describe_quality
 from autoseg.inference.export import probabilities_path
 from autoseg.inference.quality import QualityRule
-from autoseg.inference.uncertainty import QUALITY_SCORES, combined_score
+from autoseg.inference.uncertainty import combined_score
 from autoseg.io.atomic import read_json, write_json_atomic
 from autoseg.io.dataset import Dataset, dataset_source, load_dataset
 from autoseg.parallel import imap_ordered
@@ -321,7 +321,7 @@ def _cv_quality(wd: Path, members: Sequence[Member], splits: list, cases: Sequen
         entries = [s[cid] for s in per_member if cid in s]
         if len(entries) == len(per_member):
             out[cid] = {}
-            for name in QUALITY_SCORES:
+            for name in ("tta_agreement", "confidence", "expected_dice"):
                 vals = [e.get(name) for e in entries]
                 out[cid][name] = None if any(v is None for v in vals) else float(sum(vals)) / len(vals)
             out[cid]["combined"] = combined_score(out[cid])  # of the averaged parts, as predict computes it

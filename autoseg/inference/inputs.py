@@ -6,7 +6,8 @@ list of exactly as many unsuffixed files as the model has channels is taken as t
 order. Channels that were not acquired are named with ``missing``: their files are not needed, and
 :meth:`InputCase.read` zero-fills them (preprocessing blanks them after normalisation). Every header is read up front, so a missing channel, an unreadable file, channels that do not line up
 or a channel-name mismatch stops the run with one message listing every problem, before hours of
-prediction; nothing is written. A spacing far outside the training range only warns.
+prediction; nothing is written. Inputs far from the training data (spacing, size, intensities) only warn, case
+by case while predicting (:mod:`autoseg.fingerprint.drift`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import AutosegError, ImageReadError
-from autoseg.fingerprint.drift import DriftReference, check_header
 from autoseg.io.dataset import CHANNEL_RE, CaseFiles, read_dataset_json
 from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, file_ending, read_header, read_image
 
@@ -290,28 +290,19 @@ class CaseInfo:
     spacing: tuple[float, ...]
 
 
-def check_cases(cases: Sequence[InputCase], *, reference: DriftReference | None = None,
-                training_spacings: np.ndarray | DriftReference | None = None) -> tuple[list[CaseInfo], list[str]]:
+def check_cases(cases: Sequence[InputCase]) -> list[CaseInfo]:
     """Read every header; channels of a case must agree in shape and spacing.
 
     Args:
         cases: from :func:`collect_cases`.
-        reference: the training data (:func:`autoseg.fingerprint.drift.load_drift_reference`), for the
-            spacing and size drift warnings (:func:`autoseg.fingerprint.drift.check_header`); None skips them.
-        training_spacings: older form: ``(n_cases, ndim)`` training spacings (numpy order; spacing warning
-            only), or a reference.
 
     Returns:
-        Per case its shape and spacing, and warnings (spacing or size far outside the training range).
+        Per case its shape and spacing.
 
     Raises:
         PredictionInputError: unreadable files, or channels that do not line up (every problem listed).
     """
-    if reference is None and training_spacings is not None:
-        reference = (training_spacings if isinstance(training_spacings, DriftReference)
-                     else DriftReference.from_spacings(training_spacings))
     problems: list[str] = []
-    warnings: list[str] = []
     infos: list[CaseInfo] = []
     for case in cases:
         headers = []
@@ -336,10 +327,7 @@ def check_cases(cases: Sequence[InputCase], *, reference: DriftReference | None 
                 if any(d.startswith("spacing") or d.startswith("dimensionality") for d in diff):
                     problems.append(f"case {case.case_id}: {h.path.name} differs from {first.path.name} in "
                                     f"{'; '.join(diff)}; register/resample the channels onto one grid.")
-        info = CaseInfo(case, first.shape, tuple(first.geometry.array_spacing))
-        infos.append(info)
-        if reference is not None:
-            warnings += [f.message for f in check_header(reference, info.shape, info.spacing, case.case_id)]
+        infos.append(CaseInfo(case, first.shape, tuple(first.geometry.array_spacing)))
     _fail(problems, "input images")
-    return infos, warnings
+    return infos
 
