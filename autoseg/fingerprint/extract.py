@@ -36,6 +36,8 @@ MAX_SAMPLES_PER_CASE = 200_000
 MIN_SAMPLES_PER_CASE = 2_000
 #: Largest number of connected-component sizes stored per class and case.
 MAX_COMPONENTS_STORED = 10_000
+#: voxels handled per step where a full-size temporary would otherwise be made (masks, counts, indices)
+SLAB_VOXELS = 1 << 20
 
 
 @dataclass
@@ -53,24 +55,53 @@ def samples_per_case(n_cases: int) -> int:
     return int(min(MAX_SAMPLES_PER_CASE, max(MIN_SAMPLES_PER_CASE, TOTAL_SAMPLES // max(n_cases, 1))))
 
 
+def _slab_rows(shape: tuple[int, ...]) -> int:
+    """Rows of the first axis per slab of about :data:`SLAB_VOXELS` voxels."""
+    return max(1, SLAB_VOXELS // max(1, int(np.prod(shape[1:], dtype=np.int64))))
+
+
 def nonzero_bbox(images: np.ndarray) -> tuple[slice, ...]:
     """Bounding box of the voxels where any channel is non-zero (the whole image if there are none).
 
     Hole filling, which preprocessing applies to the mask, never changes a bounding box, so it is skipped.
+    The mask is made a slab of the first axis at a time (its projections are all that is kept).
     """
-    mask = np.any(images != 0, axis=0)
+    spatial = images.shape[1:]
+    projections = [np.zeros(n, bool) for n in spatial]
+    step = _slab_rows(spatial)
+    for a in range(0, spatial[0], step):
+        mask = images[0, a:a + step] != 0
+        for c in range(1, images.shape[0]):
+            mask |= images[c, a:a + step] != 0
+        for ax, proj in enumerate(projections):
+            part = np.any(mask, axis=tuple(i for i in range(mask.ndim) if i != ax))
+            if ax == 0:
+                proj[a:a + step] = part
+            else:
+                proj |= part
     out = []
-    for ax in range(mask.ndim):
-        proj = np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != ax))
+    for ax, proj in enumerate(projections):
         idx = np.flatnonzero(proj)
-        out.append(slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, mask.shape[ax]))
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, spatial[ax]))
     return tuple(out)
+
+
+def bincount_chunked(values: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """``np.bincount`` of a non-negative integer array of any shape, :data:`SLAB_VOXELS` values at a time
+    (``np.bincount`` itself converts the whole array to int64 first: 8 bytes per voxel)."""
+    flat = values.reshape(-1)
+    top = int(flat.max()) + 1 if flat.size else 0
+    counts = np.zeros(max(top, minlength), np.int64)
+    for a in range(0, flat.size, SLAB_VOXELS):
+        counts += np.bincount(flat[a:a + SLAB_VOXELS].astype(np.intp, copy=False), minlength=counts.size)
+    return counts
 
 
 def component_sizes(label: np.ndarray, labels: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
     """Sizes (voxels, largest first) of the connected components of each label, full connectivity."""
     out: dict[int, tuple[int, ...]] = {}
-    boxes = ndimage.find_objects(label.astype(np.int32, copy=False)) if label.max() > 0 else []
+    small_ints = label.dtype.kind in "iu" and label.dtype.itemsize <= 4  # find_objects takes them as they are
+    boxes = ndimage.find_objects(label if small_ints else label.astype(np.int32)) if label.max() > 0 else []
     structure = ndimage.generate_binary_structure(label.ndim, label.ndim)
     for lab in labels:
         box = boxes[lab - 1] if 0 < lab <= len(boxes) else None
@@ -78,9 +109,50 @@ def component_sizes(label: np.ndarray, labels: tuple[int, ...]) -> dict[int, tup
             out[lab] = ()
             continue
         comps, n = ndimage.label(label[box] == lab, structure=structure)
-        sizes = np.sort(np.bincount(comps.ravel())[1:])[::-1]
+        sizes = np.sort(bincount_chunked(comps)[1:])[::-1]
         out[lab] = tuple(int(s) for s in sizes[:MAX_COMPONENTS_STORED])
     return out
+
+
+def foreground_intensities(images: np.ndarray, label: np.ndarray, ignore_label: int | None, n_samples: int,
+                           seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(C, n_samples)`` float32 samples (drawn uniformly with replacement) and ``(C, 5)`` moments (n, sum, sum
+    of squares, min, max) of the foreground voxels (label > 0, not the ignore label).
+
+    Works through the volume a slab at a time: no full-size index or float64 copy of the foreground is made.
+    """
+    n_ch = images.shape[0]
+    flat, lab = images.reshape(n_ch, -1), label.reshape(-1)
+    starts = range(0, lab.size, SLAB_VOXELS)
+
+    def foreground(a: int) -> np.ndarray:
+        part = lab[a:a + SLAB_VOXELS]
+        fg = part > 0
+        if ignore_label is not None:
+            fg &= part != ignore_label
+        return fg
+
+    total = sum(int(np.count_nonzero(foreground(a))) for a in starts)
+    moments = np.zeros((n_ch, 5))
+    if total == 0:
+        return np.zeros((n_ch, 0), dtype=np.float32), moments
+    ordinals = np.random.default_rng(seed).integers(0, total, n_samples)  # the k-th foreground voxels
+    order = np.argsort(ordinals, kind="stable")
+    wanted = ordinals[order]
+    pick = np.empty(n_samples, np.int64)
+    moments[:, 3], moments[:, 4], seen = np.inf, -np.inf, 0
+    for a in starts:
+        pos = np.flatnonzero(foreground(a))
+        if not pos.size:
+            continue
+        lo, hi = np.searchsorted(wanted, [seen, seen + pos.size])
+        pick[order[lo:hi]] = a + pos[wanted[lo:hi] - seen]
+        seen += pos.size
+        for c in range(n_ch):
+            v = flat[c, a:a + SLAB_VOXELS][pos].astype(np.float64)
+            moments[c] += (v.size, v.sum(), np.dot(v, v), 0.0, 0.0)
+            moments[c, 3], moments[c, 4] = min(moments[c, 3], v.min()), max(moments[c, 4], v.max())
+    return flat[:, pick].astype(np.float32), moments
 
 
 def fingerprint_case(case_id: str, images: np.ndarray, label: np.ndarray, array_spacing: tuple[float, ...],
@@ -97,24 +169,10 @@ def fingerprint_case(case_id: str, images: np.ndarray, label: np.ndarray, array_
         images, label = images[:, None], label[None]
         spacing = (DUMMY_2D_SPACING * max(spacing),) + spacing
     bbox = nonzero_bbox(images)
-    counts = np.bincount(label.ravel().astype(np.int64, copy=False))
+    counts = bincount_chunked(label)
     present = {int(v): int(n) for v, n in enumerate(counts) if n > 0}
     class_voxels = {v: present.get(v, 0) for v in sorted(set(present) | set(spec.label_values))}
-    fg = label > 0
-    if spec.ignore_label is not None:
-        fg &= label != spec.ignore_label
-    idx = np.flatnonzero(fg)
-    n_ch = images.shape[0]
-    moments = np.zeros((n_ch, 5))
-    samples = np.zeros((n_ch, 0), dtype=np.float32)
-    if idx.size:
-        rng = np.random.default_rng(seed)
-        pick = idx[rng.integers(0, idx.size, n_samples)]
-        flat = images.reshape(n_ch, -1)
-        samples = flat[:, pick].astype(np.float32)
-        for c in range(n_ch):
-            v = flat[c, idx].astype(np.float64)
-            moments[c] = (v.size, v.sum(), np.dot(v, v), v.min(), v.max())
+    samples, moments = foreground_intensities(images, label, spec.ignore_label, n_samples, seed)
     fp = CaseFingerprint(
         case_id=case_id, spacing=spacing, shape=tuple(int(s) for s in label.shape),
         shape_after_crop=tuple(s.stop - s.start for s in bbox), class_voxels=class_voxels,
@@ -213,8 +271,13 @@ def fingerprint_dataset(dataset: Dataset, *, jobs: int = 1, progress: bool = Tru
     return fingerprint
 
 
-def dataset_signature(dataset: Dataset) -> str:
-    """A cheap hash of dataset.json and the case files' names, sizes and modification times."""
+def dataset_signature(dataset: Dataset, *, times: bool = True) -> str:
+    """A cheap hash of dataset.json and the case files' names and sizes, and with ``times`` their modification times.
+
+    With times it is the local cache key telling whether a saved fingerprint still matches the files; without
+    them it is the same for a copy of the dataset, so files that store it (fingerprint.json, plans.json) stay
+    bit-for-bit reproducible.
+    """
     h = hashlib.sha1()
     paths = [dataset.root / "dataset.json"]
     for c in dataset.cases:
@@ -223,5 +286,6 @@ def dataset_signature(dataset: Dataset) -> str:
             paths.append(c.label)
     for p in paths:
         st = Path(p).stat() if Path(p).exists() else None
-        h.update(f"{Path(p).name}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
+        stamp = f"|{st.st_mtime_ns if st else -1}" if times else ""
+        h.update(f"{Path(p).name}|{st.st_size if st else -1}{stamp}\n".encode())
     return h.hexdigest()

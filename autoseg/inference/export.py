@@ -90,6 +90,97 @@ def _resize_channel(x: np.ndarray, new_shape: Sequence[int], order: int, axis: i
     return t[0, 0].numpy()
 
 
+#: voxels per slab of one channel in the streaming export (4 MB as float32)
+SLAB_VOXELS = 1 << 20
+
+
+def _separable_orders(config: ConfigurationPlan, props: CaseProperties) -> tuple[int, ...] | None:
+    """Per axis the interpolation order of the logits (0 or 1), or None when a spline order makes it not separable.
+
+    Linear and nearest interpolation act on each axis on its own (trilinear is linear along z of bilinear
+    in-plane), so the export can resample a few slices of the first axis at a time.
+    """
+    rs = config.resampling
+    axis = case_resampling(rs, props.target_spacing_t, props.spacing_t)
+    orders = [int(rs.order_probabilities)] * len(props.shape_after_crop_t)
+    if axis is not None:
+        orders[axis] = int(rs.order_z)
+    return tuple(orders) if max(orders) <= 1 else None
+
+
+def _axis_taps(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output index along one axis: the two source indices and the weight of the second (0 for nearest),
+    computed in float32 as torch's ``interpolate`` does (``align_corners=False``; ``nearest-exact``)."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    centre = np.arange(n_out, dtype=np.float32) + np.float32(0.5)
+    if order == 0:
+        i0 = np.minimum(np.floor(centre * scale).astype(np.int64), n_in - 1)
+        return i0, i0, np.zeros(n_out, np.float32)
+    # torch fuses the multiply-add (one rounding): the same float32 source positions, not only close ones
+    src = np.maximum((np.float64(scale) * centre - 0.5).astype(np.float32), np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    return i0, np.minimum(i0 + 1, n_in - 1), lam
+
+
+def _resize_plane(block: torch.Tensor, size: tuple[int, ...], orders: tuple[int, ...]) -> torch.Tensor:
+    """Resize ``(rows, *plane)`` to ``(rows, *size)`` along the plane axes (orders 0/1, per axis)."""
+    if tuple(block.shape[1:]) == size:
+        return block
+    if len(set(orders)) == 1:  # one call: the rows are the channels
+        return torch.nn.functional.interpolate(block[None], size=size, mode=_interp_mode(orders[0], len(size)))[0]
+    out = block
+    for ax, (n_out, order) in enumerate(zip(size, orders, strict=True)):
+        if out.shape[1 + ax] == n_out:
+            continue
+        moved = out.movedim(1 + ax, -1)
+        lead = moved.shape[:-1]
+        res = torch.nn.functional.interpolate(moved.reshape(1, -1, moved.shape[-1]), size=n_out,
+                                              mode=_interp_mode(order, 1))
+        out = res.reshape(*lead, n_out).movedim(-1, 1 + ax)
+    return out
+
+
+def _channel_slab(channel: np.ndarray, taps: tuple[np.ndarray, np.ndarray, np.ndarray], rows: slice,
+                  plane: tuple[int, ...], orders: tuple[int, ...]) -> np.ndarray:
+    """Output rows ``rows`` (first axis) of one channel resampled to ``(len, *plane)``: the few input rows they
+    need are resized in-plane, then combined along the first axis."""
+    i0, i1, lam = (t[rows] for t in taps)
+    lo, hi = int(i0.min()), int(i1.max()) + 1
+    block = torch.from_numpy(np.ascontiguousarray(channel[lo:hi], dtype=np.float32))
+    flat = _resize_plane(block, plane, orders[1:])
+    if channel.shape[0] == len(taps[0]):  # first axis not resampled
+        return flat[rows.start - lo:rows.stop - lo].numpy()
+    first = flat[torch.from_numpy(i0 - lo)]
+    if orders[0] == 0:
+        return first.numpy()
+    w1 = torch.from_numpy(lam).view(-1, *([1] * len(plane)))
+    return (first * (1 - w1) + flat[torch.from_numpy(i1 - lo)] * w1).numpy()
+
+
+def _streamed_labels(logits: np.ndarray, shape: tuple[int, ...], orders: tuple[int, ...], layout: LabelLayout,
+                     kept: np.ndarray | None) -> np.ndarray:
+    """Labels of ``logits`` resampled to ``shape``, made slab by slab of the first axis: besides the label map
+    only one slab of one channel is resampled at a time (``kept`` receives the resampled channels)."""
+    seg = np.empty(shape, np.int16)
+    plane = tuple(int(s) for s in shape[1:])
+    step = max(1, SLAB_VOXELS // max(1, int(np.prod(plane))))
+    taps = _axis_taps(int(logits.shape[1]), int(shape[0]), orders[0])
+    with torch.inference_mode():
+        for a in range(0, shape[0], step):
+            rows = slice(a, min(a + step, shape[0]))
+
+            def channels(rows: slice = rows) -> Iterator[tuple[int, np.ndarray]]:
+                for k in painting_order(layout):
+                    ch = _channel_slab(logits[k], taps, rows, plane, orders)
+                    if kept is not None:
+                        kept[k, rows] = ch
+                    yield k, ch
+
+            seg[rows] = _labels_from_channels(channels(), (rows.stop - rows.start, *plane), layout)
+    return seg
+
+
 def resample_logits(logits: np.ndarray, props: CaseProperties, config: ConfigurationPlan,
                     channels: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(k, float32 logits of output k)`` on the cropped original grid, one channel at a time."""
@@ -164,9 +255,10 @@ def export_segmentation(logits: np.ndarray, props: CaseProperties, plans: Plans,
                         ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segmentation (and optionally probabilities) in the input file's array layout.
 
-    Memory: the logits are resampled one channel at a time, so the segmentation needs about two
-    full-resolution float32 volumes on top of the input, whatever the number of classes. Probabilities
-    (optional) are held as one float16 ``(K, *spatial)`` volume.
+    Memory: with linear or nearest resampling (the default) the logits are resampled and turned into labels a
+    few slices at a time, so besides the logits only the int16 label map is full-size, whatever the number of
+    classes; with spline orders one channel at a time (about two full-resolution float32 volumes).
+    Probabilities (optional) are held as one float16 ``(K, *spatial)`` volume.
 
     Args:
         logits: ``(K, *spatial)`` network output on the preprocessed grid.
@@ -188,7 +280,11 @@ def export_segmentation(logits: np.ndarray, props: CaseProperties, plans: Plans,
                 kept[k] = ch
             yield k, ch
 
-    seg = uncrop(_labels_from_channels(channels(), shape, layout), props.bbox_t, props.shape_before_crop_t, fill=0)
+    orders = _separable_orders(config, props)
+    labels = (_streamed_labels(logits, shape, orders, layout, kept) if orders is not None
+              else _labels_from_channels(channels(), shape, layout))
+    seg = uncrop(labels, props.bbox_t, props.shape_before_crop_t, fill=0)
+    del labels
     probs = None
     if kept is not None:
         p, kept = probabilities(kept, layout), None

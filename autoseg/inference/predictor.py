@@ -168,8 +168,7 @@ class Predictor:
 
         ``missing`` channels (indices) are blanked after normalisation, as modality dropout does in training.
         """
-        pre = preprocess_arrays(images.astype(np.float32, copy=False), None, geometry, self.plans, self.config,
-                                missing=missing)
+        pre = preprocess_arrays(images, None, geometry, self.plans, self.config, missing=missing)  # any real type
         if self.previous is None:
             return pre
         from autoseg.training.cascade import previous_stage_to_grid

@@ -216,16 +216,60 @@ def _predict_batch(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     return pred
 
 
+def _window_profiles(patch: tuple[int, ...], use_gaussian: bool) -> list[np.ndarray] | None:
+    """Per patch axis the 1D factor of the window weight (float64), or None when the map is not their product.
+
+    The Gaussian importance map is the outer product of one profile per axis scaled to peak 1 (a uniform map
+    too), so the summed weight of all windows at a voxel is the product of per-axis sums: the sliding window
+    divides by that instead of accumulating a full-size weight volume. Only when the map had zeros replaced
+    (far too small a sigma) is it not a product, and the weights are accumulated voxel by voxel.
+    """
+    if not use_gaussian:
+        return [np.ones(p) for p in patch]
+    profiles = []
+    for p in patch:
+        x = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
+        prof = np.exp(-0.5 * (x / (p * DEFAULT_SIGMA_SCALE)) ** 2)
+        profiles.append(prof / prof.max())
+    if math.prod(float(prof.min()) for prof in profiles) < 1e-30:
+        return None
+    return profiles
+
+
+def _divide_by_window_sums(logits: torch.Tensor, profiles: list[np.ndarray], starts: list[list[int]],
+                           n_sliced: int, slab: int = 8) -> None:
+    """``logits /= `` the summed window weights (the product of per-axis sums), in slabs of the first patch axis
+    so that no full-size weight volume is made."""
+    sums = []
+    for prof, axis_starts, size in zip(profiles, starts, logits.shape[1 + n_sliced:], strict=True):
+        total = np.zeros(size)
+        for a in axis_starts:
+            total[a:a + prof.size] += prof
+        sums.append(total)
+    rest = sums[1:]
+    tail = np.ones(()) if not rest else rest[0]
+    for extra in rest[1:]:
+        tail = np.multiply.outer(tail, extra)
+    first = sums[0]
+    lead = (slice(None),) * (1 + n_sliced)
+    for a in range(0, first.size, slab):
+        block = np.multiply.outer(first[a:a + slab], tail).astype(np.float32)
+        logits[(*lead, slice(a, a + slab))] /= torch.from_numpy(block).to(logits.device)
+
+
 def _accumulate(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, patch: tuple[int, ...],
                 num_outputs: int, step_size: float, variants: Sequence[tuple[int, ...]], use_gaussian: bool,
                 batch_size: int,
                 device: torch.device, results_device: torch.device, amp: bool, progress: bool) -> torch.Tensor:
+    """Weighted sum of the windows' logits divided by the summed weights: one float32 ``(K, *spatial)`` tensor
+    (plus a full-size weight volume only where the weights do not factor, see :func:`_window_profiles`)."""
     spatial = tuple(image.shape[1:])
     n_sliced = len(spatial) - len(patch)
     weight = (gaussian_importance_map(patch, device=results_device) if use_gaussian
               else torch.ones(patch, dtype=torch.float32, device=results_device))
+    profiles = _window_profiles(patch, use_gaussian)
     logits = torch.zeros((num_outputs, *spatial), dtype=torch.float32, device=results_device)
-    weights = torch.zeros(spatial, dtype=torch.float32, device=results_device)
+    weights = torch.zeros(spatial, dtype=torch.float32, device=results_device) if profiles is None else None
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     autocast = torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp)
     tiles = _tiles(spatial, patch, step_size, n_sliced)
@@ -237,10 +281,20 @@ def _accumulate(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
         x = torch.stack([image[(slice(None), *t)] for t in batch]).to(device, non_blocking=True)
         pred = _predict_batch(network, x, num_outputs, variants, autocast).to(results_device)
         for t, p in zip(batch, pred, strict=True):
-            logits[(slice(None), *t)] += p * weight
-            weights[t] += weight
-    logits /= weights
+            p *= weight
+            logits[(slice(None), *t)] += p
+            if weights is not None:
+                weights[t] += weight
+    if weights is not None:
+        logits /= weights
+    else:
+        _divide_by_window_sums(logits, profiles, window_starts(spatial[n_sliced:], patch, step_size), n_sliced)
     return logits
+
+
+def _all_finite(t: torch.Tensor, slab: int = 8) -> bool:
+    """``torch.isfinite(t).all()`` in slabs of the second axis (isfinite builds several full-size temporaries)."""
+    return all(bool(torch.isfinite(t[:, a:a + slab]).all()) for a in range(0, t.shape[1], slab))
 
 
 def predict_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor | np.ndarray, *,
@@ -328,7 +382,7 @@ def predict_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch
             logits = _accumulate(*args, torch.device("cpu"), amp, progress)
         crop = tuple(slice(b, b + s) for (b, _), s in zip(pad, spatial, strict=True))
         logits = logits[(slice(None), *crop)].to("cpu")
-        if not torch.isfinite(logits).all():
+        if not _all_finite(logits):
             raise InferenceError("the network produced non-finite logits (inf or NaN). Check that the image was "
                                  "preprocessed with the model's plans, and try amp=False.")
     return logits.contiguous()

@@ -27,9 +27,9 @@ def crop_to_nonzero(images: np.ndarray, seg: np.ndarray | None = None
         seg: the label map, or None (inference: an all-background map is used).
 
     Returns:
-        Cropped images, cropped label map (int16, ``-1`` where background lies outside the filled non-zero
-        mask, which masked normalisation needs also at inference) and the bounding box as ``(start, stop)``
-        per axis.
+        Cropped images (a view of ``images``), cropped label map (int16, ``-1`` where background lies outside
+        the filled non-zero mask, which masked normalisation needs also at inference) and the bounding box as
+        ``(start, stop)`` per axis.
 
     Example:
         >>> img = np.zeros((1, 4, 4)); img[0, 1:3, 1:3] = 1
@@ -38,10 +38,15 @@ def crop_to_nonzero(images: np.ndarray, seg: np.ndarray | None = None
     """
     box = nonzero_bbox(images)
     bbox = tuple((s.start, s.stop) for s in box)
-    cropped = np.ascontiguousarray(images[(slice(None),) + box])
-    mask = ndimage.binary_fill_holes(np.any(cropped != 0, axis=0))
+    cropped = images[(slice(None),) + box]  # a view: normalisation makes the one copy
     seg_c = np.zeros(cropped.shape[1:], np.int16) if seg is None else seg[box].astype(np.int16, copy=True)
-    seg_c[(seg_c == 0) & ~mask] = OUTSIDE
+    outside = cropped[0] == 0
+    for c in range(1, cropped.shape[0]):
+        outside &= cropped[c] == 0
+    if outside.any():  # (a CT scan, air included, is non-zero everywhere: nothing to fill or mark)
+        outside = ~ndimage.binary_fill_holes(~outside)
+        outside &= seg_c == 0
+        seg_c[outside] = OUTSIDE
     return cropped, seg_c, bbox
 
 
@@ -56,9 +61,12 @@ def uncrop(array: np.ndarray, bbox: Sequence[Sequence[int]], full_shape: Sequenc
         fill: value outside the box.
 
     Returns:
-        Array of shape ``(*lead, *full_shape)`` with the same dtype.
+        Array of shape ``(*lead, *full_shape)`` with the same dtype; ``array`` itself when the box is the whole
+        image (nothing was cropped, so no copy is made).
     """
     lead = array.shape[: array.ndim - len(full_shape)]
+    if tuple(array.shape[len(lead):]) == tuple(int(s) for s in full_shape):
+        return array
     out = np.full(tuple(lead) + tuple(int(s) for s in full_shape), fill, dtype=array.dtype)
     box = tuple(slice(int(a), int(b)) for a, b in bbox)
     out[(Ellipsis,) + box] = array

@@ -25,16 +25,18 @@ import numpy as np
 from scipy import ndimage
 
 from autoseg.errors import AutosegError
+from autoseg.fingerprint.extract import bincount_chunked, nonzero_bbox
 from autoseg.fingerprint.model import DUMMY_2D_SPACING
-from autoseg.io.atomic import atomic_path
+from autoseg.io.atomic import atomic_path, ensure_writable, remove_stale_temporaries
 from autoseg.io.dataset import CaseFiles, Dataset
-from autoseg.io.image import Geometry, read_image, read_label
+from autoseg.io.image import Geometry, compact_dtype, read_image, read_label
 from autoseg.parallel import imap_ordered
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.preprocessing.cropping import crop_to_nonzero
-from autoseg.preprocessing.normalize import normalize
+from autoseg.preprocessing.normalize import channel_normalizer
 from autoseg.preprocessing.properties import CaseProperties
-from autoseg.preprocessing.resample import case_resampling, new_shape_for, resample_data, resample_seg
+from autoseg.preprocessing.resample import (case_resampling, new_shape_for, present_values, resample_filled,
+                                           resample_seg)
 
 #: foreground locations kept per class: min(MAX, n), at least 1 % of the class's voxels
 MAX_LOCATIONS = 10_000
@@ -52,9 +54,14 @@ class PreprocessedArrays:
 
 
 def read_case(case: CaseFiles) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
-    """Read a case's channels (stacked ``(C, *spatial)`` float32), its label map (or None) and geometry."""
-    chans = [read_image(p) for p in case.images]
-    images = np.concatenate([c.array for c in chans]) if len(chans) > 1 else chans[0].array
+    """Read a case's channels (stacked ``(C, *spatial)``), its label map (or None) and geometry.
+
+    The channels keep their files' type when it is compact (e.g. int16 CT; see
+    :func:`~autoseg.io.image.compact_dtype`), else they are float32; normalisation makes them float32.
+    """
+    chans = [read_image(p, dtype="compact") for p in case.images]
+    dtype = compact_dtype(*(c.array.dtype for c in chans))
+    images = np.concatenate([c.array for c in chans], dtype=dtype) if len(chans) > 1 else chans[0].array
     seg = read_label(case.label).array if case.label is not None else None
     return images, seg, chans[0].geometry
 
@@ -161,20 +168,28 @@ def preprocess_arrays(images: np.ndarray, seg: np.ndarray | None, geometry: Geom
     file_ndim = images.ndim - 1
     images, seg, spacing_t = to_planning_axes(images, seg, geometry, plans)
     shape_before = tuple(int(s) for s in images.shape[1:])
-    data, seg_c, bbox = _crop_present(images, seg, absent)
-    data = normalize(data, config.normalization, seg_c)
-    data[list(absent)] = 0
+    cropped, seg_c, bbox = _crop_present(images, seg, absent)
     target = target_spacing(config, spacing_t)
-    new_shape = new_shape_for(data.shape[1:], spacing_t, target)
+    new_shape = new_shape_for(cropped.shape[1:], spacing_t, target)
     axis = case_resampling(config.resampling, spacing_t, target)
     rs = config.resampling
-    data = resample_data(data, new_shape, order=rs.order_image, separate_axis=axis, order_z=rs.order_z)
+    normalized = channel_normalizer(cropped, config.normalization, seg_c)
+
+    def fill(c: int, dest: np.ndarray) -> None:  # normalised straight into the resampling's input buffer
+        normalized(c, dest)
+        if c in absent:
+            dest[...] = 0
+
+    data = resample_filled(cropped.shape[1:], cropped.shape[0], fill, new_shape, order=rs.order_image,
+                           separate_axis=axis, order_z=rs.order_z)
+    fill = normalized = None  # type: ignore[assignment]  # frees the cropped image the normaliser holds
+    del cropped
     data[list(absent)] = 0  # exact zeros whatever the interpolation does
     if seg is None:  # prediction: no labels; the outside-the-body mask (-1) is not needed either
         seg_r = np.zeros(new_shape, np.int16)
     else:
         seg_r = resample_seg(seg_c, new_shape, order=rs.order_seg, separate_axis=axis, order_z=rs.order_z)
-    present = tuple(int(v) for v in np.unique(seg_r) if v >= 0) if seg is not None else ()
+    present = tuple(v for v in present_values(seg_r) if v >= 0) if seg is not None else ()
     props = CaseProperties(case_id=case_id, geometry=geometry, file_ndim=file_ndim, spacing_t=spacing_t,
                            shape_before_crop_t=shape_before, bbox_t=bbox,
                            shape_after_crop_t=tuple(int(s) for s in seg_c.shape), target_spacing_t=target,
@@ -196,20 +211,25 @@ def foreground_locations(seg: np.ndarray, labels: Sequence[int], *, seed: int) -
     rng = np.random.default_rng(seed)
     rows = []
     for lab in labels:
-        comps, n_comp = ndimage.label(seg == lab)
-        if n_comp == 0:
+        mask = seg == lab
+        if not mask.any():
             continue
-        sizes = np.bincount(comps.ravel())[1:]
+        box = nonzero_bbox(mask[None])  # components are labelled inside the label's box only (same numbering)
+        comps, n_comp = ndimage.label(mask[box])
+        del mask
+        sizes = bincount_chunked(comps)[1:]
         total = int(sizes.sum())
         target = max(min(MAX_LOCATIONS, total), math.ceil(0.01 * total))
-        coords = np.argwhere(comps > 0)
-        ids = comps[tuple(coords.T)] - 1
+        where = np.flatnonzero(comps)  # C order, as np.argwhere lists the voxels
+        ids = comps.reshape(-1)[where] - 1
+        offset = np.array([b.start for b in box])
         for c in range(n_comp):
             idx = np.flatnonzero(ids == c)
             k = min(idx.size, max(MIN_LOCATIONS_PER_COMPONENT, round(target * idx.size / total)))
             pick = rng.choice(idx, size=k, replace=False)
             block = np.empty((k, 2 + seg.ndim), np.int32)
-            block[:, 0], block[:, 1], block[:, 2:] = lab, c, coords[pick]
+            block[:, 0], block[:, 1] = lab, c
+            block[:, 2:] = np.stack(np.unravel_index(where[pick], comps.shape), axis=1) + offset
             rows.append(block)
     return np.concatenate(rows) if rows else np.zeros((0, 2 + seg.ndim), np.int32)
 
@@ -316,6 +336,10 @@ def preprocess_dataset(dataset: Dataset, plans: Plans, config_name: str, workdir
             reused.append(case.case_id)
         else:
             todo.append(case)
+    # what a killed run was writing (a crash leaves only hidden temporaries; live writers' are locked and kept)
+    remove_stale_temporaries(*(p for c in dataset.cases for p in case_paths(folder, c.case_id).values()))
+    if todo:
+        ensure_writable(folder)  # a read-only or full disk fails now, not after the first case's work
     jobs_args = [(c, plans, config_name, folder, labels) for c in todo]
     done = list(imap_ordered(_job, jobs_args, jobs=jobs, desc=f"preprocess {config.data_identifier}",
                              label=lambda a: f"case {a[0].case_id}", progress=progress, max_in_flight=max(1, jobs)))
