@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from autoseg.fingerprint.extract import analyze_dataset, dataset_signature
 from autoseg.fingerprint.model import DatasetFingerprint
-from autoseg.io.atomic import write_text_atomic
+from autoseg.io.atomic import ensure_writable, write_json_atomic, write_text_atomic
 from autoseg.io.check import CheckReport, check_dataset
 from autoseg.io.dataset import Dataset, load_dataset, record_dataset_source
 from autoseg.planner.plans import Plans
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from autoseg.training.run import FoldResult
 
 DatasetLike = Dataset | str | os.PathLike[str]
+#: work-folder file with the local signature (file names, sizes, times) the saved fingerprint was computed from
+FINGERPRINT_CACHE = "fingerprint.cache.json"
 
 
 def _dataset(dataset: DatasetLike) -> Dataset:
@@ -70,7 +73,8 @@ def fingerprint(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None 
     """Check the dataset and compute its fingerprint, saved as ``<workdir>/fingerprint.json``.
 
     A saved fingerprint is reused when the dataset's files are unchanged (same names, sizes and
-    modification times) and ``reuse`` is True.
+    modification times, recorded in ``<workdir>/fingerprint.cache.json``) and ``reuse`` is True.
+    ``fingerprint.json`` itself holds no times or paths, so a copy of the dataset gives the same file.
 
     Args:
         dataset: dataset folder or a loaded :class:`Dataset`.
@@ -90,21 +94,34 @@ def fingerprint(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None 
     """
     ds = _dataset(dataset)
     out = workdir_for(ds, workdir) / "fingerprint.json"
+    cache = out.with_name(FINGERPRINT_CACHE)
     signature = dataset_signature(ds)
     if reuse and out.is_file():
         try:
             saved = DatasetFingerprint.load(out)
+            # work folders from before the cache file kept the local signature in fingerprint.json
+            key = json.loads(cache.read_text(encoding="utf-8"))["files"] if cache.is_file() else saved.dataset_signature
         except Exception:  # noqa: BLE001 - an unreadable cache is recomputed
-            saved = None
-        if saved is not None and saved.dataset_signature == signature:
+            saved = key = None
+        if saved is not None and key == signature:
+            from autoseg.io.check_report import CheckReport
+            from autoseg.io.check_values import check_dataset_level
+
+            # the case files are unchanged; files around them (stray, undeclared channels) may not be
+            report = CheckReport(dataset=str(ds.root), n_cases=len(ds.cases), problems=check_dataset_level(ds))
+            if on_report is not None:
+                on_report(report)
+            report.raise_for_errors()
             return saved
+    ensure_writable(out.parent)  # a read-only or full work folder fails now, not after the analysis
     report, fp = analyze_dataset(ds, jobs=jobs, progress=progress, strict_geometry=strict_geometry)
     if on_report is not None:
         on_report(report)
     report.raise_for_errors()
     assert fp is not None
-    fp = dataclasses.replace(fp, dataset_signature=signature)
+    fp = dataclasses.replace(fp, dataset_signature=dataset_signature(ds, times=False))  # no times: reproducible
     fp.save(out)
+    write_json_atomic(cache, {"files": signature})
     return fp
 
 
@@ -336,6 +353,12 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
     if len(ins) == 1 and Path(ins[0]).is_dir() and Path(output).resolve() == Path(ins[0]).resolve():
         raise PredictionInputError(f"{output}: the output folder is the input folder; write the predictions to "
                                    "another folder (-o), so that they are not mistaken for input images.")
+    from autoseg.io.image import SUPPORTED_ENDINGS, file_ending
+
+    out = Path(output)
+    out_dir = out.parent if file_ending(out) in SUPPORTED_ENDINGS and not out.is_dir() else out
+    if out_dir.is_dir() or not out_dir.exists():
+        ensure_writable(out_dir)  # a read-only or full output folder fails now, not after the first prediction
     if deterministic:
         amp = False
     from autoseg.ensemble.bundle import MANIFEST, require_intact
@@ -349,7 +372,8 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
     check_channel_names(ins, names)
     cases = collect_cases(ins, names, missing=missing)
     warn = on_warning or (lambda m: warnings.warn(m, stacklevel=3))
-    check_cases(cases)  # every header readable, channels on one grid, before any prediction
+    volumes = any(c.ndim == 3 for c in model.plans.configurations.values())  # else 2D images (or 1-slice files)
+    check_cases(cases, ndim=3 if volumes else None)  # headers readable, one grid, before any prediction
     reference = load_drift_reference(wd) if drift else None
     drift_check = None if reference is None else (  # spacing, size and intensities against the training data
         lambda cid, images, geometry, missing: [

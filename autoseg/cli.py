@@ -11,7 +11,7 @@ from pathlib import Path
 
 from autoseg import __version__, cli_selection as selection, cli_trust as trust
 from autoseg.cli_selection import add_jobs, add_label_map
-from autoseg.errors import AutosegError
+from autoseg.errors import AutosegError, describe_os_error
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -79,6 +79,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
                    help="blank each input channel with probability P per sample (never all), so the model copes "
                         "with missing sequences (predict --missing); e.g. 0.25")
+    t.add_argument("--init-from", metavar="SOURCE",
+                   help="fine-tune: start from the matching weights of a bundle, work folder, fold folder or "
+                        "checkpoint (layers that do not match, e.g. other classes, are listed and trained afresh)")
     t.add_argument("--groups", type=Path, metavar="CSV",
                    help="CSV/TSV with case,group columns (e.g. patient ids): splits keep each group in one fold")
     add_jobs(t)
@@ -151,9 +154,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from autoseg.api import plan, workdir_for
+    from autoseg.io.dataset import load_dataset
 
-    workdir = workdir_for(args.dataset, args.workdir)
-    plans = plan(args.dataset, workdir=workdir, gpu_memory_gb=args.gpu_memory, preset=args.preset,
+    dataset = load_dataset(args.dataset)  # a wrong path fails before any work folder is made
+    workdir = workdir_for(dataset, args.workdir)
+    plans = plan(dataset, workdir=workdir, gpu_memory_gb=args.gpu_memory, preset=args.preset,
                  jobs=args.jobs, progress=not args.quiet, strict_geometry=args.strict_geometry,
                  reuse_fingerprint=not args.force, seed=args.seed, on_report=_print_warnings)
     if args.explain:
@@ -191,11 +196,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              device=args.device, deterministic=args.deterministic,
                              amp=False if args.no_amp else None, save_probabilities=args.save_probabilities,
                              validate=not args.no_validation, progress=not args.quiet,
-                             modality_dropout=args.modality_dropout)
+                             modality_dropout=args.modality_dropout, init_from=args.init_from)
     for result in train(args.dataset, args.configuration, args.fold, workdir=args.workdir, settings=settings,
                         resume=args.resume, jobs=args.jobs, groups=args.groups, validate_only=args.validate_only):
         if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
             continue
+        if result.transfer is not None:
+            print("\n".join(result.transfer.lines()))
         print(f"{result.folder}: {result.epochs} epochs")
         if result.validation:
             print(format_validation(result.validation))
@@ -260,14 +267,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except AutosegError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"autoseg {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"autoseg {args.command}: interrupted; finished files are kept, rerun to continue.", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - every failure ends in one readable line; --debug shows the traceback
+        if args.debug:
+            traceback.print_exc()
+        print(f"autoseg {args.command}: error: {_message(err)}", file=sys.stderr)
+        return 2
+
+
+def _message(err: Exception) -> str:
+    if isinstance(err, AutosegError):
+        return str(err)
+    if isinstance(err, OSError) and (text := describe_os_error(err)):
+        return text
+    return (f"unexpected {type(err).__name__}: {err}. This is a bug in autoseg or an input it does not recognise; "
+            "rerun with --debug for the traceback and report it with the command line. Finished files are kept.")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,8 @@ and exits non-zero without a traceback (``--debug`` shows it).
 
 from __future__ import annotations
 
+import errno
+
 
 class AutosegError(Exception):
     """Base class of every error autoseg raises on purpose."""
@@ -41,3 +43,27 @@ class FileFormatError(AutosegError, ValueError):
 
 class TrainingConfigError(AutosegError, ValueError):
     """Training settings, labels or regions are inconsistent (losses, augmentation)."""
+
+
+_OS_FIXES = {
+    errno.ENOSPC: ("the disk is full", "free space there (or point --workdir/-o at a larger disk) and rerun; "
+                   "finished files are kept and the rerun continues where it stopped"),
+    errno.EDQUOT: ("the disk quota is exhausted", "free space or raise the quota and rerun; finished files are kept"),
+    errno.EFBIG: ("the file exceeds the allowed file size", "raise the limit (ulimit -f) or write to another file "
+                  "system, then rerun; finished files are kept"),
+    errno.EROFS: ("the file system is read-only", "choose a writable folder with --workdir/-o"),
+    errno.EACCES: ("permission denied", "choose a folder you may write to (--workdir/-o), or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a folder you may write to (--workdir/-o), or fix its permissions"),
+}
+
+
+def describe_os_error(err: OSError) -> str | None:
+    """A one-line message naming the file, the problem and the fix for the operating-system errors a user
+    can fix (disk full, quota, read-only file system, permissions); ``None`` for any other error."""
+    if err.errno not in _OS_FIXES:
+        return None
+    problem, fix = _OS_FIXES[err.errno]
+    where = err.filename or "an output file"
+    if err.filename2:
+        where = f"{where} -> {err.filename2}"
+    return f"{where}: cannot write: {problem} ({err.strerror or err}). Fix: {fix}."

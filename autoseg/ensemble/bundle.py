@@ -236,11 +236,29 @@ def _write_sample(bundle: Path, ds: Dataset, case_id: str | None, progress: bool
 
 
 def _inside(bundle: Path, rel: str) -> Path:
-    path = (bundle / rel).resolve()
-    if not path.is_relative_to(bundle.resolve()) or Path(rel).is_absolute():
+    base = bundle.resolve()
+    if not isinstance(rel, str) or Path(rel).is_absolute() or \
+            not Path(os.path.normpath(base / rel)).is_relative_to(base):
         raise BundleError(f"{bundle / MANIFEST}: the path {rel!r} points outside the bundle; the manifest was "
-                          "tampered with. Do not use this bundle.")
+                          "tampered with. Do not use this bundle; get an unmodified copy or export it again.")
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base):
+        raise BundleError(f"{bundle / rel}: a symbolic link to {path}, outside the bundle (export never writes links). "
+                          "Do not use this bundle; get an unmodified copy or export it again.")
     return path
+
+
+def _links_leaving(root: Path) -> list[str]:
+    """Symbolic links in the bundle whose target lies outside it (export never writes links; a linked folder is
+    reported, not entered)."""
+    base, found = root.resolve(), []
+    for folder, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            path = Path(folder) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(base):
+                found.append(f"{path.relative_to(root).as_posix()}: a symbolic link to {os.readlink(path)}, "
+                             "outside the bundle")
+    return sorted(found)
 
 
 def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:
@@ -269,7 +287,7 @@ def check_bundle_files(bundle: str | os.PathLike[str]) -> list[str]:
     problems += [f"{p.relative_to(root).as_posix()}: not part of the exported bundle"
                  for p in sorted((root / "models").rglob("*")) if p.is_file()
                  and p.relative_to(root).as_posix() not in listed]
-    return problems
+    return problems + _links_leaving(root)
 
 
 def require_intact(bundle: str | os.PathLike[str]) -> None:

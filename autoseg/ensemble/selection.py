@@ -136,6 +136,17 @@ def load_best(workdir: str | os.PathLike[str]) -> dict[str, Any] | None:
     best = read_json(path, FileFormatError, "run `autoseg find-best` again to rewrite it")
     if not isinstance(best, dict) or not isinstance(best.get("members"), list) or not best["members"]:
         raise FileFormatError(f"{path}: no 'members' list; run `autoseg find-best` again to rewrite it.")
+    # names become paths (models/<configuration>/fold_<k>, selection/<postprocessing>): no folder may be left
+    names = [best.get("postprocessing") or "x"]
+    for m in best["members"]:
+        m = m if isinstance(m, dict) else {}
+        folds = m.get("folds")
+        names += [m.get("configuration"), *(folds if isinstance(folds, list) else [])]
+    bad = [n for n in names if not isinstance(n, str | int) or isinstance(n, bool) or str(n) in ("", ".", "..")
+           or any(c in str(n) for c in "/\\\0")]
+    if bad:
+        raise FileFormatError(f"{path}: {bad[0]!r} is not a configuration, fold or file name (names must not hold "
+                              "path separators); run `autoseg find-best` again to rewrite it.")
     return best
 
 

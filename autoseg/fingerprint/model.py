@@ -74,7 +74,7 @@ class DatasetFingerprint:
     cases: tuple[CaseFingerprint, ...]
     intensity: tuple[IntensityStats, ...]  # one per channel
     version: int = FINGERPRINT_VERSION
-    dataset_signature: str = ""  # names, sizes and times of the files it was computed from
+    dataset_signature: str = ""  # names and sizes of the files it was computed from (no times: reproducible)
 
     # ---- aggregates -------------------------------------------------------------------------------
     @property

@@ -22,7 +22,7 @@ import numpy as np
 
 from autoseg.errors import AutosegError, ImageReadError
 from autoseg.io.dataset import CHANNEL_RE, CaseFiles, read_dataset_json
-from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, file_ending, read_header, read_image
+from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, compact_dtype, file_ending, read_header, read_image
 
 #: problems listed in one error message before "and N more"
 MAX_LISTED = 20
@@ -70,18 +70,20 @@ class InputCase:
         here only hold the place; preprocessing sets those channels to 0 *after* normalisation.
 
         Returns:
-            float32 ``(n_channels, *spatial)`` in file layout, and the geometry of the first present file.
+            ``(n_channels, *spatial)`` in file layout, in the files' type when it is compact (e.g. int16 CT, see
+            :func:`~autoseg.io.image.compact_dtype`) else float32, and the geometry of the first present file.
 
         Raises:
             ImageReadError: a file cannot be read.
-            PredictionInputError: a file holds more than one channel, or files of the case differ in shape.
+            PredictionInputError: a file holds more than one channel or NaN/inf voxels, or files of the case
+                differ in shape.
 
         Example:
             >>> images, geometry = case.read()  # doctest: +SKIP
         """
         arrays, geometry = [], None
         for path in self.images:
-            img = read_image(path)
+            img = read_image(path, dtype="compact")
             if img.array.shape[0] != 1:
                 raise PredictionInputError(f"{path}: {img.array.shape[0]} values per voxel; each channel must be "
                                            "its own single-valued file (split it into _0000, _0001, ...).")
@@ -89,11 +91,18 @@ class InputCase:
                 raise PredictionInputError(f"case {self.case_id}: {path.name} has shape {img.array.shape[1:]}, "
                                            f"{self.images[0].name} has {arrays[0].shape[1:]}; all channels of a "
                                            "case must be on the same grid.")
+            if img.array.dtype.kind == "f" and not np.isfinite(img.array).all():
+                bad = img.array.size - int(np.count_nonzero(np.isfinite(img.array)))
+                raise PredictionInputError(f"{path}: {bad} NaN or inf voxel(s), which the network cannot take; replace "
+                                           "them (e.g. np.nan_to_num(image, nan=0.0)) and save the file again.")
             geometry = geometry or img.geometry
             arrays.append(img.array)
         if geometry is None:
             raise PredictionInputError(f"case {self.case_id}: no channel file (every channel is missing).")
-        out = np.zeros((self.n_channels, *arrays[0].shape[1:]), np.float32)
+        dtype = compact_dtype(*(a.dtype for a in arrays))
+        if self.n_channels == 1:  # the one file as read: no second copy
+            return arrays[0].astype(dtype, copy=False), geometry
+        out = np.zeros((self.n_channels, *arrays[0].shape[1:]), dtype)
         for c, arr in zip(self.present, arrays, strict=True):
             out[c] = arr[0]
         return out, geometry
@@ -290,11 +299,13 @@ class CaseInfo:
     spacing: tuple[float, ...]
 
 
-def check_cases(cases: Sequence[InputCase]) -> list[CaseInfo]:
-    """Read every header; channels of a case must agree in shape and spacing.
+def check_cases(cases: Sequence[InputCase], ndim: int | None = None) -> list[CaseInfo]:
+    """Read every header; channels of a case must agree in shape and spacing (and be ``ndim``-D if given).
 
     Args:
         cases: from :func:`collect_cases`.
+        ndim: the dimensionality of the training images (3 for volumes); other files are refused, and
+            files of more than 3 dimensions always.
 
     Returns:
         Per case its shape and spacing.
@@ -315,7 +326,11 @@ def check_cases(cases: Sequence[InputCase]) -> list[CaseInfo]:
             continue
         first = headers[0]
         for h in headers:
-            if h.n_components != 1:
+            if len(h.shape) != (ndim or len(h.shape)) or len(h.shape) > 3:
+                problems.append(f"{h.path}: a {len(h.shape)}D image (shape {h.shape}), but the model was trained on "
+                                f"{ndim or '2D or 3'}D images; give {ndim or '2D or 3'}D files like the training "
+                                "images (one file per channel).")
+            elif h.n_components != 1:
                 problems.append(f"{h.path}: {h.n_components} values per voxel (RGB or vector image); each channel "
                                 "must be its own single-valued file (split it into _0000, _0001, ...).")
             elif h.shape != first.shape:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,11 +25,11 @@ from tqdm import tqdm
 
 from autoseg.inference.ensemble import ModelEnsemble, map_path
 from autoseg.inference.export import probabilities_path
-from autoseg.inference.inputs import InputCase
+from autoseg.inference.inputs import InputCase, PredictionInputError
 from autoseg.inference.predictor import Predictor
 from autoseg.inference.quality import QualityRule, quality_row, write_quality_table
 from autoseg.io.atomic import remove_stale_temporaries, write_json_atomic
-from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, file_ending
+from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, file_ending, is_complete_image
 from autoseg.preprocessing.preprocess import PreprocessedArrays
 
 #: record of the settings and timings, written next to the predictions
@@ -68,14 +69,19 @@ def output_paths(cases: Sequence[InputCase], output: str | os.PathLike[str]) -> 
     out = Path(output)
     if len(cases) == 1 and file_ending(out) in SUPPORTED_ENDINGS and not out.is_dir():
         return {cases[0].case_id: out}
+    if out.exists() and not out.is_dir():
+        raise PredictionInputError(f"{out}: this file is in the way of the output folder; give a folder with -o (a "
+                                   "file name is only taken for a single case, with an image ending like .nii.gz).")
     return {c.case_id: out / f"{c.case_id}{c.ending}" for c in cases}
 
 
 def is_finished(seg_path: Path, save_probabilities: bool, uncertainty: bool = False) -> bool:
-    """An output counts as finished when its file exists (files appear only when complete; the
-    probabilities and uncertainty maps are written before the segmentation)."""
-    return seg_path.is_file() and (not save_probabilities or probabilities_path(seg_path).is_file()) and (
-        not uncertainty or map_path(seg_path.parent / UNCERTAINTY_DIR, seg_path, "entropy").is_file())
+    """An output counts as finished when its files are whole. Files appear only when complete (the
+    probabilities and uncertainty maps are written before the segmentation); one cut short anyway (a machine
+    crash before the disk synced, a copy that stopped) is redone, not skipped."""
+    return is_complete_image(seg_path) and (
+        not save_probabilities or zipfile.is_zipfile(probabilities_path(seg_path))) and (
+        not uncertainty or is_complete_image(map_path(seg_path.parent / UNCERTAINTY_DIR, seg_path, "entropy")))
 
 
 def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], output: str | os.PathLike[str], *,
@@ -116,6 +122,8 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
             todo.append(c)
     for p in {p.parent for p in paths.values()}:
         p.mkdir(parents=True, exist_ok=True)
+    # what a killed run was writing (hidden temporaries; a live writer's are locked and kept), one listing per folder
+    remove_stale_temporaries(*paths.values(), *(probabilities_path(p) for p in paths.values()))
 
     drift: dict[str, list[str]] = {}
     rows: dict[str, dict[str, Any]] = {}
@@ -131,8 +139,6 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
     def write(case: InputCase, logits: Any, props: Any, outputs: Any) -> float:
         t0 = time.perf_counter()
         target = paths[case.case_id]
-        remove_stale_temporaries(target)
-        remove_stale_temporaries(probabilities_path(target))
         _, scores = model.write(target, logits, props, save_probabilities=save_probabilities, outputs=outputs,
                                 maps_dir=target.parent / UNCERTAINTY_DIR)
         if uncertainty or drift_check is not None:

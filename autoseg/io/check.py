@@ -11,9 +11,9 @@ before any voxel is decoded) and once for its voxels. Images are checked in thei
 images can hold NaN); duplicates are found from a SHA-1 of the (compressed) file bytes; labels are counted
 with a chunked ``np.bincount`` (binary masks need only their min and max).
 
-Known gap: SimpleITK (ITK 5) reads NaN/inf in float NIfTI files as 0, so they never reach training and the
-check cannot see them in the loaded voxels; ``scan_nifti_nan=True`` finds them at the cost of a second
-decompression of those files.
+SimpleITK (ITK 5) reads NaN/inf in float NIfTI files as 0, so they never reach training and the loaded voxels
+cannot show them; the check scans such files' bytes a second time (only float NIfTI files holding zeros, where
+one can hide) and warns, since training then sees 0 there. NaN/inf that reach the voxels (NRRD, MHA) are errors.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from autoseg.io.check_report import CheckReport, Problem, error, warning
 from autoseg.io.check_values import check_dataset_level, check_label_values, label_names, nifti_nonfinite
 from autoseg.io.dataset import CaseFiles, Dataset, DatasetSpec, load_dataset, read_dataset_json
 from autoseg.io.image import Geometry, ImageHeader, file_ending, read_header, read_image, read_label
-from autoseg.io.image import spacing_is_valid
+from autoseg.io.image import compact_dtype, spacing_is_valid
 from autoseg.parallel import imap_ordered
 
 __all__ = ["CaseCheck", "CaseData", "CheckReport", "Problem", "assemble_report", "check_case", "check_dataset",
@@ -45,7 +45,7 @@ _REEXPORT = "re-export or re-copy the file"
 class CaseData:
     """The arrays of a case that was read without errors (handed on to the fingerprint)."""
 
-    images: np.ndarray  # float32 (C, *spatial)
+    images: np.ndarray  # (C, *spatial) in the files' type when compact (e.g. int16 CT), else float32
     label: np.ndarray | None  # integer spatial array (int16, or wider when a label needs it)
     geometry: Geometry  # of the first channel file
 
@@ -188,6 +188,12 @@ def _check_finite(case_id: str, item: _Loaded, probs: list[Problem], scan_nifti:
         n_inf = int(finite.size - np.count_nonzero(finite)) - n_nan
     elif scan_nifti and file_ending(item.path) in (".nii", ".nii.gz") and not arr.all():
         n_nan, n_inf = nifti_nonfinite(item.path)  # SimpleITK reads them as 0: only a zero can hide one
+        if n_nan + n_inf:
+            probs.append(warning("nan_inf", case_id, item.path, f"{n_nan} NaN and {n_inf} inf voxels (of "
+                                 f"{finite.size}) stored in the file; they are read as 0",
+                                 "fine if 0 suits those voxels (e.g. outside the body); otherwise replace them, "
+                                 "e.g. np.nan_to_num(image, nan=VALUE), and save again"))
+        return True
     if n_nan + n_inf == 0:
         return True
     probs.append(error("nan_inf", case_id, item.path, f"{n_nan} NaN and {n_inf} inf voxels (of {finite.size})",
@@ -216,7 +222,7 @@ def _check_geometry(case_id: str, item: _Loaded, ref: _Loaded, ref_name: str, st
 
 
 def check_case(case: CaseFiles, spec: DatasetSpec, *, keep_arrays: bool = False,
-               strict_geometry: bool = False, scan_nifti_nan: bool = False) -> CaseCheck:
+               strict_geometry: bool = False, scan_nifti_nan: bool = True) -> CaseCheck:
     """Read one case and check it.
 
     Checks: files present and readable; 2D/3D files with positive spacing; channels and label share shape,
@@ -228,8 +234,8 @@ def check_case(case: CaseFiles, spec: DatasetSpec, *, keep_arrays: bool = False,
         spec: the parsed dataset.json.
         keep_arrays: keep the loaded arrays in ``CaseCheck.data`` (only when the case has no error).
         strict_geometry: origin/direction mismatches are errors instead of warnings.
-        scan_nifti_nan: also find NaN/inf in float NIfTI files, which SimpleITK reads as 0 (so they never
-            reach training); this decompresses such files a second time (about 1.4x their read time).
+        scan_nifti_nan: find NaN/inf in float NIfTI files, which SimpleITK reads as 0 (a warning); this
+            decompresses float files holding zeros a second time (about 1.4x their read time).
 
     Returns:
         The case's problems, a hash of its voxels (for duplicate detection) and optionally its arrays.
@@ -266,7 +272,7 @@ def check_case(case: CaseFiles, spec: DatasetSpec, *, keep_arrays: bool = False,
     data = None
     if keep_arrays and all_channels and not any(p.is_error for p in probs):
         images = np.concatenate([c.array for c in channels]) if len(channels) > 1 else channels[0].array
-        data = CaseData(images.astype(np.float32, copy=False), seg, channels[0].geometry)
+        data = CaseData(images.astype(compact_dtype(images.dtype), copy=False), seg, channels[0].geometry)
     return CaseCheck(cid, probs, _hash_files([c.path for c in channels]) if all_channels else None, data, present,
                      ref.geometry.ndim if ref is not None else None)
 
@@ -304,7 +310,13 @@ def assemble_report(dataset: Dataset, case_checks: Sequence[CaseCheck]) -> Check
         else:
             first[c.image_hash] = c.case_id
     read = [c.labels_present for c in case_checks if c.labels_present is not None]
-    if read:
+    fg = set(dataset.spec.foreground_labels)
+    if read and fg and not any(fg.intersection(present) for present in read):
+        probs.append(error("all_background", None, dataset.root / "labelsTr", f"every label map read ({len(read)}) "
+                           "holds no foreground label: there is nothing to learn",
+                           "check the label export (structures must be stored as values > 0, as declared in "
+                           "dataset.json 'labels'), then plan again"))
+    elif read:
         found = set().union(*read)
         names = label_names(dataset.spec)
         for v in dataset.spec.foreground_labels:
@@ -343,7 +355,7 @@ def _load(root: Path) -> tuple[Dataset | None, list[Problem]]:
 
 
 def check_dataset(dataset_or_path: Dataset | str | Path, *, jobs: int = 1, progress: bool = True,
-                  strict_geometry: bool = False, scan_nifti_nan: bool = False) -> CheckReport:
+                  strict_geometry: bool = False, scan_nifti_nan: bool = True) -> CheckReport:
     """Check a whole dataset and report every problem at once.
 
     Args:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.io.check_report import Problem, error, warning
-from autoseg.io.dataset import Dataset, DatasetSpec
+from autoseg.io.dataset import CHANNEL_RE, Dataset, DatasetSpec
 from autoseg.io.image import SUPPORTED_ENDINGS, file_ending
 
 #: Voxels counted per ``np.bincount`` call (bounds the temporary int64 copy to 32 MiB).
@@ -246,9 +246,17 @@ def check_label_declaration(spec: DatasetSpec, json_path: Path) -> list[Problem]
     return probs
 
 
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
 def _stray_problem(dataset: Dataset, path: Path) -> Problem:
     ending = dataset.spec.file_ending
     name, folder = path.name, path.parent.name
+    twin = _nifti_twin(path, ending)
+    if twin is not None and twin.is_file():
+        return error("stray_file", None, path, f"{name} lies beside {twin.name}: the NIfTI reader looks for '.nii' "
+                     f"before '.nii.gz', so {twin.name} may be read from the wrong file",
+                     f"remove or move {name} (keep one file per channel, ending in '{ending}')")
     if not name.endswith(ending):
         return warning("stray_file", None, path, f"{name} does not end in the dataset's file_ending '{ending}', so "
                        "it belongs to no case", f"convert or rename it to a '{ending}' file (or correct file_ending in "
@@ -257,8 +265,24 @@ def _stray_problem(dataset: Dataset, path: Path) -> Problem:
     if folder == "labelsTr":
         return warning("stray_file", None, path, f"label {name} has no images (no imagesTr/{stem}_0000{ending})",
                        "add the case's images, or remove the label")
+    m = CHANNEL_RE.match(stem)
+    if m is not None:
+        n = dataset.spec.n_channels
+        return warning("stray_file", None, path, f"channel {m['ch']} is not declared: dataset.json's channel_names "
+                       f"has {n} channel(s) (_0000 to _{n - 1:04d}), so this file is not used",
+                       "add the channel to channel_names if the model should see it, otherwise remove the file")
     return warning("stray_file", None, path, f"{name} has no 4-digit channel suffix, so it belongs to no case",
                    f"rename it to {stem}_0000{ending} (channel 0), or remove it")
+
+
+def _nifti_twin(path: Path, ending: str) -> Path | None:
+    """The same file name with the other NIfTI ending (``x.nii`` <-> ``x.nii.gz``), when the dataset is NIfTI."""
+    if ending not in NIFTI_ENDINGS:
+        return None
+    for mine, other in zip(NIFTI_ENDINGS, reversed(NIFTI_ENDINGS)):
+        if path.name.endswith(mine):
+            return path.with_name(path.name[: -len(mine)] + other)
+    return None
 
 
 def check_dataset_level(dataset: Dataset) -> list[Problem]:

@@ -197,7 +197,8 @@ def find_cases(folder: Path, file_ending: str, n_channels: int,
 
     Returns:
         The cases sorted by id (expected channel paths ``_0000`` .. ``_{n-1}``; the label path if
-        ``label_folder`` is given) and the files that fit no case (wrong ending or no channel suffix).
+        ``label_folder`` is given) and the files that fit no case (wrong ending, no channel suffix, or a
+        channel index of ``n_channels`` or more).
     """
     ids: set[str] = set()
     stray: list[Path] = []
@@ -205,7 +206,7 @@ def find_cases(folder: Path, file_ending: str, n_channels: int,
         if p.name.startswith(".") or not p.is_file():
             continue
         m = CHANNEL_RE.match(p.name[: -len(file_ending)]) if p.name.endswith(file_ending) else None
-        if m is None:
+        if m is None or int(m["ch"]) >= n_channels:  # no channel suffix, or a channel dataset.json does not declare
             stray.append(p)
         else:
             ids.add(m["case"])
@@ -231,10 +232,12 @@ def read_dataset_json(path: Path) -> DatasetSpec:
 
 
 def _inside(root: Path, rel: Any, source: str) -> Path:
-    if not isinstance(rel, str) or not rel:
+    if not isinstance(rel, str) or not rel or "\0" in rel:
         raise DatasetError(f"{source}: file entries in 'dataset' must be path strings relative to the dataset "
                            f"folder, found {rel!r}.")
-    # Normalise lexically (no symlink resolution): '..' may not leave the folder, but imagesTr may be a link.
+    # Normalise lexically (no symlink resolution): the text of dataset.json ('..', absolute paths, variables) may not
+    # leave the folder, but links inside it are the folder owner's choice and are followed, as in the imagesTr
+    # layout (imagesTr on a larger disk, files linked instead of copied: common for nnU-Net datasets).
     base = Path(os.path.normpath(root.absolute()))
     p = Path(os.path.normpath(base / os.path.expandvars(rel)))
     if not p.is_relative_to(base):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from autoseg.errors import ImageReadError, ImageWriteError
+from autoseg.errors import ImageReadError, ImageWriteError, describe_os_error
 from autoseg.io.atomic import atomic_path
 
 #: File endings autoseg reads and writes, longest first so that ``.nii.gz`` wins over ``.gz``.
@@ -228,7 +228,8 @@ def read_image(path: str | os.PathLike[str], *, dtype: Any = np.float32) -> Imag
 
     Args:
         path: the image file (.nii/.nii.gz/.nrrd/.mha/.mhd/.png/.tif/...).
-        dtype: numpy dtype of the returned array (float32 by default; ``None`` keeps the file's type).
+        dtype: numpy dtype of the returned array (float32 by default; ``None`` keeps the file's type;
+            ``"compact"`` keeps it when it is compact, see :func:`compact_dtype`, e.g. int16 CT stays int16).
 
     Returns:
         The image; ``image.geometry`` holds spacing, origin and direction as stored in the file.
@@ -241,18 +242,42 @@ def read_image(path: str | os.PathLike[str], *, dtype: Any = np.float32) -> Imag
         >>> img.array.shape, img.geometry.array_spacing  # doctest: +SKIP
     """
     img = _sitk_read(Path(path))
-    arr = sitk.GetArrayFromImage(img)
+    view = sitk.GetArrayViewFromImage(img)  # ITK's buffer: copied once below, straight into the wanted type
     geometry = _geometry_of(img)
     if img.GetNumberOfComponentsPerPixel() > 1:
-        arr = np.moveaxis(arr, -1, 0)
+        view = np.moveaxis(view, -1, 0)
     elif img.GetDimension() == 4:
         geometry = Geometry(geometry.spacing[:3], geometry.origin[:3],
                             tuple(float(d) for d in np.asarray(geometry.direction).reshape(4, 4)[:3, :3].ravel()))
     else:
-        arr = arr[None]
-    if dtype is not None:
-        arr = arr.astype(dtype, copy=False)
-    return Image(array=np.ascontiguousarray(arr), geometry=geometry)
+        view = view[None]
+    if dtype is None:
+        target = view.dtype
+    elif isinstance(dtype, str) and dtype == "compact":
+        target = compact_dtype(view.dtype)
+    else:
+        target = np.dtype(dtype)
+    arr = np.array(view, dtype=target, order="C")
+    del view, img
+    return Image(array=arr, geometry=geometry)
+
+
+#: value types images keep when read for preprocessing (at most 2 bytes per voxel, or float32)
+COMPACT_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.float32))
+
+
+def compact_dtype(*dtypes: Any) -> np.dtype:
+    """The common type of arrays of these types if it is compact (8/16-bit integers, float32), else float32.
+
+    Preprocessing reads images in such a type and normalises them into float32 itself: an int16 CT volume
+    is then held as 2 bytes per voxel until normalisation, not 4 (the values are the same either way).
+
+    Example:
+        >>> compact_dtype(np.int16), compact_dtype(np.int16, np.uint16), compact_dtype(np.float64)
+        (dtype('int16'), dtype('float32'), dtype('float32'))
+    """
+    common = np.result_type(*dtypes)
+    return common if common in COMPACT_DTYPES else np.dtype(np.float32)
 
 
 def read_label(path: str | os.PathLike[str]) -> Image:
@@ -304,9 +329,54 @@ def write_image(path: str | os.PathLike[str], array: np.ndarray, geometry: Geome
     try:
         with atomic_path(path) as tmp:
             sitk.WriteImage(img, str(tmp), useCompression=compress and file_ending(path) != ".png")
+            if shortfall := _write_shortfall(tmp, img):  # never renamed to ``path``: a rerun redoes it
+                raise ImageWriteError(f"{path}: written incompletely ({shortfall}): the disk is probably full, or a "
+                                      "quota or file-size limit was reached. Free space and rerun.")
+    except ImageWriteError:
+        raise
     except (RuntimeError, OSError) as err:
-        raise ImageWriteError(f"{path}: cannot be written ({err}). Check the folder exists, is writable "
-                              "and has free space.") from err
+        reason = describe_os_error(err) if isinstance(err, OSError) else None
+        detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__  # ITK: last line
+        raise ImageWriteError(reason or f"{path}: cannot be written ({detail}). Check the folder exists, is "
+                              "writable and has free space.") from err
+
+
+def _write_shortfall(path: Path, img: sitk.Image) -> str | None:
+    """What is missing from a file just written, or None. ITK's NIfTI, GIPL and BMP writers ignore failed
+    writes (a full disk leaves a truncated file and no error), so their files are measured."""
+    ending = file_ending(path)
+    if ending in (".nii", ".nii.gz"):
+        sizes = _nifti_bytes(path)
+        if sizes is None:  # nibabel cannot measure it: ITK must at least read its header back
+            try:
+                read_header(path)
+            except ImageReadError:
+                return "its header cannot be read back"
+            return None
+        needed, present = sizes
+    elif ending in (".gipl", ".bmp"):
+        needed, present = sitk.GetArrayViewFromImage(img).nbytes, path.stat().st_size
+    else:  # the other writers raise on a failed write
+        return None
+    return None if present >= needed else f"{present} of {needed} data bytes"
+
+
+def is_complete_image(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a whole image file: not empty, its header reads and, for NIfTI, every voxel byte
+    is there (a ``.nii.gz`` is checked from its gzip trailer, without decompressing it when that agrees).
+
+    For skipping finished outputs: a file cut short (a crash without sync, a full disk) is not taken for one.
+    """
+    path = Path(path)
+    try:
+        if file_ending(path) in (".nii", ".nii.gz"):
+            _check_readable(path)
+            sizes = _nifti_bytes(path)
+            return sizes is not None and sizes[1] >= sizes[0]
+        read_header(path)
+    except ImageReadError:
+        return False
+    return True
 
 
 def label_dtype(max_label: int) -> type[np.integer]:

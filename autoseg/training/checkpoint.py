@@ -40,9 +40,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically (a crash never leaves a half-written file under its name)."""
-    with atomic_path(Path(path)) as tmp:
-        torch.save(state, tmp)
+    """Write a checkpoint atomically (a crash never leaves a half-written file under its name).
+
+    The state is written through a file object: ``torch.save`` to a path names the archive's inner folder after
+    the (random) temporary file, so the same state would give different bytes on every save.
+    """
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
+        sink = _KeepWriteError(fh)
+        try:
+            torch.save(state, sink)
+        except RuntimeError as err:  # torch reports a failed write (disk full) as "unexpected pos ..."
+            if sink.error is None:
+                raise
+            raise sink.error from err
+
+
+class _KeepWriteError:
+    """A file object that remembers the ``OSError`` of a failed write (errno, e.g. ENOSPC), which torch hides."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

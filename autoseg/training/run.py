@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 
 from autoseg.errors import AutosegError
-from autoseg.inference.export import LabelLayout
+from autoseg.inference.export import LabelLayout, probabilities_path
+from autoseg.io.atomic import remove_stale_temporaries
 from autoseg.io.dataset import Dataset
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.training.augmentation import augmentation_params, training_transforms, validation_transforms
@@ -26,6 +28,7 @@ from autoseg.training.modality_dropout import check_modality_dropout
 from autoseg.training.progress import TrainingLog
 from autoseg.training.settings import TrainSettings
 from autoseg.training.splits import Fold, fold_cases, get_splits
+from autoseg.training.transfer import TransferReport, load_matching_weights
 
 
 class TrainingError(AutosegError, RuntimeError):
@@ -39,6 +42,7 @@ class FoldResult:
     folder: Path
     epochs: int
     validation: dict[str, Any] | None  # the summary of the final validation, if it ran
+    transfer: TransferReport | None = None  # what --init-from copied, when this run started from another model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -168,6 +172,8 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
         split = Fold(train=tuple(sorted(case_ids)), val=tuple(sorted(case_ids)))
     else:
         split = fold_cases(get_splits(workdir, case_ids, seed=plans.seed), fold)
+    if rank == 0:
+        _remove_stale_temporaries(folder, [f"{cid}{dataset.spec.file_ending}" for cid in split.val])
     layout = LabelLayout.from_labels(plans.labels, dataset.spec.regions_class_order)
     prev_folder, prev_labels = None, ()
     if config.previous_stage:
@@ -176,15 +182,23 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
         prev_folder = cascade_input_folder(workdir, config_name)
 
     from autoseg.networks.unet import build_network
-    from autoseg.training.losses import build_loss
+    from autoseg.training.losses import DeepSupervisionLoss, build_loss
 
     torch.manual_seed(derived_seed(plans.seed, config_name, fold, "init"))
+    # the global generators too, so the RNG states a checkpoint stores depend on the seed alone
+    np.random.seed(derived_seed(plans.seed, config_name, fold, "numpy"))
+    random.seed(derived_seed(plans.seed, config_name, fold, "python"))
     in_channels = len(plans.channel_names) + len(prev_labels)
     network = build_network(config, in_channels=in_channels, num_classes=layout.num_outputs).to(device)
+    transfer = None
+    if settings.init_from and ckpt is None:  # fine-tuning starts a new run; a resumed one has its own weights
+        transfer = load_matching_weights(network, settings.init_from, configuration=config_name)
     ds_scales = deep_supervision_scales(config)
     loss = build_loss(regions=layout.regions is not None, batch_dice=config.batch_dice,
                       ignore_label=dataset.spec.ignore_label, n_outputs=len(ds_scales),
                       unused_weight=1e-6 if world > 1 else 0.0)  # DDP needs a gradient for every head
+    if len(ds_scales) == 1:  # a 2-stage network (small images) still returns a list of one output
+        loss = DeepSupervisionLoss(loss, [1.0])
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -198,6 +212,8 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
     loop.state.extra = {"configuration": config_name, "fold": str(fold), "mirror_axes": list(aug.mirror_axes),
                         "in_channels": in_channels, "num_outputs": layout.num_outputs, "epochs": epochs,
                         "cascade_labels": list(prev_labels), "settings": settings.to_json()}
+    if transfer is not None:
+        loop.state.extra["init_from"] = transfer.to_json()
     if ckpt is not None:
         loop.restore(ckpt)
 
@@ -206,7 +222,7 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
         store_train = CaseStore(workdir / "preprocessed" / config.data_identifier, split.train, prev_folder=prev_folder)
         store_val = CaseStore(store_train.folder, split.val, prev_folder=prev_folder)
         label_kw = {"label_values": None, "regions": layout.regions, "ignore_label": dataset.spec.ignore_label,
-                    "ds_scales": ds_scales if len(ds_scales) > 1 else None}
+                    "ds_scales": ds_scales}
         mask_channels = [i for i, n in enumerate(config.normalization) if n.use_mask]
         t_train = training_transforms(aug, mask_channels=mask_channels, cascade_labels=prev_labels,
                                       modality_dropout=settings.modality_dropout,
@@ -239,7 +255,7 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
                                 save_probabilities=settings.save_probabilities, prev_folder=prev_folder,
                                 prev_labels=prev_labels, progress=settings.progress)
     barrier()
-    return FoldResult(folder, epochs, summary)
+    return FoldResult(folder, epochs, summary, transfer)
 
 
 def revalidate_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str, workdir: Path, *,
@@ -264,6 +280,13 @@ def _batch_per_rank(batch_size: int, world: int) -> int:
         raise TrainingError(f"the plan's batch size {batch_size} is smaller than the {world} DDP processes; use "
                             "fewer GPUs (one fold per GPU is usually faster) or plan with a larger GPU memory target.")
     return math.ceil(batch_size / world)
+
+
+def _remove_stale_temporaries(folder: Path, val_files: list[str]) -> None:
+    """Delete what a killed run was writing in the fold folder (checkpoints are hundreds of MB) and in ``val/``."""
+    val = [folder / "val" / n for n in val_files]
+    remove_stale_temporaries(*(folder / n for n in (FINAL, LATEST, "log.jsonl", "progress.png")), *val,
+                             *(probabilities_path(p) for p in val), folder / "val" / "summary.json")
 
 
 def _checkpoint_to_resume(folder: Path, resume: bool) -> dict[str, Any] | None:

@@ -33,6 +33,8 @@ class TrainSettings:
         modality_dropout: probability per input channel per training sample that the channel is blanked
             (set to 0, its mean after normalisation), so the model learns to cope with a missing sequence
             (predict with ``missing``). Never all channels of a sample; needs >= 2 channels; 0 = off.
+        init_from: fine-tuning: start from the matching weights of this checkpoint file, fold folder, work
+            folder or bundle (see :mod:`autoseg.training.transfer`); ignored when resuming.
 
     Raises:
         TrainingConfigError: ``modality_dropout`` is not in [0, 1).
@@ -55,6 +57,7 @@ class TrainSettings:
     step_size: float = 0.5
     progress: bool = True
     modality_dropout: float = 0.0
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modality_dropout", check_modality_dropout(self.modality_dropout))

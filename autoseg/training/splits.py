@@ -124,8 +124,10 @@ def make_splits(case_ids: Sequence[str], *, n_folds: int = DEFAULT_N_FOLDS, seed
     rng = np.random.default_rng(seed)
     if groups is None:
         if len(ids) < n_folds:
+            fewer = f", use n_folds={len(ids)} or fewer folds" if len(ids) >= 2 else ""
             raise SplitsError(f"{n_folds}-fold cross-validation needs at least {n_folds} cases, but the dataset "
-                              f"has {len(ids)}. Use n_folds={max(len(ids), 2)} or fewer folds, or add cases.")
+                              f"has {len(ids)}. Train fold 'all' (one model on every case: `autoseg train DATASET "
+                              f"CONFIG all`){fewer}, or add cases.")
         order = rng.permutation(len(ids))
         sizes = [len(ids) // n_folds + (1 if k < len(ids) % n_folds else 0) for k in range(n_folds)]
         fold_of: dict[str, int] = {}
@@ -295,7 +297,7 @@ def get_splits(workdir: str | os.PathLike[str], case_ids: Sequence[str], *, n_fo
     """Splits of a working directory: load ``<workdir>/splits.json`` if present, else make and save it.
 
     An existing file wins (it may be the user's own); ``n_folds``, ``seed`` and ``groups`` are only used when
-    a new split is made.
+    a new split is made. A dataset of 2 to ``n_folds - 1`` cases gets one fold per case (leave-one-out).
 
     Args:
         workdir: the dataset's working directory.
@@ -321,6 +323,8 @@ def get_splits(workdir: str | os.PathLike[str], case_ids: Sequence[str], *, n_fo
         if groups is not None:
             _check_groups_respected(path, folds, groups)
         return folds
+    if groups is None and 2 <= len(case_ids) < n_folds:
+        n_folds = len(case_ids)  # a tiny dataset: leave-one-out instead of refusing
     folds = make_splits(case_ids, n_folds=n_folds, seed=seed, groups=groups)
     save_splits(path, folds)
     return folds

@@ -250,14 +250,36 @@ def test_nan_and_inf_voxels(tmp_path):
     assert "3 NaN and 1 inf" in p.message
 
 
-def test_nan_in_nifti_is_found_on_request_although_simpleitk_reads_it_as_zero(ds):
+def test_nan_in_nifti_is_a_warning_because_simpleitk_reads_it_as_zero(ds):
     arr = np.ones(SHAPE, np.float32)
     arr[0, 0, :2] = np.nan
     arr[0, 1, 0] = -np.inf
     write_image(image(ds, 2), arr, GEO)
-    assert check(ds).ok  # the default check sees the zeros SimpleITK delivers (fast path)
-    p = only(check(ds, scan_nifti_nan=True), "nan_inf")
+    report = check(ds)
+    p = only(report, "nan_inf")
+    assert report.ok and p.severity == "warning"  # training sees zeros there: usable, but the user should know
     assert (p.case_id, p.path) == ("case_002", image(ds, 2)) and "2 NaN and 1 inf" in p.message
+    assert "read as 0" in p.message
+    assert check(ds, scan_nifti_nan=False).problems == []  # the fast path sees only the zeros
+
+
+def test_all_background_dataset_is_an_error(ds):
+    for i in range(3):
+        write_label(label(ds, i), np.zeros(SHAPE, np.uint8), GEO)
+    report = check(ds)
+    p = only(report, "all_background")
+    assert not report.ok and p.path == ds / "labelsTr" and "nothing to learn" in p.message
+
+
+def test_undeclared_channel_file_and_nifti_twin_are_named(ds):
+    extra = ds / "imagesTr" / "case_000_0001.nii.gz"
+    shutil.copy(image(ds, 0), extra)
+    twin = ds / "imagesTr" / "case_001_0000.nii"
+    shutil.copy(image(ds, 1), twin)
+    report = check(ds)
+    by_path = {p.path: p for p in report.problems}
+    assert by_path[extra].severity == "warning" and "channel 0001 is not declared" in by_path[extra].message
+    assert by_path[twin].severity == "error" and "case_001_0000.nii.gz" in by_path[twin].message
 
 
 def test_shape_mismatch_between_channel_and_label(ds):
