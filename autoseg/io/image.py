@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import SimpleITK as sitk
 
 from autoseg.errors import ImageReadError, ImageWriteError, describe_os_error
 from autoseg.io.atomic import atomic_path
+from autoseg.io.nifti_length import nifti_lengths
 
 #: File endings autoseg reads and writes, longest first so that ``.nii.gz`` wins over ``.gz``.
 SUPPORTED_ENDINGS: tuple[str, ...] = (
@@ -132,50 +132,10 @@ def _check_readable(path: Path) -> None:
         )
 
 
-def _nifti_bytes(path: Path) -> tuple[int, int] | None:
-    """``(needed, present)`` bytes of a NIfTI file, or None when its header cannot be parsed.
-
-    ITK fills the missing part of a truncated NIfTI file with zeros instead of failing, so the reader
-    checks the length itself. For ``.nii.gz`` the gzip trailer gives the length cheaply; only when it
-    disagrees (a truncated or multi-member file) is the stream decompressed to count its bytes.
-    """
-    import nibabel as nib  # lazy: only NIfTI reads need it
-
-    try:
-        proxy = nib.load(str(path)).dataobj  # the header's own vox_offset is reset by nibabel; the proxy's is not
-        needed = int(proxy.offset) + int(np.prod(proxy.shape, dtype=np.int64)) * int(np.dtype(proxy.dtype).itemsize)
-    except Exception:  # not parseable: SimpleITK's own error message is the better one
-        return None
-    if file_ending(path) == ".nii":
-        return needed, path.stat().st_size
-    with path.open("rb") as f:
-        f.seek(-4, os.SEEK_END)
-        if int.from_bytes(f.read(4), "little") == needed % 2**32:
-            return needed, needed
-    return needed, _gzip_length(path)
-
-
-def _gzip_length(path: Path) -> int:
-    """Bytes a (possibly multi-member, possibly truncated) gzip file decompresses to before it ends."""
-    present = 0
-    inflater = zlib.decompressobj(wbits=31)
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            while chunk:
-                try:
-                    present += len(inflater.decompress(chunk))
-                except zlib.error:
-                    return present
-                chunk = inflater.unused_data if inflater.eof else b""
-                if inflater.eof:
-                    inflater = zlib.decompressobj(wbits=31)
-    return present
-
-
 def _sitk_read(path: Path) -> sitk.Image:
     _check_readable(path)
     if file_ending(path) in (".nii", ".nii.gz"):
-        sizes = _nifti_bytes(path)
+        sizes = nifti_lengths(path)
         if sizes is not None and sizes[1] < sizes[0]:
             raise ImageReadError(
                 f"{path}: the file is truncated (its header needs {sizes[0]} bytes of data, it holds "
@@ -346,7 +306,7 @@ def _write_shortfall(path: Path, img: sitk.Image) -> str | None:
     writes (a full disk leaves a truncated file and no error), so their files are measured."""
     ending = file_ending(path)
     if ending in (".nii", ".nii.gz"):
-        sizes = _nifti_bytes(path)
+        sizes = nifti_lengths(path)
         if sizes is None:  # nibabel cannot measure it: ITK must at least read its header back
             try:
                 read_header(path)
@@ -371,7 +331,7 @@ def is_complete_image(path: str | os.PathLike[str]) -> bool:
     try:
         if file_ending(path) in (".nii", ".nii.gz"):
             _check_readable(path)
-            sizes = _nifti_bytes(path)
+            sizes = nifti_lengths(path)
             return sizes is not None and sizes[1] >= sizes[0]
         read_header(path)
     except ImageReadError:
