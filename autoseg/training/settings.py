@@ -61,6 +61,8 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modality_dropout", check_modality_dropout(self.modality_dropout))
+        if self.init_from is not None:  # a Path would make the checkpoint unloadable with weights_only=True
+            object.__setattr__(self, "init_from", os.fspath(self.init_from))
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form."""

@@ -104,3 +104,11 @@ def test_cli_fine_tunes_from_a_checkpoint_and_lists_the_unmatched_layers(tmp_pat
     assert "initialised from" in out and "not matched" in out and "heads" in out
     ckpt = load_checkpoint(work / "models" / "3d_fullres" / "fold_all" / FINAL)
     assert ckpt["init_from"]["matched"] > 0 and ckpt["settings"]["init_from"] == str(tmp_path / "pretrained")
+
+
+def test_a_path_object_as_source_still_gives_a_safely_loadable_checkpoint(tmp_path):
+    from autoseg.training.settings import TrainSettings
+
+    settings = TrainSettings(init_from=tmp_path / "pretrained")  # the Python API takes Paths
+    assert settings.init_from == str(tmp_path / "pretrained")
+    assert settings.to_json()["init_from"] == str(tmp_path / "pretrained")  # a Path here broke weights_only loading
