@@ -51,6 +51,10 @@ _EXPORTS: dict[str, str] = {
     "evaluate_missing": "autoseg.api_trust",
     "explain": "autoseg.api_trust",
     "QualityRule": "autoseg.inference.quality",
+    "write_report": "autoseg.report.build",
+    "export_onnx": "autoseg.inference.onnx_backend",
+    "available_plugins": "autoseg.plugins",
+    "derive_labels": "autoseg.plugins",
 }
 
 __all__ = sorted([*_EXPORTS, "fingerprint", "__version__"])

@@ -22,6 +22,7 @@ from autoseg.io.check import CheckReport, check_dataset
 from autoseg.io.dataset import Dataset, load_dataset, record_dataset_source
 from autoseg.planner.plans import Plans
 from autoseg.planner.planner import plan_experiment
+from autoseg.plugins.planning import resolve_plugins, with_plugins
 from autoseg.preprocessing.preprocess import PreprocessSummary, preprocess_dataset
 from autoseg.training.settings import TrainSettings
 
@@ -127,7 +128,7 @@ def fingerprint(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None 
 
 def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None, gpu_memory_gb: float = 8.0,
          preset: str = "default", jobs: int = 1, progress: bool = True, strict_geometry: bool = False,
-         reuse_fingerprint: bool = True, seed: int = 12345,
+         reuse_fingerprint: bool = True, seed: int = 12345, plugins: Sequence[str | dict[str, Any]] = (),
          on_report: Callable[[CheckReport], None] | None = None) -> Plans:
     """Check, fingerprint and plan a dataset; saves ``fingerprint.json``, ``plans.json`` and a copy of
     ``dataset.json`` in the work folder.
@@ -142,6 +143,8 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
         strict_geometry: origin/direction mismatches inside a case are errors.
         reuse_fingerprint: reuse a saved fingerprint of unchanged files.
         seed: the seed recorded in the plans, from which all later randomness flows.
+        plugins: extra input channels / derived labels, e.g. ``["kle_residual", "peritumoral_zones:widths_mm=5,10"]``
+            (names, ``NAME:KEY=VALUE:...`` texts or ``{"name", "params"}``; :mod:`autoseg.plugins`).
         on_report: called with the integrity report (e.g. to print its warnings).
 
     Returns:
@@ -149,13 +152,13 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
 
     Raises:
         DatasetError, DatasetIntegrityError: the dataset is unusable (the message says why and how to fix).
-        PlanningError: an option is invalid (e.g. an unknown preset).
+        PlanningError, PluginError: an option is invalid (e.g. an unknown preset or plugin parameter).
     """
-    ds = _dataset(dataset)
+    ds, chosen = _dataset(dataset), resolve_plugins(plugins)  # a bad plugin choice fails before any work
     wd = workdir_for(ds, workdir)
     fp = fingerprint(ds, workdir=wd, jobs=jobs, progress=progress, strict_geometry=strict_geometry,
                      reuse=reuse_fingerprint, on_report=on_report)
-    plans = plan_experiment(fp, gpu_memory_gb=gpu_memory_gb, preset=preset, seed=seed)
+    plans = with_plugins(plan_experiment(fp, gpu_memory_gb=gpu_memory_gb, preset=preset, seed=seed), chosen)
     plans.save(wd / "plans.json")
     write_text_atomic(wd / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
     record_dataset_source(wd, ds.root)
@@ -295,7 +298,7 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
             step_size: float | None = None, fast: bool = False, amp: bool | None = None,
             save_probabilities: bool = False, overwrite: bool = False, progress: bool = True,
             postprocessing: bool | str | os.PathLike[str] | None = None,
-            label_map: dict[int, int] | str | Sequence[str] | None = None,
+            label_map: dict[int, int] | str | Sequence[str] | None = None, backend: str = "torch",
             deterministic: bool = False, uncertainty: bool = False, missing: Sequence[str | int] = (),
             drift: bool = True, on_warning: Callable[[str], None] | None = None) -> PredictionSummary:
     """Segment image files with trained models and write the results in the inputs' format and geometry.
@@ -321,6 +324,7 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
             False / ``"none"`` = none; a path = that rules file.
         label_map: write labels in another convention, ``{old: new}`` or ``"3:4"`` (default: a bundle's own).
         deterministic: float32 and deterministic algorithms, so the same inputs give the same files.
+        backend: ``torch``, or ``onnx`` for ONNX Runtime (:mod:`autoseg.inference.onnx_backend`; float32).
         uncertainty: also write voxel-wise entropy and disagreement maps (``OUTPUT/uncertainty/``) and per-case
             quality scores; cases at or below the threshold ``find-best`` learnt on CV are flagged in
             ``OUTPUT/quality.csv``.
@@ -367,7 +371,7 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
         require_intact(wd)
     model, chosen = load_ensemble(wd, configurations=configuration, folds=folds, postprocessing=postprocessing,
                                   label_map=label_map, device=device, tta=tta and not fast,
-                                  step_size=step_size or (FAST_STEP if fast else 0.5), amp=amp)
+                                  step_size=step_size or (FAST_STEP if fast else 0.5), amp=amp, backend=backend)
     names = model.plans.channel_names
     check_channel_names(ins, names)
     cases = collect_cases(ins, names, missing=missing)
@@ -380,7 +384,7 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
             f.message for f in check_case(reference, images, geometry.array_spacing, cid, missing=missing)])
     first = model.members[0]
     record = {"autoseg": __version__, "workdir": str(wd), "configuration": "+".join(model.names), **chosen,
-              "tta": bool(first.mirror_axes), "step_size": first.step_size, "amp": first.amp,
+              "tta": bool(first.mirror_axes), "step_size": first.step_size, "amp": first.amp, "backend": backend,
               "deterministic": deterministic, "device": str(first.device), "uncertainty": uncertainty,
               "missing": [names[i] for i in sorted({i for c in cases for i in c.missing})], "previous_stage": (
                   {"configuration": first.previous.config.name, "folds": list(first.previous.folds)}

@@ -9,7 +9,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from autoseg import __version__, cli_selection as selection, cli_trust as trust
+from autoseg import __version__, cli_plugins as plugins_cli, cli_report as report, cli_selection as selection, \
+    cli_trust as trust
 from autoseg.cli_selection import add_jobs, add_label_map
 from autoseg.errors import AutosegError, describe_os_error
 
@@ -40,6 +41,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="treat origin/direction mismatches inside a case as errors")
     pl.add_argument("--force", action="store_true", help="recompute the fingerprint even if files are unchanged")
     pl.add_argument("--seed", type=int, default=12345, help="seed recorded in the plans (default 12345)")
+    pl.add_argument("--plugin", action="append", default=[], metavar="PLUGIN",
+                    help="add a plugin (repeatable): NAME or NAME:KEY=VALUE[:KEY=VALUE...], e.g. kle_residual or "
+                         "peritumoral_zones:widths_mm=5,10:labels=1; `autoseg plugins` lists them")
     pl.add_argument("--preprocess", nargs="+", metavar="CONFIG", default=None,
                     help="configurations to preprocess after planning (default: 3d_fullres, or 2d for 2D data; "
                          "'all' for every configuration, 'none' to skip)")
@@ -123,11 +127,16 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="channels that were not acquired (names from dataset.json, or indices): no files needed")
     pr.add_argument("--no-drift-check", action="store_true",
                     help="do not compare inputs with the training data (spacing, size, intensities)")
+    pr.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                    help="torch (default) or onnx: ONNX Runtime (CPU; CUDA with onnxruntime-gpu) with a bundle's "
+                         "network.onnx files (export --onnx), or exported next to a work folder's checkpoints")
     pr.add_argument("--tables", action="store_true",
                     help="also write OUT/volumes.csv and OUT/lesions.csv (volume per class, per-lesion list)")
 
     selection.add_parsers(sub)
     trust.add_parsers(sub)
+    report.add_parsers(sub)
+    plugins_cli.add_parsers(sub)
 
     m = sub.add_parser("convert-msd", help="convert a Medical Segmentation Decathlon task to the nnU-Net layout")
     m.add_argument("src", type=Path, help="MSD task folder (dataset.json, imagesTr/, labelsTr/)")
@@ -160,7 +169,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     workdir = workdir_for(dataset, args.workdir)
     plans = plan(dataset, workdir=workdir, gpu_memory_gb=args.gpu_memory, preset=args.preset,
                  jobs=args.jobs, progress=not args.quiet, strict_geometry=args.strict_geometry,
-                 reuse_fingerprint=not args.force, seed=args.seed, on_report=_print_warnings)
+                 reuse_fingerprint=not args.force, seed=args.seed, plugins=args.plugin,
+                 on_report=_print_warnings)
     if args.explain:
         print("\n".join(plans.explain()))
         print()
@@ -205,17 +215,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print("\n".join(result.transfer.lines()))
         print(f"{result.folder}: {result.epochs} epochs")
         if result.validation:
-            print(format_validation(result.validation))
+            print(format_validation(result.validation, held_out=result.folder.name != "fold_all"))
     return 0
 
 
-def format_validation(summary: dict) -> str:  # type: ignore[type-arg]
-    """A small table: Dice per class on the held-out cases, and the mean."""
+def format_validation(summary: dict, held_out: bool = True) -> str:  # type: ignore[type-arg]
+    """A small table: Dice per class on the validation cases, and the mean."""
     rows = [(name, "-" if v is None else f"{v:.4f}") for name, v in summary["mean"].items()]
     mean = summary.get("mean_foreground_dice")
     rows.append(("mean", "-" if mean is None else f"{mean:.4f}"))
     width = max(len(r[0]) for r in rows)
-    lines = [f"validation Dice ({len(summary['cases'])} held-out case(s)):"]
+    what = "held-out case(s)" if held_out else "training case(s); fold 'all' holds none out, so this is no test"
+    lines = [f"validation Dice ({len(summary['cases'])} {what}):"]
     lines += [f"  {n.ljust(width)}  {v}" for n, v in rows]
     return "\n".join(lines)
 
@@ -231,6 +242,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                       label_map=args.map_labels, deterministic=args.deterministic, uncertainty=args.uncertainty,
                       missing=[m for item in args.missing for m in item.split(",") if m],
                       drift=not args.no_drift_check,
+                      backend=args.backend,
                       on_warning=lambda m: print(f"autoseg predict: warning: {m}", file=sys.stderr))
     if summary.skipped:
         print(f"{len(summary.skipped)} case(s) already predicted, skipped (--overwrite redoes them)")
@@ -259,7 +271,8 @@ def _cmd_convert_msd(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"check": _cmd_check, "plan": _cmd_plan, "preprocess": _cmd_preprocess, "train": _cmd_train,
-            "predict": _cmd_predict, "convert-msd": _cmd_convert_msd, **selection.COMMANDS, **trust.COMMANDS}
+            "predict": _cmd_predict, "convert-msd": _cmd_convert_msd, **selection.COMMANDS, **trust.COMMANDS,
+            **report.COMMANDS, **plugins_cli.COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,6 +66,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ex.add_argument("--sample", metavar="CASE", help="training case stored as the verification sample")
     ex.add_argument("--no-hash-data", action="store_true", help="do not hash the dataset files into the manifest")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    ex.add_argument("--onnx", action="store_true",
+                    help="also write one ONNX file per fold network (for predict --backend onnx, ONNX Runtime)")
     add_label_map(ex)
 
     v = sub.add_parser("verify-bundle", help="check a bundle's files and rerun its sample prediction")
@@ -132,9 +134,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     folds = [f for item in args.folds for f in item.split(",") if f] if args.folds else None
     out = export_bundle(args.workdir, args.output, dataset=args.dataset, configurations=args.configurations,
                         folds=folds, label_map=_parse_map(args.map_labels), sample=args.sample,
-                        hash_dataset=not args.no_hash_data, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote bundle {out}; predict with `autoseg predict -i IN -o OUT --bundle {out}`, check it with "
-          f"`autoseg verify-bundle {out}`")
+                        hash_dataset=not args.no_hash_data, overwrite=args.overwrite, progress=not args.quiet,
+                        onnx=args.onnx)
+    print(f"wrote bundle {out}; predict with `autoseg predict -i IN -o OUT --bundle {out}"
+          f"{' --backend onnx' if args.onnx else ''}`, check it with `autoseg verify-bundle {out}`")
     return 0
 
 

@@ -6,6 +6,7 @@
     manifest.json            versions, seeds, CV metrics, dataset and bundle file hashes, inference settings
     plans.json  dataset.json  fingerprint.json  splits.json
     models/<config>/plans.json, dataset.json, fold_<k>/checkpoint_final.pt   (network weights only)
+    models/<config>/fold_<k>/network.onnx    (with ``onnx=True``: ONNX Runtime networks, for predict --backend onnx)
     selection/best.json  postprocessing.json  cv_summary.json
     sample/<case>_XXXX<ending>, sample/expected/<case><ending>              (one case and its prediction)
 
@@ -39,6 +40,7 @@ from autoseg.io.atomic import current_umask, read_json, write_json_atomic
 from autoseg.io.dataset import Dataset, dataset_source, load_dataset
 from autoseg.io.image import file_ending, read_label
 from autoseg.planner.plans import Plans
+from autoseg.plugins.channels import PLUGINS_DIR
 from autoseg.training.checkpoint import FINAL, load_checkpoint, save_checkpoint
 
 MANIFEST = "manifest.json"
@@ -98,6 +100,8 @@ def _copy_model(wd: Path, dst: Path, configuration: str, folds: Sequence[str]) -
     for name in ("plans.json", "dataset.json"):
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
+    if (src / PLUGINS_DIR).is_dir():  # fitted states of channel plugins (.npz, no pickle), hashed like every file
+        shutil.copytree(src / PLUGINS_DIR, out / PLUGINS_DIR, dirs_exist_ok=True)
     for f in folds:
         state = load_checkpoint(src / f"fold_{f}" / FINAL)
         (out / f"fold_{f}").mkdir(exist_ok=True)
@@ -118,7 +122,7 @@ def export_bundle(workdir: str | os.PathLike[str], output: str | os.PathLike[str
                   dataset: Dataset | str | os.PathLike[str] | None = None, configurations: Sequence[str] | None = None,
                   folds: Sequence[int | str] | None = None, label_map: Mapping[int, int] | str | None = None,
                   sample: str | None = None, hash_dataset: bool = True, overwrite: bool = False,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, onnx: bool = False) -> Path:
     """Write a self-contained, verifiable bundle of the chosen pipeline (see the module docstring).
 
     Args:
@@ -133,6 +137,8 @@ def export_bundle(workdir: str | os.PathLike[str], output: str | os.PathLike[str
         hash_dataset: hash every dataset file into the manifest.
         overwrite: replace an existing bundle.
         progress: show progress bars.
+        onnx: also export every fold network to ONNX (:func:`autoseg.inference.onnx_backend.bundle_onnx`); the
+            manifest's ``onnx`` entry records the opset and the onnx / onnxruntime versions.
 
     Returns:
         The bundle folder.
@@ -160,11 +166,19 @@ def export_bundle(workdir: str | os.PathLike[str], output: str | os.PathLike[str
         for name in ("plans.json", "dataset.json", "fingerprint.json", "splits.json"):
             if (wd / name).is_file():
                 shutil.copy2(wd / name, tmp / name)
+        copied = []
         for m in members:
             _copy_model(wd, tmp, m["configuration"], m["folds"])
+            copied.append((m["configuration"], m["folds"]))
             prev = plans.configuration(m["configuration"]).previous_stage
             if prev:  # a cascade's first stage runs with every trained fold
                 _copy_model(wd, tmp, str(prev), trained_folds(wd / "models" / str(prev)))
+                copied.append((str(prev), trained_folds(wd / "models" / str(prev))))
+        onnx_record = None
+        if onnx:  # exported from the bundle's own checkpoints, whose hashes the ONNX files record
+            from autoseg.inference.onnx_backend import bundle_onnx
+
+            onnx_record = bundle_onnx(tmp, copied)
         sel = tmp / SELECTION
         sel.mkdir()
         rules = best.get("postprocessing") if best is not None else None
@@ -192,6 +206,7 @@ def export_bundle(workdir: str | os.PathLike[str], output: str | os.PathLike[str
             "dataset": {"name": ds.name, "files": _dataset_hashes(ds, progress) if hash_dataset else None}
             if ds is not None else None,
             "sample": sample_info,
+            "onnx": onnx_record,
             "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         write_json_atomic(tmp / MANIFEST, manifest)

@@ -42,7 +42,7 @@ def _rules(choice: PostprocessingChoice, wd: Path, default: Path | None) -> Post
 def load_ensemble(workdir: str | os.PathLike[str], *, configurations: str | Sequence[str] | None = None,
                   folds: Sequence[int | str] | None = None, postprocessing: PostprocessingChoice = None,
                   label_map: Mapping[int, int] | str | Sequence[str] | None = None, device: str = "auto",
-                  tta: bool = True, step_size: float = 0.5, amp: bool | None = None
+                  tta: bool = True, step_size: float = 0.5, amp: bool | None = None, backend: str = "torch"
                   ) -> tuple[ModelEnsemble, dict[str, Any]]:
     """The models, postprocessing and label map ``predict`` applies, and a record of the choice.
 
@@ -54,7 +54,7 @@ def load_ensemble(workdir: str | os.PathLike[str], *, configurations: str | Sequ
         postprocessing: None = the learnt rules when following ``find-best``'s choice; True = the learnt rules;
             False or ``"none"`` = none; a path = that rules file.
         label_map: relabel outputs ``{old: new}`` (default: the one stored in a bundle, if any).
-        device, tta, step_size, amp: see :meth:`Predictor.from_workdir`.
+        device, tta, step_size, amp, backend: see :meth:`Predictor.from_workdir`.
 
     Raises:
         ModelNotFoundError: nothing trained, or several configurations and no ``find-best`` choice.
@@ -84,7 +84,7 @@ def load_ensemble(workdir: str | os.PathLike[str], *, configurations: str | Sequ
             names = [configurations] if isinstance(configurations, str) else list(configurations)
         member_folds = {n: None for n in names}
     members = [Predictor.from_workdir(wd, n, folds=folds if folds is not None else member_folds[n], device=device,
-                                      tta=tta, step_size=step_size, amp=amp) for n in names]
+                                      tta=tta, step_size=step_size, amp=amp, backend=backend) for n in names]
     rules = _rules(postprocessing, wd, default_rules)
     mapping = parse_label_map(label_map)
     ensemble = ModelEnsemble(members, postprocess=rules.apply if rules is not None and not rules.is_empty else None,

@@ -28,6 +28,7 @@ from autoseg.inference.uncertainty import MemberOutputs, predict_members
 from autoseg.io.dataset import read_dataset_json
 from autoseg.io.image import Geometry
 from autoseg.planner.plans import ConfigurationPlan, Plans
+from autoseg.plugins.channels import ChannelAppender
 from autoseg.preprocessing.preprocess import PreprocessedArrays, preprocess_arrays
 from autoseg.preprocessing.properties import CaseProperties
 from autoseg.training.checkpoint import FINAL, load_checkpoint
@@ -88,6 +89,7 @@ class Predictor:
         folds: the fold names of ``networks``.
         previous: the first stage of a cascade (its segmentation becomes extra input channels), or None.
         cascade_labels: labels one-hot encoded from the first stage's segmentation.
+        channels: the channel plugins' fitted states (``models/<config>/plugins/``), or None without any.
     """
 
     plans: Plans
@@ -101,11 +103,12 @@ class Predictor:
     folds: tuple[str, ...] = ()
     previous: Predictor | None = None
     cascade_labels: tuple[int, ...] = ()
+    channels: ChannelAppender | None = None
 
     @classmethod
     def from_workdir(cls, workdir: str | os.PathLike[str], configuration: str = "3d_fullres", *,
                      folds: Sequence[int | str] | None = None, device: str = "auto", tta: bool = True,
-                     step_size: float = 0.5, amp: bool | None = None) -> Predictor:
+                     step_size: float = 0.5, amp: bool | None = None, backend: str = "torch") -> Predictor:
         """Load the final checkpoints of ``folds`` (default: every trained fold) of a configuration.
 
         A cascade stage (``3d_cascade_fullres``) also loads every trained fold of its first stage, whose
@@ -118,15 +121,20 @@ class Predictor:
             device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
             tta: mirror over the axes the model was trained with (8 passes in 3D).
             step_size: window step as a fraction of the patch (0.5 = nnU-Net's default).
-            amp: mixed precision; None = automatic (see :func:`resolve_amp`).
+            amp: mixed precision; None = automatic (see :func:`resolve_amp`). Off with the ``onnx`` backend.
+            backend: ``torch``, or ``onnx`` for ONNX Runtime sessions (:mod:`autoseg.inference.onnx_backend`): a
+                bundle's ``network.onnx`` files, or in a work folder exported next to the checkpoints on first use.
 
         Raises:
             ModelNotFoundError: no final checkpoint for a requested fold (the message lists what exists).
             PlanningError: the configuration is not in the plans.
+            PluginError: the plans add plugin channels whose fitted state is missing from the model folder.
         """
+        from autoseg.inference.onnx_backend import check_backend, is_bundle, load_fold_onnx
         from autoseg.networks.unet import build_network
         from autoseg.training.run import resolve_device
 
+        check_backend(backend)
         model_dir = Path(workdir) / "models" / configuration
         if not (model_dir / "plans.json").is_file() and not (Path(workdir) / "plans.json").is_file():
             raise ModelNotFoundError(f"{workdir}: no plans.json and no models/{configuration}; this is not an "
@@ -145,30 +153,37 @@ class Predictor:
         order = read_dataset_json(spec_path).regions_class_order if spec_path.is_file() else None
         layout = LabelLayout.from_labels(plans.labels, order)
         dev = resolve_device(device)
-        use_amp = resolve_amp(amp, dev)
+        use_amp = resolve_amp(amp, dev) and backend == "torch"  # ONNX networks run in float32
         networks, mirror, cascade = [], None, None
         for f in wanted:
             ckpt = load_checkpoint(model_dir / f"fold_{f}" / FINAL, map_location="cpu")
-            net = build_network(config, in_channels=int(ckpt["in_channels"]), num_classes=int(ckpt["num_outputs"]),
-                                deep_supervision=False)
-            net.load_state_dict(ckpt["network"])
-            networks.append(inference_network(net.to(dev), in_channels=int(ckpt["in_channels"]),
-                                              patch_size=config.patch_size, device=dev, amp=use_amp))
+            if backend == "onnx":  # a bundle's files are fixed: no export there, only a clear error
+                networks.append(load_fold_onnx(model_dir / f"fold_{f}", config, device=dev,
+                                               cache=not is_bundle(workdir)))
+            else:
+                net = build_network(config, in_channels=int(ckpt["in_channels"]),
+                                    num_classes=int(ckpt["num_outputs"]), deep_supervision=False)
+                net.load_state_dict(ckpt["network"])
+                networks.append(inference_network(net.to(dev), in_channels=int(ckpt["in_channels"]),
+                                                  patch_size=config.patch_size, device=dev, amp=use_amp))
             mirror = tuple(ckpt.get("mirror_axes", ())) if mirror is None else mirror
             cascade = tuple(int(v) for v in ckpt.get("cascade_labels", ())) if cascade is None else cascade
         previous = None
         if config.previous_stage:
             previous = cls.from_workdir(workdir, str(config.previous_stage), device=device, tta=tta,
-                                        step_size=step_size, amp=amp)
+                                        step_size=step_size, amp=amp, backend=backend)
         return cls(plans, config, layout, networks, mirror if tta else (), dev, step_size, use_amp,
-                   tuple(wanted), previous, cascade or ())
+                   tuple(wanted), previous, cascade or (), ChannelAppender.load(plans, config, model_dir))
 
     def preprocess(self, images: np.ndarray, geometry: Geometry, missing: Sequence[int] = ()) -> PreprocessedArrays:
         """Preprocess one case exactly as the training cases were (the cascade's first stage runs here).
 
-        ``missing`` channels (indices) are blanked after normalisation, as modality dropout does in training.
+        ``missing`` channels (indices) are blanked after normalisation, as modality dropout does in training;
+        channel plugins then compute their channels from the blanked data.
         """
         pre = preprocess_arrays(images, None, geometry, self.plans, self.config, missing=missing)  # any real type
+        if self.channels is not None:
+            pre = dataclasses.replace(pre, data=self.channels.append(pre.data))
         if self.previous is None:
             return pre
         from autoseg.training.cascade import previous_stage_to_grid

@@ -30,6 +30,7 @@ from autoseg.inference.predictor import Predictor
 from autoseg.inference.quality import QualityRule, quality_row, write_quality_table
 from autoseg.io.atomic import remove_stale_temporaries, write_json_atomic
 from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, file_ending, is_complete_image
+from autoseg.plugins.labels import DerivedLabels, body_mask
 from autoseg.preprocessing.preprocess import PreprocessedArrays
 
 #: record of the settings and timings, written next to the predictions
@@ -127,20 +128,26 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
 
     drift: dict[str, list[str]] = {}
     rows: dict[str, dict[str, Any]] = {}
+    derived = DerivedLabels.from_plans(model.plans)  # labels plugins: OUTPUT/<output>/<case> per segmentation
+    bodies: dict[str, np.ndarray] = {}
 
     def load(case: InputCase) -> tuple[list[PreprocessedArrays], float]:
         t0 = time.perf_counter()
         images, geometry = case.read()
         if drift_check is not None:
             drift[case.case_id] = list(drift_check(case.case_id, images, geometry, case.missing))
+        if derived is not None and derived.needs_body:
+            bodies[case.case_id] = body_mask(images, case.missing)
         pre = model.preprocess(images, geometry, case.missing)
         return pre, time.perf_counter() - t0
 
     def write(case: InputCase, logits: Any, props: Any, outputs: Any) -> float:
         t0 = time.perf_counter()
         target = paths[case.case_id]
-        _, scores = model.write(target, logits, props, save_probabilities=save_probabilities, outputs=outputs,
-                                maps_dir=target.parent / UNCERTAINTY_DIR)
+        seg, scores = model.write(target, logits, props, save_probabilities=save_probabilities, outputs=outputs,
+                                  maps_dir=target.parent / UNCERTAINTY_DIR)
+        if derived is not None:
+            derived.write(target, seg, props[0].geometry, bodies.pop(case.case_id, None))
         if uncertainty or drift_check is not None:
             rows[case.case_id] = quality_row(case.case_id, scores, drift.get(case.case_id, []), quality_rule)
         return time.perf_counter() - t0

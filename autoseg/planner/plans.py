@@ -121,6 +121,8 @@ class Plans:
         configurations: name -> configuration, in the order they were planned.
         decisions: dataset-level decisions (target spacing, transpose, which configurations and why).
         dataset_signature: signature of the files the fingerprint was computed from.
+        plugins: chosen plugins (extra input channels, derived labels), each ``{"name", "kind", "params"}`` with
+            every parameter filled in (see :mod:`autoseg.plugins`); empty in plans written before plugins existed.
         version: plans format version.
     """
 
@@ -138,6 +140,7 @@ class Plans:
     configurations: dict[str, ConfigurationPlan] = field(default_factory=dict)
     decisions: tuple[str, ...] = ()
     dataset_signature: str = ""
+    plugins: tuple[dict[str, Any], ...] = ()
     version: int = PLANS_VERSION
 
     @property
@@ -197,6 +200,7 @@ class Plans:
             "original_median_shape": list(self.original_median_shape),
             "decisions": list(self.decisions), "dataset_signature": self.dataset_signature,
             "configurations": {k: v.to_json() for k, v in self.configurations.items()},
+            **({"plugins": [dict(p) for p in self.plugins]} if self.plugins else {}),  # absent: plans as before
         }
 
     @classmethod
@@ -219,6 +223,7 @@ class Plans:
                 original_median_shape=tuple(float(v) for v in d["original_median_shape"]),
                 configurations={k: ConfigurationPlan.from_json(v) for k, v in d["configurations"].items()},
                 decisions=tuple(d.get("decisions", ())), dataset_signature=str(d.get("dataset_signature", "")),
+                plugins=tuple(_plugin_entry(p) for p in d.get("plugins", ())),
             )
         except (KeyError, TypeError, ValueError, PlanningError) as err:
             raise FileFormatError(f"plans JSON is missing or has a malformed field ({err!r}); rerun `autoseg plan` "
@@ -240,6 +245,13 @@ class Plans:
             return cls.from_json(data)
         except FileFormatError as err:
             raise FileFormatError(f"{path}: {err}") from err
+
+
+def _plugin_entry(p: Any) -> dict[str, Any]:
+    """One stored plugin choice, checked for shape (its name and parameters are checked where it is used)."""
+    if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not isinstance(p.get("params", {}), dict):
+        raise TypeError(f"plugin entry {p!r} is not {{'name': ..., 'kind': ..., 'params': {{...}}}}")
+    return {"name": p["name"], "kind": str(p.get("kind", "")), "params": dict(p.get("params", {}))}
 
 
 def load_plans(path: str | os.PathLike[str]) -> Plans:

@@ -325,6 +325,7 @@ def preprocess_dataset(dataset: Dataset, plans: Plans, config_name: str, workdir
     Raises:
         PlanningError: unknown configuration.
         WorkerError, ImageReadError: a case failed (the message names it).
+        PluginError: a channel plugin of the plans cannot be fitted (see :mod:`autoseg.plugins.channels`).
     """
     config = plans.configuration(config_name)
     folder = Path(workdir) / "preprocessed" / config.data_identifier
@@ -343,5 +344,9 @@ def preprocess_dataset(dataset: Dataset, plans: Plans, config_name: str, workdir
     jobs_args = [(c, plans, config_name, folder, labels) for c in todo]
     done = list(imap_ordered(_job, jobs_args, jobs=jobs, desc=f"preprocess {config.data_identifier}",
                              label=lambda a: f"case {a[0].case_id}", progress=progress, max_in_flight=max(1, jobs)))
+    if plans.plugins:  # channel plugins are fitted on the preprocessed cases (refitted only when those change)
+        from autoseg.plugins.channels import prepare_channels
+
+        prepare_channels(dataset, plans, config_name, workdir, progress=progress)
     return PreprocessSummary(folder, tuple(done), tuple(reused))
 

@@ -33,6 +33,7 @@ import numpy as np
 from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
 
 from autoseg.parallel import WorkerError, describe_exit
+from autoseg.plugins.channels import ChannelStack
 from autoseg.preprocessing.cropping import OUTSIDE
 from autoseg.preprocessing.preprocess import case_paths
 
@@ -41,12 +42,15 @@ ERROR_KEY = "__worker_error__"
 
 
 class CaseStore:
-    """Memory-mapped access to preprocessed cases (opened lazily, once per process)."""
+    """Memory-mapped access to preprocessed cases (opened lazily, once per process); ``extra_folders`` hold
+    channel plugins' ``<case>.npy``, appended after the image channels."""
 
-    def __init__(self, folder: str | Path, case_ids: Sequence[str], *, prev_folder: str | Path | None = None) -> None:
+    def __init__(self, folder: str | Path, case_ids: Sequence[str], *, prev_folder: str | Path | None = None,
+                 extra_folders: Sequence[str | Path] = ()) -> None:
         self.folder = Path(folder)
         self.case_ids = tuple(case_ids)
         self.prev_folder = Path(prev_folder) if prev_folder is not None else None
+        self.extra_folders = tuple(Path(f) for f in extra_folders)
         self._open: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
     def get(self, case_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -56,8 +60,10 @@ class CaseStore:
             prev = None
             if self.prev_folder is not None:
                 prev = np.load(self.prev_folder / f"{case_id}_prev.npy", mmap_mode="r")
-            self._open[case_id] = (np.load(p["data"], mmap_mode="r"), np.load(p["seg"], mmap_mode="r"),
-                                   np.load(p["fg"]), prev)
+            data = np.load(p["data"], mmap_mode="r")
+            if self.extra_folders:
+                data = ChannelStack([data, *(np.load(f / f"{case_id}.npy", mmap_mode="r") for f in self.extra_folders)])
+            self._open[case_id] = (data, np.load(p["seg"], mmap_mode="r"), np.load(p["fg"]), prev)
         return self._open[case_id]
 
     def __getstate__(self) -> dict[str, Any]:  # memmaps are reopened in each worker

@@ -19,6 +19,7 @@ from autoseg.inference.export import LabelLayout, probabilities_path
 from autoseg.io.atomic import remove_stale_temporaries
 from autoseg.io.dataset import Dataset
 from autoseg.planner.plans import ConfigurationPlan, Plans
+from autoseg.plugins.channels import training_channels
 from autoseg.training.augmentation import augmentation_params, training_transforms, validation_transforms
 from autoseg.training.cascade import cascade_input_folder, prepare_cascade_inputs
 from autoseg.training.checkpoint import FINAL, LATEST, load_checkpoint
@@ -180,6 +181,7 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
         prev_labels = tuple(v for v in plans.label_values if v != 0)
         prepare_cascade_inputs(dataset, plans, config_name, workdir, progress=settings.progress)
         prev_folder = cascade_input_folder(workdir, config_name)
+    plugin_channels = training_channels(dataset, plans, config_name, workdir, install=rank == 0)
 
     from autoseg.networks.unet import build_network
     from autoseg.training.losses import DeepSupervisionLoss, build_loss
@@ -188,7 +190,7 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
     # the global generators too, so the RNG states a checkpoint stores depend on the seed alone
     np.random.seed(derived_seed(plans.seed, config_name, fold, "numpy"))
     random.seed(derived_seed(plans.seed, config_name, fold, "python"))
-    in_channels = len(plans.channel_names) + len(prev_labels)
+    in_channels = len(plans.channel_names) + plugin_channels.n_channels + len(prev_labels)
     network = build_network(config, in_channels=in_channels, num_classes=layout.num_outputs).to(device)
     transfer = None
     if settings.init_from and ckpt is None:  # fine-tuning starts a new run; a resumed one has its own weights
@@ -219,8 +221,10 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
 
     if loop.state.epoch < epochs:
         batch = _batch_per_rank(config.batch_size, world)
-        store_train = CaseStore(workdir / "preprocessed" / config.data_identifier, split.train, prev_folder=prev_folder)
-        store_val = CaseStore(store_train.folder, split.val, prev_folder=prev_folder)
+        store_train = CaseStore(workdir / "preprocessed" / config.data_identifier, split.train, prev_folder=prev_folder,
+                                extra_folders=plugin_channels.folders)
+        store_val = CaseStore(store_train.folder, split.val, prev_folder=prev_folder,
+                              extra_folders=plugin_channels.folders)
         label_kw = {"label_values": None, "regions": layout.regions, "ignore_label": dataset.spec.ignore_label,
                     "ds_scales": ds_scales}
         mask_channels = [i for i, n in enumerate(config.normalization) if n.use_mask]
@@ -253,7 +257,8 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
         summary = validate_fold(net, dataset, plans, config, layout, split.val, workdir, folder / "val",
                                 mirror_axes=aug.mirror_axes, device=device, amp=amp, step_size=settings.step_size,
                                 save_probabilities=settings.save_probabilities, prev_folder=prev_folder,
-                                prev_labels=prev_labels, progress=settings.progress)
+                                prev_labels=prev_labels, extra_folders=plugin_channels.folders,
+                                progress=settings.progress)
     barrier()
     return FoldResult(folder, epochs, summary, transfer)
 

@@ -24,6 +24,7 @@ from autoseg.io.atomic import write_json_atomic
 from autoseg.io.dataset import Dataset
 from autoseg.io.image import read_label, write_label
 from autoseg.planner.plans import ConfigurationPlan, Plans
+from autoseg.plugins.channels import with_case_channels
 from autoseg.preprocessing.properties import CaseProperties
 
 
@@ -55,8 +56,12 @@ def validate_fold(network: torch.nn.Module, dataset: Dataset, plans: Plans, conf
                   layout: LabelLayout, case_ids: Sequence[str], workdir: Path, out_dir: Path, *,
                   mirror_axes: Sequence[int], device: torch.device, amp: bool, step_size: float = 0.5,
                   save_probabilities: bool = False, prev_folder: Path | None = None,
-                  prev_labels: Sequence[int] = (), progress: bool = True) -> dict[str, Any]:
-    """Predict every held-out case, write it to ``out_dir`` and return (and save) the Dice summary."""
+                  prev_labels: Sequence[int] = (), extra_folders: Sequence[Path] = (), progress: bool = True
+                  ) -> dict[str, Any]:
+    """Predict every held-out case, write it to ``out_dir`` and return (and save) the Dice summary.
+
+    The network's inputs are the preprocessed images, the channel plugins' stored channels (``extra_folders``)
+    and the cascade's one-hot channels, in that order (as in training and prediction)."""
     folder = Path(workdir) / "preprocessed" / config.data_identifier
     refs = {c.case_id: c for c in dataset.cases}
     names = class_names(plans, layout)
@@ -70,7 +75,7 @@ def validate_fold(network: torch.nn.Module, dataset: Dataset, plans: Plans, conf
     quality: dict[str, dict[str, float | None]] = {}
     try:
         for cid in tqdm(case_ids, desc="validation", leave=False, disable=not progress):
-            data = np.load(folder / f"{cid}.npy")
+            data = with_case_channels(np.load(folder / f"{cid}.npy"), cid, extra_folders)
             if prev_folder is not None:
                 data = np.concatenate([data, one_hot(np.load(prev_folder / f"{cid}_prev.npy"), prev_labels)])
             props = CaseProperties.load(folder / f"{cid}.json")
