@@ -285,13 +285,6 @@ def _fold_list(fold: int | str, n_folds: int) -> list[int | str]:
 FAST_STEP = 0.75
 
 
-def trained_configurations(workdir: str | os.PathLike[str]) -> list[str]:
-    """Configurations with at least one finished fold in ``workdir/models``."""
-    from autoseg.inference.predictor import trained_configurations as found
-
-    return found(workdir)
-
-
 def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
             workdir: str | os.PathLike[str], configuration: str | Sequence[str] | None = None,
             folds: Sequence[int | str] | None = None, device: str = "auto", tta: bool = True,

@@ -69,7 +69,7 @@ def main() -> None:
                                           validate=False, deterministic=True, init_from=init)
                 if result.transfer is not None and epochs == args.epochs[0]:
                     t = result.transfer
-                    print(f"tensors_copied: {len(t.matched)} ({t.matched_fraction:.1%} of the parameters)")
+                    print(f"tensors_copied: {len(t.matched)} ({t.matched_fraction:.2%} of the parameters)")
                     print(f"tensors_not_matched: {', '.join(n for n, _, _ in t.reshaped) or '-'}")
                 autoseg.predict(root / "imagesTs", wd / "pred", workdir=wd, progress=False, deterministic=True)
                 scores = autoseg.evaluate_folder(wd / "pred", root / "labelsTs", dataset_json=root / "dataset.json",
