@@ -4,7 +4,9 @@ ensemble on the held-out fold and learn postprocessing (`autoseg find-best`, pri
 reproducible bundle and verify it, then segment the two test cases from the bundle alone (with uncertainty maps,
 the quality table and the clinical volume/lesion tables) and print their Dice against labelsTs.
 
-    python examples/demo.py [--data demo_data] [-j 2] [--epochs 10] [--iters 25]
+    python examples/demo.py [--data demo_data] [-j 2] [--epochs 10] [--iters 25] [--deterministic]
+
+``--deterministic`` trains and predicts with deterministic algorithms in float32, so two runs write the same files.
 """
 
 from __future__ import annotations
@@ -17,24 +19,25 @@ from autoseg.cli import main as autoseg
 from autoseg.data.synthetic import make_synthetic_dataset
 
 
-def run(data: Path, jobs: int, epochs: int = 10, iters: int = 25) -> int:
+def run(data: Path, jobs: int, epochs: int = 10, iters: int = 25, deterministic: bool = False) -> int:
     dataset = data / "Dataset001_SyntheticBraTS"
     if not (dataset / "dataset.json").is_file():
         print(f"generating the demo dataset in {dataset} ...")
         make_synthetic_dataset(dataset, n_cases=12, shape=(64, 64, 64), n_channels=4, kind="brats",
                                regions=True, n_test=2, seed=0)
     workdir = data / "autoseg_work"
+    same = ["--deterministic"] if deterministic else []
     steps = [
         ["check", str(dataset), "-j", str(jobs)],
         ["plan", str(dataset), "--workdir", str(workdir), "--preset", "cpu", "--explain", "-j", str(jobs)],
         *[["train", str(dataset), config, "0", "--workdir", str(workdir), "--device", "cpu", "--epochs",
-           str(epochs), "--iters-per-epoch", str(iters), "--val-iters", "4", "--resume", "--save-probabilities"]
+           str(epochs), "--iters-per-epoch", str(iters), "--val-iters", "4", "--resume", "--save-probabilities", *same]
           for config in ("3d_fullres", "2d")],
         ["find-best", "--workdir", str(workdir), "-j", str(jobs)],
         ["export", "--workdir", str(workdir), "-o", str(data / "bundle"), "--overwrite"],
         ["verify-bundle", str(data / "bundle")],
         ["predict", "-i", str(dataset / "imagesTs"), "-o", str(data / "predictions"), "--bundle", str(data / "bundle"),
-         "--device", "cpu", "--overwrite", "--uncertainty", "--tables"],
+         "--device", "cpu", "--overwrite", "--uncertainty", "--tables", *same],
     ]
     for step in steps:
         print(f"\n$ autoseg {' '.join(step)}", flush=True)
@@ -72,5 +75,6 @@ if __name__ == "__main__":
     ap.add_argument("-j", "--jobs", type=int, default=2, help="worker processes")
     ap.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     ap.add_argument("--iters", type=int, default=25, help="training iterations per epoch (default 25)")
+    ap.add_argument("--deterministic", action="store_true", help="deterministic algorithms: same inputs, same files")
     args = ap.parse_args()
-    sys.exit(run(args.data, args.jobs, args.epochs, args.iters))
+    sys.exit(run(args.data, args.jobs, args.epochs, args.iters, args.deterministic))
