@@ -45,6 +45,70 @@ class TrainingConfigError(AutosegError, ValueError):
     """Training settings, labels or regions are inconsistent (losses, augmentation)."""
 
 
+class EvaluationError(AutosegError, ValueError):
+    """Predictions and references cannot be evaluated together (missing, mismatched, bad options)."""
+
+
+class EnsembleError(AutosegError, ValueError):
+    """Prediction folders cannot be ensembled (missing cases, different label layouts or shapes)."""
+
+
+class SelectionError(AutosegError, ValueError):
+    """``find-best`` cannot run (no trained configuration, no references, an unknown metric)."""
+
+
+class BundleError(AutosegError, ValueError):
+    """A bundle cannot be written, is incomplete, or was modified after export."""
+
+
+class CascadeInputError(AutosegError, FileNotFoundError):
+    """The first stage's predictions needed by a cascade stage are missing."""
+
+
+class SplitsError(AutosegError, ValueError):
+    """Cross-validation splits cannot be made, or a splits file is malformed."""
+
+
+class TrainingError(AutosegError, RuntimeError):
+    """Training cannot start or continue (the message says why and what to do)."""
+
+
+class ReportError(AutosegError, ValueError):
+    """The report cannot be made (no such work folder, a bad option)."""
+
+
+class PredictionInputError(AutosegError, ValueError):
+    """The images given to ``predict`` are missing, unreadable or do not fit the model."""
+
+
+class ModelNotFoundError(AutosegError, FileNotFoundError):
+    """No trained fold where the predictor looked."""
+
+
+class InferenceError(AutosegError, ValueError):
+    """Prediction cannot run with the given image, network or options."""
+
+
+class OnnxBackendError(AutosegError, RuntimeError):
+    """An ONNX export failed, is inconsistent with its checkpoint, or ONNX Runtime cannot run it."""
+
+
+class OnnxUnavailableError(OnnxBackendError, ImportError):
+    """A package the ONNX backend needs (onnx, onnxruntime, onnxscript) is not installed."""
+
+
+class MissingChannelError(AutosegError, ValueError):
+    """The channels declared absent do not fit the image (unknown index, or every channel absent)."""
+
+
+class WorkerError(AutosegError, RuntimeError):
+    """A worker failed on one item; the message holds the item and the worker's traceback."""
+
+
+class PluginError(AutosegError, ValueError):
+    """An unknown plugin, a bad plugin parameter, a broken third-party plugin or a missing plugin state."""
+
+
 _OS_FIXES = {
     errno.ENOSPC: ("the disk is full", "free space there (or point --workdir/-o at a larger disk) and rerun; "
                    "finished files are kept and the rerun continues where it stopped"),

@@ -22,14 +22,10 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from autoseg.errors import AutosegError, describe_os_error
+from autoseg.errors import AutosegError, WorkerError, describe_os_error
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class WorkerError(AutosegError, RuntimeError):
-    """A worker failed on one item; the message holds the item and the worker's traceback."""
 
 
 #: in a worker process: per item index, the pid of the worker processing it (0: not running); set by _init_worker

@@ -129,9 +129,9 @@ def save_untrained_model(workdir: Path, n_classes: int, mirror_axes: tuple[int, 
     mirroring flips ``mirror_axes``."""
     import torch
 
+    from autoseg.networks.checkpoint import FINAL, save_checkpoint
     from autoseg.networks.unet import build_network
     from autoseg.planner.plans import Plans
-    from autoseg.training.checkpoint import FINAL, save_checkpoint
 
     cfg = Plans.load(workdir / "plans.json").configuration("3d_fullres")
     torch.manual_seed(0)

@@ -34,8 +34,9 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="work here and keep the files (default: a temporary folder)")
     args = ap.parse_args()
 
-    import autoseg
     from measure import small_3d_plans
+
+    import autoseg
     from autoseg.data.synthetic import make_synthetic_dataset
 
     base = args.keep or Path(tempfile.mkdtemp(prefix="autoseg_missing_"))

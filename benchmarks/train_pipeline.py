@@ -19,6 +19,7 @@ import torch
 
 from autoseg.api import plan, preprocess
 from autoseg.data.synthetic import make_synthetic_dataset
+from autoseg.device import resolve_device
 from autoseg.inference.export import LabelLayout
 from autoseg.io.dataset import load_dataset
 from autoseg.networks.memory import estimate_training_bytes
@@ -27,7 +28,7 @@ from autoseg.training.augmentation import augmentation_params, training_transfor
 from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.losses import build_loss
-from autoseg.training.run import deep_supervision_scales, resolve_device
+from autoseg.training.run import deep_supervision_scales
 from autoseg.training.settings import TrainSettings
 
 

@@ -19,7 +19,6 @@ def test_stage_functions_are_not_shadowed_by_subpackages():
 
 def test_fingerprint_submodules_import_in_every_style():
     import autoseg.fingerprint.model as m
-
     from autoseg.fingerprint import model
 
     assert m is model and callable(autoseg.fingerprint)

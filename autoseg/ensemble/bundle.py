@@ -32,35 +32,34 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.errors import AutosegError, FileFormatError
-from autoseg.ensemble.selection import BEST, POSTPROCESSING, QUALITY_RULE, SELECTION, load_best
-from autoseg.inference.ensemble import parse_label_map
-from autoseg.inference.predictor import ModelNotFoundError, trained_configurations, trained_folds
-from autoseg.io.atomic import current_umask, read_json, write_json_atomic
+from autoseg.ensemble.choice import POSTPROCESSING, QUALITY_RULE, SELECTION, BestChoice, load_best
+from autoseg.ensemble.models import parse_label_map
+from autoseg.ensemble.pipeline import predict_files
+from autoseg.errors import BundleError, ModelNotFoundError
+from autoseg.inference.settings import InferenceSettings
+from autoseg.io.atomic import current_umask, write_json_atomic
 from autoseg.io.dataset import Dataset, dataset_source, load_dataset
 from autoseg.io.image import file_ending, read_label
+from autoseg.io.model_folder import (
+    FORMAT,
+    MANIFEST,
+    check_bundle_files,
+    configuration_folder,
+    inside_bundle,
+    read_manifest,
+    sha256,
+    trained_configurations,
+    trained_folds,
+)
+from autoseg.networks.checkpoint import FINAL, load_checkpoint, save_checkpoint
 from autoseg.planner.plans import Plans
 from autoseg.plugins.channels import PLUGINS_DIR
-from autoseg.training.checkpoint import FINAL, load_checkpoint, save_checkpoint
 
-MANIFEST = "manifest.json"
-FORMAT = "autoseg-bundle"
+#: how the sample case is predicted at export and again by ``verify-bundle``: on the CPU, float32, deterministic
+VERIFY = InferenceSettings(device="cpu", deterministic=True)
 #: checkpoint entries a bundle keeps (the optimizer, scaler and RNG states are left out)
 KEPT = ("network", "epoch", "configuration", "fold", "mirror_axes", "in_channels", "num_outputs", "cascade_labels",
-        "epochs", "settings")
-
-
-class BundleError(AutosegError, ValueError):
-    """A bundle cannot be written, is incomplete, or was modified after export."""
-
-
-def sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        "epochs", "settings", "meta_version")
 
 
 def labels_hash(seg: np.ndarray) -> str:
@@ -73,15 +72,14 @@ def _members(wd: Path, configurations: Sequence[str] | None, folds: Sequence[str
              ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     best = load_best(wd) if configurations is None else None
     if best is not None:
-        members = [{"configuration": str(m["configuration"]), "folds": [str(f) for f in m["folds"]]}
-                   for m in best["members"]]
+        members = [m.to_json() for m in best.members]
     else:
         names = list(configurations) if configurations else trained_configurations(wd)
         if len(names) != 1 and not configurations:
             raise BundleError(f"{wd}: " + ("nothing is trained" if not names else
                                            f"several configurations are trained ({', '.join(names)})") +
                               f"; run `autoseg find-best --workdir {wd}` or choose with -c.")
-        members = [{"configuration": n, "folds": trained_folds(wd / "models" / n)} for n in names]
+        members = [{"configuration": n, "folds": trained_folds(configuration_folder(wd, n))} for n in names]
     for m in members:
         if folds is not None:
             m["folds"] = [str(f) for f in folds]
@@ -94,8 +92,8 @@ def _members(wd: Path, configurations: Sequence[str] | None, folds: Sequence[str
 
 
 def _copy_model(wd: Path, dst: Path, configuration: str, folds: Sequence[str]) -> None:
-    src = wd / "models" / configuration
-    out = dst / "models" / configuration
+    src = configuration_folder(wd, configuration)
+    out = configuration_folder(dst, configuration)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("plans.json", "dataset.json"):
         if (src / name).is_file():
@@ -181,15 +179,16 @@ def export_bundle(workdir: str | os.PathLike[str], output: str | os.PathLike[str
             onnx_record = bundle_onnx(tmp, copied)
         sel = tmp / SELECTION
         sel.mkdir()
-        rules = best.get("postprocessing") if best is not None else None
+        rules = best.postprocessing if best is not None else None
         if rules:
             shutil.copy2(wd / SELECTION / str(rules), sel / POSTPROCESSING)
         for name in ("cv_summary.json", QUALITY_RULE):  # the CV scores and the quality flag's threshold
             if (wd / SELECTION / name).is_file() and best is not None:
                 shutil.copy2(wd / SELECTION / name, sel / name)
-        write_json_atomic(sel / BEST, {**(best or {"version": 1, "name": "+".join(m["configuration"] for m in members)}),
-                                       "members": members, "postprocessing": POSTPROCESSING if rules else None,
+        chosen = BestChoice.from_json({**(best.to_json() if best is not None else {}), "members": members,
+                                       "postprocessing": POSTPROCESSING if rules else None,
                                        "label_map": {str(k): v for k, v in mapping.items()} if mapping else None})
+        chosen.save(tmp)
         sample_info = _write_sample(tmp, ds, sample, progress) if ds is not None else None
         manifest = {
             "format": FORMAT, "version": 1,
@@ -201,8 +200,8 @@ def export_bundle(workdir: str | os.PathLike[str], output: str | os.PathLike[str
             "members": members, "postprocessing": POSTPROCESSING if rules else None,
             "label_map": {str(k): v for k, v in mapping.items()} if mapping else None,
             "inference": {"tta": True, "step_size": 0.5, "verification": "CPU, float32, deterministic algorithms"},
-            "cross_validation": {k: best.get(k) for k in ("metric", "score", "score_after_postprocessing", "n_cases",
-                                                          "name")} if best is not None else None,
+            "cross_validation": {k: best.to_json()[k] for k in ("metric", "score", "score_after_postprocessing",
+                                                                "n_cases", "name")} if best is not None else None,
             "dataset": {"name": ds.name, "files": _dataset_hashes(ds, progress) if hash_dataset else None}
             if ds is not None else None,
             "sample": sample_info,
@@ -228,8 +227,6 @@ def _versions(autoseg_version: str) -> dict[str, str]:
 
 def _write_sample(bundle: Path, ds: Dataset, case_id: str | None, progress: bool) -> dict[str, Any] | None:
     """Copy one training case's images into ``sample/`` and store its deterministic prediction and hash."""
-    from autoseg.api import predict
-
     cases = {c.case_id: c for c in ds.cases}
     if case_id is not None and case_id not in cases:
         raise BundleError(f"--sample {case_id!r} is not a training case of {ds.root}.")
@@ -243,74 +240,11 @@ def _write_sample(bundle: Path, ds: Dataset, case_id: str | None, progress: bool
         dst = folder / f"{case.case_id}_{k:04d}{file_ending(img)}"
         shutil.copy2(img, dst)
         inputs.append(dst.name)
-    predict(folder, folder / "expected", workdir=bundle, device="cpu", deterministic=True, progress=progress)
+    predict_files(folder, folder / "expected", bundle, InferenceSettings.create(VERIFY, progress=progress))
     expected = folder / "expected" / f"{case.case_id}{file_ending(case.images[0])}"
     (folder / "expected" / "prediction.json").unlink(missing_ok=True)  # holds this machine's paths and timings
     return {"case": case.case_id, "inputs": inputs, "expected": expected.relative_to(bundle).as_posix(),
             "labels_sha256": labels_hash(read_label(expected).array)}
-
-
-def _inside(bundle: Path, rel: str) -> Path:
-    base = bundle.resolve()
-    if not isinstance(rel, str) or Path(rel).is_absolute() or \
-            not Path(os.path.normpath(base / rel)).is_relative_to(base):
-        raise BundleError(f"{bundle / MANIFEST}: the path {rel!r} points outside the bundle; the manifest was "
-                          "tampered with. Do not use this bundle; get an unmodified copy or export it again.")
-    path = (base / rel).resolve()
-    if not path.is_relative_to(base):
-        raise BundleError(f"{bundle / rel}: a symbolic link to {path}, outside the bundle (export never writes links). "
-                          "Do not use this bundle; get an unmodified copy or export it again.")
-    return path
-
-
-def _links_leaving(root: Path) -> list[str]:
-    """Symbolic links in the bundle whose target lies outside it (export never writes links; a linked folder is
-    reported, not entered)."""
-    base, found = root.resolve(), []
-    for folder, dirs, files in os.walk(root):
-        for name in sorted(dirs + files):
-            path = Path(folder) / name
-            if path.is_symlink() and not path.resolve().is_relative_to(base):
-                found.append(f"{path.relative_to(root).as_posix()}: a symbolic link to {os.readlink(path)}, "
-                             "outside the bundle")
-    return sorted(found)
-
-
-def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a bundle (checked to be one)."""
-    path = Path(bundle) / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{bundle}: no {MANIFEST}; this is not an autoseg bundle (`autoseg export` writes one).")
-    manifest = read_json(path, FileFormatError, "export the bundle again")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise BundleError(f"{path}: not an autoseg bundle manifest (format {FORMAT!r} with a 'files' table).")
-    return manifest
-
-
-def check_bundle_files(bundle: str | os.PathLike[str]) -> list[str]:
-    """Problems with the bundle's files against the manifest's hashes (missing, modified, unlisted weights)."""
-    root = Path(bundle)
-    manifest = read_manifest(root)
-    problems = []
-    for rel, digest in manifest["files"].items():
-        path = _inside(root, rel)
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif sha256(path) != digest:
-            problems.append(f"{rel}: modified after export (SHA-256 differs)")
-    listed = set(manifest["files"])
-    problems += [f"{p.relative_to(root).as_posix()}: not part of the exported bundle"
-                 for p in sorted((root / "models").rglob("*")) if p.is_file()
-                 and p.relative_to(root).as_posix() not in listed]
-    return problems + _links_leaving(root)
-
-
-def require_intact(bundle: str | os.PathLike[str]) -> None:
-    """Raise before anything is loaded when a bundle file was modified, removed or added to ``models/``."""
-    problems = check_bundle_files(bundle)
-    if problems:
-        raise BundleError(f"{bundle}: the bundle does not match its manifest:\n  " + "\n  ".join(problems) +
-                          "\nNothing was loaded. Get an unmodified copy of the bundle (or export it again).")
 
 
 @dataclass
@@ -340,8 +274,6 @@ class BundleReport:
 def verify_bundle(bundle: str | os.PathLike[str], *, progress: bool = True,
                   on_note: Callable[[str], None] | None = None) -> BundleReport:
     """Check every file against the manifest, then rerun the stored sample prediction and compare its hash."""
-    from autoseg.api import predict
-
     root = Path(bundle)
     report = BundleReport(root, problems=check_bundle_files(root))
     manifest = read_manifest(root)
@@ -351,11 +283,11 @@ def verify_bundle(bundle: str | os.PathLike[str], *, progress: bool = True,
             (on_note or (lambda m: None))("the bundle holds no sample case; only its files were checked.")
         return report
     report.sample = str(sample["case"])
-    inputs = [_inside(root, f"sample/{name}") for name in sample["inputs"]]
-    expected = _inside(root, sample["expected"])
+    inputs = [inside_bundle(root, f"sample/{name}") for name in sample["inputs"]]
+    expected = inside_bundle(root, sample["expected"])
     with tempfile.TemporaryDirectory(prefix="autoseg-verify-") as tmp:
         out = Path(tmp) / expected.name
-        predict(inputs, out, workdir=root, device="cpu", deterministic=True, progress=progress)
+        predict_files(inputs, out, root, InferenceSettings.create(VERIFY, progress=progress))
         got = read_label(out).array
     report.identical = labels_hash(got) == sample["labels_sha256"]
     ref = read_label(expected).array

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import AutosegError
-from autoseg.inference.ensemble import apply_label_map
-from autoseg.inference.export import (load_probabilities_npz, probabilities_path, probabilities_to_labels,
-                                      save_probabilities_npz)
+from autoseg.ensemble.models import apply_label_map
+from autoseg.errors import EnsembleError
+from autoseg.inference.export import (
+    load_probabilities_npz,
+    probabilities_path,
+    probabilities_to_labels,
+    save_probabilities_npz,
+)
 from autoseg.io.atomic import remove_stale_temporaries
 from autoseg.io.image import SUPPORTED_ENDINGS, file_ending, read_header, write_label
 from autoseg.parallel import imap_ordered
-
-
-class EnsembleError(AutosegError, ValueError):
-    """Prediction folders cannot be ensembled (missing cases, different label layouts or shapes)."""
 
 
 def segmentation_files(folder: str | os.PathLike[str]) -> dict[str, Path]:

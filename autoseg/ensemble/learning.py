@@ -12,8 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.ensemble.components import (LoadedCase, ScoreTask, apply_step, check_classes, load_case, parent_class,
-                                         score_task)
+from autoseg.ensemble.components import (
+    LoadedCase,
+    ScoreTask,
+    apply_step,
+    check_classes,
+    load_case,
+    parent_class,
+    score_task,
+)
 from autoseg.ensemble.postprocessing import PostprocessingRules
 from autoseg.errors import DatasetError
 from autoseg.parallel import imap_ordered

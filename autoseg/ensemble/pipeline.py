@@ -1,4 +1,5 @@
-"""Load what ``predict`` runs from a work folder or bundle: the chosen configurations, folds and postprocessing.
+"""The deploy pipeline: load what ``predict`` runs from a work folder or bundle (the chosen configurations, folds,
+postprocessing and label map), then segment files with it (:func:`predict_files`).
 
 With no configuration named, the choice of ``find-best`` (``selection/best.json``) is used with its
 postprocessing; without one, the only trained configuration. Naming configurations (``-c``) gives exactly those,
@@ -8,15 +9,26 @@ and postprocessing only when asked for (a rules file, or ``True`` for the learnt
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from autoseg.ensemble.cases import PredictionSummary, predict_cases
+from autoseg.ensemble.choice import POSTPROCESSING, QUALITY_RULE, SELECTION, BestChoice, load_best
+from autoseg.ensemble.models import ModelEnsemble, parse_label_map
 from autoseg.ensemble.postprocessing import PostprocessingRules
-from autoseg.ensemble.selection import POSTPROCESSING, QUALITY_RULE, SELECTION, load_best
-from autoseg.inference.ensemble import ModelEnsemble, parse_label_map
-from autoseg.inference.predictor import ModelNotFoundError, Predictor, trained_configurations
-from autoseg.inference.quality import QualityRule
+from autoseg.errors import ModelNotFoundError, PredictionInputError
+from autoseg.evaluation.quality_rule import QualityRule
+from autoseg.fingerprint.drift import check_case, load_drift_reference
+from autoseg.inference.inputs import check_cases, check_channel_names, collect_cases
+from autoseg.inference.predictor import Predictor
+from autoseg.inference.settings import InferenceSettings
+from autoseg.io.atomic import ensure_writable
+from autoseg.io.image import SUPPORTED_ENDINGS, file_ending
+from autoseg.io.model_folder import is_bundle, require_intact, trained_configurations
 
 PostprocessingChoice = bool | str | os.PathLike[str] | PostprocessingRules | None
 
@@ -39,61 +51,56 @@ def _rules(choice: PostprocessingChoice, wd: Path, default: Path | None) -> Post
     return PostprocessingRules.load(Path(choice))
 
 
-def load_ensemble(workdir: str | os.PathLike[str], *, configurations: str | Sequence[str] | None = None,
-                  folds: Sequence[int | str] | None = None, postprocessing: PostprocessingChoice = None,
-                  label_map: Mapping[int, int] | str | Sequence[str] | None = None, device: str = "auto",
-                  tta: bool = True, step_size: float = 0.5, amp: bool | None = None, backend: str = "torch"
+def load_ensemble(workdir: str | os.PathLike[str], settings: InferenceSettings | None = None, **knobs: Any
                   ) -> tuple[ModelEnsemble, dict[str, Any]]:
     """The models, postprocessing and label map ``predict`` applies, and a record of the choice.
 
     Args:
         workdir: a work folder or an exported bundle.
-        configurations: configuration name(s); several are ensembled (probabilities averaged). Default: the
-            ``find-best`` choice, else the only trained configuration.
-        folds: folds per configuration (default: the chosen ones, else every trained fold).
-        postprocessing: None = the learnt rules when following ``find-best``'s choice; True = the learnt rules;
-            False or ``"none"`` = none; a path = that rules file.
-        label_map: relabel outputs ``{old: new}`` (default: the one stored in a bundle, if any).
-        device, tta, step_size, amp, backend: see :meth:`Predictor.from_workdir`.
+        settings: which configurations, folds, postprocessing and label map, and how to run them
+            (:class:`InferenceSettings`); ``knobs`` replace single fields. With no configuration: the ``find-best``
+            choice, else the only trained configuration. The label map defaults to a bundle's own.
 
     Raises:
         ModelNotFoundError: nothing trained, or several configurations and no ``find-best`` choice.
     """
+    settings = InferenceSettings.create(settings, **knobs)
     wd = Path(workdir)
-    best = load_best(wd) if configurations is None else None
-    default_rules = None
-    if best is not None:
-        names = [str(m["configuration"]) for m in best["members"]]
-        member_folds = {str(m["configuration"]): [str(f) for f in m.get("folds", [])] or None for m in best["members"]}
-        if best.get("postprocessing"):
-            default_rules = wd / SELECTION / str(best["postprocessing"])
-        if label_map is None:
-            label_map = best.get("label_map")
-    else:
-        if configurations is None:
-            trained = trained_configurations(wd)
-            if len(trained) != 1:
-                raise ModelNotFoundError(
-                    f"{wd}: " + (f"several configurations are trained ({', '.join(trained)}); choose with -c, or run "
-                                 f"`autoseg find-best --workdir {wd}` to pick the best one (or ensemble) on "
-                                 "cross-validation." if trained else
-                                 "no trained model found (models/<configuration>/fold_*/checkpoint_final.pt). Train "
-                                 "one with `autoseg train`, or pass the right --workdir."))
-            names = trained
-        else:
-            names = [configurations] if isinstance(configurations, str) else list(configurations)
-        member_folds = {n: None for n in names}
-    members = [Predictor.from_workdir(wd, n, folds=folds if folds is not None else member_folds[n], device=device,
-                                      tta=tta, step_size=step_size, amp=amp, backend=backend) for n in names]
-    rules = _rules(postprocessing, wd, default_rules)
+    best = load_best(wd) if settings.configuration is None else None
+    names, member_folds = _members(wd, settings, best)
+    default_rules = wd / SELECTION / best.postprocessing if best is not None and best.postprocessing else None
+    label_map = settings.label_map if settings.label_map is not None or best is None else best.label_map
+    members = [Predictor.from_workdir(wd, n, folds=settings.folds if settings.folds is not None else member_folds[n],
+                                      settings=settings) for n in names]
+    rules = _rules(settings.postprocessing, wd, default_rules)
     mapping = parse_label_map(label_map)
     ensemble = ModelEnsemble(members, postprocess=rules.apply if rules is not None and not rules.is_empty else None,
                              label_map=mapping)
     record = {"configurations": names, "folds": {m.config.name: list(m.folds) for m in members},
-              "selection": best.get("name") if best is not None else None,
+              "selection": best.name if best is not None else None,
               "postprocessing": rules.describe() if rules is not None else None,
               "label_map": {str(k): v for k, v in mapping.items()} if mapping else None}
     return ensemble, record
+
+
+def _members(wd: Path, settings: InferenceSettings, best: BestChoice | None
+             ) -> tuple[list[str], dict[str, list[str] | None]]:
+    """The configurations to load and, per configuration, the folds the choice names (None: every trained one)."""
+    if best is not None:
+        return list(best.configurations), {m.configuration: list(m.folds) or None for m in best.members}
+    if settings.configuration is None:
+        trained = trained_configurations(wd)
+        if len(trained) != 1:
+            raise ModelNotFoundError(
+                f"{wd}: " + (f"several configurations are trained ({', '.join(trained)}); choose with -c, or run "
+                             f"`autoseg find-best --workdir {wd}` to pick the best one (or ensemble) on "
+                             "cross-validation." if trained else
+                             "no trained model found (models/<configuration>/fold_*/checkpoint_final.pt). Train "
+                             "one with `autoseg train`, or pass the right --workdir."))
+        names = trained
+    else:
+        names = [settings.configuration] if isinstance(settings.configuration, str) else list(settings.configuration)
+    return names, {n: None for n in names}
 
 
 def load_quality_rule(workdir: str | os.PathLike[str], names: Sequence[str]) -> QualityRule | None:
@@ -105,3 +112,71 @@ def load_quality_rule(workdir: str | os.PathLike[str], names: Sequence[str]) -> 
     rule = QualityRule.load(path)
     learnt = rule.candidate.removeprefix("ensemble__").removesuffix("__postprocessed").split("__")
     return rule if sorted(learnt) == sorted(names) else None
+
+
+def predict_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], output: str | os.PathLike[str],
+                  workdir: str | os.PathLike[str], settings: InferenceSettings | None = None, *,
+                  on_warning: Callable[[str], None] | None = None) -> PredictionSummary:
+    """Segment image files with the models of a work folder or bundle; see :func:`autoseg.api.predict`.
+
+    Raises:
+        PredictionInputError: missing, unreadable or mismatched inputs (all listed; nothing is written).
+        ModelNotFoundError: no trained model for the configuration or folds.
+        BundleError: a bundle's files do not match its manifest (nothing is loaded).
+    """
+    settings = settings or InferenceSettings()
+    wd = Path(workdir)
+    ins = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    _check_output(ins, Path(output))
+    if is_bundle(wd):  # refuse modified files before loading anything
+        require_intact(wd)
+    model, chosen = load_ensemble(wd, settings)
+    names = model.plans.channel_names
+    check_channel_names(ins, names)
+    cases = collect_cases(ins, names, missing=settings.missing)
+    volumes = any(c.ndim == 3 for c in model.plans.configurations.values())  # else 2D images (or 1-slice files)
+    check_cases(cases, ndim=3 if volumes else None)  # headers readable, one grid, before any prediction
+    record = _record(wd, model, chosen, settings, [names[i] for i in sorted({i for c in cases for i in c.missing})])
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(settings.deterministic or before)
+    try:
+        return predict_cases(model, cases, output, overwrite=settings.overwrite,
+                             save_probabilities=settings.save_probabilities, progress=settings.progress, record=record,
+                             uncertainty=settings.uncertainty, drift_check=_drift_check(wd) if settings.drift else None,
+                             quality_rule=load_quality_rule(wd, model.names) if settings.uncertainty else None,
+                             on_warning=on_warning or (lambda m: warnings.warn(m, stacklevel=4)))
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _check_output(inputs: Sequence[str | os.PathLike[str]], out: Path) -> None:
+    """Refuse writing into the input folder; a read-only or full output folder fails now, not after a prediction."""
+    if len(inputs) == 1 and Path(inputs[0]).is_dir() and out.resolve() == Path(inputs[0]).resolve():
+        raise PredictionInputError(f"{out}: the output folder is the input folder; write the predictions to "
+                                   "another folder (-o), so that they are not mistaken for input images.")
+    out_dir = out.parent if file_ending(out) in SUPPORTED_ENDINGS and not out.is_dir() else out
+    if out_dir.is_dir() or not out_dir.exists():
+        ensure_writable(out_dir)
+
+
+def _drift_check(wd: Path) -> Callable[..., list[str]] | None:
+    """Spacing, size and intensities of each input against the training fingerprint (None without one)."""
+    reference = load_drift_reference(wd)
+    if reference is None:
+        return None
+    return lambda cid, images, geometry, missing: [
+        f.message for f in check_case(reference, images, geometry.array_spacing, cid, missing=missing)]
+
+
+def _record(wd: Path, model: ModelEnsemble, chosen: dict[str, Any], settings: InferenceSettings,
+            missing: list[str]) -> dict[str, Any]:
+    """What ``prediction.json`` says produced the outputs."""
+    from autoseg import __version__
+
+    first = model.members[0]
+    return {"autoseg": __version__, "workdir": str(wd), "configuration": "+".join(model.names), **chosen,
+            "tta": bool(first.mirror_axes), "step_size": first.step_size, "amp": first.amp,
+            "backend": settings.backend, "deterministic": settings.deterministic, "device": str(first.device),
+            "uncertainty": settings.uncertainty, "missing": missing, "previous_stage": (
+                {"configuration": first.previous.config.name, "folds": list(first.previous.folds)}
+                if first.previous is not None else None)}

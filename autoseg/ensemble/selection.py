@@ -24,50 +24,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autoseg.ensemble.choice import BEST, POSTPROCESSING, QUALITY_RULE, SELECTION, BestChoice, Member, load_best  # noqa: F401
 from autoseg.ensemble.ensembling import average_case
 from autoseg.ensemble.learning import CasePair, learn_postprocessing
 from autoseg.ensemble.postprocessing import PostprocessingRules, postprocess_job
-from autoseg.errors import AutosegError, FileFormatError
+from autoseg.errors import FileFormatError, SelectionError
 from autoseg.evaluation.evaluate import evaluate_pairs
-from autoseg.evaluation.summary import EvaluationSummary
 from autoseg.evaluation.metrics import classes_from_labels
 from autoseg.evaluation.quality import calibrate_quality, case_errors
 from autoseg.evaluation.quality import describe as describe_quality
+from autoseg.evaluation.quality_rule import QualityRule
+from autoseg.evaluation.summary import EvaluationSummary
 from autoseg.inference.export import probabilities_path
-from autoseg.inference.quality import QualityRule
 from autoseg.inference.uncertainty import combined_score
 from autoseg.io.atomic import read_json, write_json_atomic
 from autoseg.io.dataset import Dataset, dataset_source, load_dataset
+from autoseg.io.model_folder import configuration_folder
+from autoseg.networks.checkpoint import FINAL
 from autoseg.parallel import imap_ordered
 from autoseg.planner.plans import Plans
-from autoseg.training.checkpoint import FINAL
 from autoseg.training.splits import load_splits
 from autoseg.training.validation import QUALITY
 
-SELECTION = "selection"
-BEST = "best.json"
-POSTPROCESSING = "postprocessing.json"
-#: the quality flag's threshold and how well the quality scores rank the CV errors
-QUALITY_RULE = "quality.json"
 #: metrics where lower is better; every other metric is maximised
 LOWER_IS_BETTER = frozenset({"hd95", "assd", "lesion_hd95"})
 #: metrics a selection can rank by (means over foreground classes)
 METRICS = ("dice", "iou", "nsd", "precision", "recall", "lesion_dice", "hd95", "assd", "lesion_hd95")
-
-
-class SelectionError(AutosegError, ValueError):
-    """``find-best`` cannot run (no trained configuration, no references, an unknown metric)."""
-
-
-@dataclass(frozen=True)
-class Member:
-    """One configuration of a chosen model and the folds whose networks are averaged."""
-
-    configuration: str
-    folds: tuple[str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"configuration": self.configuration, "folds": list(self.folds)}
 
 
 @dataclass
@@ -128,30 +110,8 @@ class Selection:
         return "\n".join(lines)
 
 
-def load_best(workdir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """``selection/best.json`` of a work folder (or bundle), or None when there is none."""
-    path = Path(workdir) / SELECTION / BEST
-    if not path.is_file():
-        return None
-    best = read_json(path, FileFormatError, "run `autoseg find-best` again to rewrite it")
-    if not isinstance(best, dict) or not isinstance(best.get("members"), list) or not best["members"]:
-        raise FileFormatError(f"{path}: no 'members' list; run `autoseg find-best` again to rewrite it.")
-    # names become paths (models/<configuration>/fold_<k>, selection/<postprocessing>): no folder may be left
-    names = [best.get("postprocessing") or "x"]
-    for m in best["members"]:
-        m = m if isinstance(m, dict) else {}
-        folds = m.get("folds")
-        names += [m.get("configuration"), *(folds if isinstance(folds, list) else [])]
-    bad = [n for n in names if not isinstance(n, str | int) or isinstance(n, bool) or str(n) in ("", ".", "..")
-           or any(c in str(n) for c in "/\\\0")]
-    if bad:
-        raise FileFormatError(f"{path}: {bad[0]!r} is not a configuration, fold or file name (names must not hold "
-                              "path separators); run `autoseg find-best` again to rewrite it.")
-    return best
-
-
 def _cv_folds(workdir: Path, configuration: str, n_folds: int) -> list[str]:
-    model_dir = workdir / "models" / configuration
+    model_dir = configuration_folder(workdir, configuration)
     return [str(k) for k in range(n_folds) if (model_dir / f"fold_{k}" / FINAL).is_file()]
 
 
@@ -160,7 +120,7 @@ def _cv_files(workdir: Path, configuration: str, folds: Sequence[str], splits: l
     """Case -> validation segmentation of the folds; and the folds whose validation outputs are incomplete."""
     files, incomplete = {}, []
     for f in folds:
-        val = workdir / "models" / configuration / f"fold_{f}" / "val"
+        val = configuration_folder(workdir, configuration) / f"fold_{f}" / "val"
         paths = {cid: val / f"{cid}{ending}" for cid in splits[int(f)].val}
         if not all(p.is_file() for p in paths.values()):
             incomplete.append(f)
@@ -225,7 +185,7 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
     for c in names:
         files[c], incomplete = _cv_files(wd, c, folds[c], splits, ending)
         lacking = {f for f in folds[c] if splits[int(f)].val
-                   and not (wd / "models" / c / f"fold_{f}" / "val" / QUALITY).is_file()}
+                   and not (configuration_folder(wd, c) / f"fold_{f}" / "val" / QUALITY).is_file()}
         if need_npz:
             lacking |= {f for f in folds[c] if any(not probabilities_path(files[c][cid]).is_file()
                                                     for cid in splits[int(f)].val)}
@@ -307,12 +267,10 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
         "candidates": [{"name": c.name, "members": [m.to_json() for m in c.members], "score": c.score,
                         "foreground_mean": c.summary.to_json()["foreground_mean"] if c.summary else None}
                        for c in candidates]})
-    write_json_atomic(out / BEST, {
-        "version": 1, "metric": metric, "score": best.score, "name": best.name,
-        "members": [m.to_json() for m in best.members], "n_cases": len(common),
-        "postprocessing": POSTPROCESSING if rules is not None and not rules.is_empty else None,
-        "score_after_postprocessing": float(final.foreground_mean(metric)),
-        "predict_command": selection.predict_command(wd)})
+    BestChoice(name=best.name, members=tuple(best.members), metric=metric, score=best.score, n_cases=len(common),
+               postprocessing=POSTPROCESSING if rules is not None and not rules.is_empty else None,
+               score_after_postprocessing=float(final.foreground_mean(metric)),
+               predict_command=selection.predict_command(wd)).save(wd)
     return selection
 
 
@@ -323,7 +281,7 @@ def _cv_quality(wd: Path, members: Sequence[Member], splits: list, cases: Sequen
     for m in members:
         scores: dict[str, dict[str, Any]] = {}
         for f in m.folds:
-            path = wd / "models" / m.configuration / f"fold_{f}" / "val" / QUALITY
+            path = configuration_folder(wd, m.configuration) / f"fold_{f}" / "val" / QUALITY
             if path.is_file():
                 scores.update(read_json(path, FileFormatError, "rerun the fold's validation").get("cases", {}))
         per_member.append(scores)

@@ -32,8 +32,17 @@ from typing import Any
 import numpy as np
 
 from autoseg.evaluation.metrics import EvaluationError
-from autoseg.evaluation.modalities import (PredictFn, all_subsets, as_subset, check_setup, class_to_json,
-                                           counting, iter_cases, progress_bar, subset_values)
+from autoseg.evaluation.modalities import (
+    PredictFn,
+    all_subsets,
+    as_subset,
+    check_setup,
+    class_to_json,
+    counting,
+    iter_cases,
+    progress_bar,
+    subset_values,
+)
 from autoseg.evaluation.summary import to_json_value
 from autoseg.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 

@@ -33,15 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.errors import AutosegError
+from autoseg.errors import EvaluationError
 from autoseg.evaluation.lesions import lesion_metrics
 from autoseg.evaluation.surface import surface_metrics
 
 ClassSpec = int | tuple[int, ...]
-
-
-class EvaluationError(AutosegError, ValueError):
-    """Predictions and references cannot be evaluated together (missing, mismatched, bad options)."""
 
 
 def class_values(value: int | Sequence[int]) -> tuple[int, ...]:

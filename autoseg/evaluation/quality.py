@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from autoseg.evaluation.quality_rule import QualityRule
 from autoseg.evaluation.summary import EvaluationSummary
-from autoseg.inference.quality import QualityRule
 from autoseg.inference.uncertainty import QUALITY_SCORES
 
 #: fewer CV cases than this: keep the default score instead of choosing one by its correlation

@@ -1,7 +1,7 @@
 """Dataset fingerprint: per-case and dataset-level statistics the planner needs.
 
 The package is also callable: ``autoseg.fingerprint(dataset, workdir=..., jobs=...)`` is
-:func:`autoseg.api.fingerprint` (check the dataset, compute its fingerprint, save ``fingerprint.json``).
+:func:`autoseg.fingerprint.stage.fingerprint` (check the dataset, compute its fingerprint, save ``fingerprint.json``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ class _CallablePackage(types.ModuleType):
     """Lets ``autoseg.fingerprint(...)`` run the stage while ``autoseg.fingerprint.model`` stays importable."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from autoseg.api import fingerprint
+        from autoseg.fingerprint.stage import fingerprint
 
         return fingerprint(*args, **kwargs)
 

@@ -26,7 +26,7 @@ from autoseg.fingerprint.model import (
     DatasetFingerprint,
     IntensityStats,
 )
-from autoseg.io.check import CheckReport, CaseCheck, assemble_report, check_case
+from autoseg.io.check import CaseCheck, CheckReport, assemble_report, check_case
 from autoseg.io.dataset import CaseFiles, Dataset, DatasetSpec
 from autoseg.parallel import imap_ordered
 

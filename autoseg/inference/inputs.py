@@ -20,15 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import AutosegError, ImageReadError
+from autoseg.errors import AutosegError, ImageReadError, PredictionInputError
 from autoseg.io.dataset import CHANNEL_RE, CaseFiles, read_dataset_json
 from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, compact_dtype, file_ending, read_header, read_image
 
 #: problems listed in one error message before "and N more"
 MAX_LISTED = 20
-
-class PredictionInputError(AutosegError, ValueError):
-    """The images given to ``predict`` are missing, unreadable or do not fit the model."""
 
 
 @dataclass(frozen=True)

@@ -37,13 +37,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoseg.ensemble.bundle import MANIFEST, BundleError, sha256
-from autoseg.errors import AutosegError
-from autoseg.inference.predictor import ModelNotFoundError, trained_configurations, trained_folds
+from autoseg.errors import BundleError, ModelNotFoundError, OnnxBackendError, OnnxUnavailableError
 from autoseg.inference.sliding_window import InferenceError
 from autoseg.io.atomic import atomic_path
+from autoseg.io.model_folder import (
+    configuration_folder,
+    is_bundle,
+    sha256,
+    trained_configurations,
+    trained_folds,
+)
+from autoseg.networks.checkpoint import FINAL, load_checkpoint
 from autoseg.planner.plans import Plans
-from autoseg.training.checkpoint import FINAL, load_checkpoint
 
 #: file name of a fold's ONNX network, next to its checkpoint
 ONNX_FILE = "network.onnx"
@@ -57,14 +62,6 @@ BACKENDS = ("torch", "onnx")
 EXPORT_RTOL = 1e-4
 INSTALL = "pip install autoseg[onnx]"
 _META_CHECKPOINT = "autoseg.checkpoint_sha256"
-
-
-class OnnxBackendError(AutosegError, RuntimeError):
-    """An ONNX export failed, is inconsistent with its checkpoint, or ONNX Runtime cannot run it."""
-
-
-class OnnxUnavailableError(OnnxBackendError, ImportError):
-    """A package the ONNX backend needs (onnx, onnxruntime, onnxscript) is not installed."""
 
 
 def require(package: str) -> Any:
@@ -85,11 +82,6 @@ def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise InferenceError(f"backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)} (--backend).")
     return backend
-
-
-def is_bundle(folder: str | os.PathLike[str]) -> bool:
-    """Whether ``folder`` is an exported bundle (its files are fixed by the manifest; nothing is cached there)."""
-    return (Path(folder) / MANIFEST).is_file()
 
 
 def network_to_onnx(network: torch.nn.Module, *, in_channels: int, patch_size: Sequence[int],
@@ -248,7 +240,7 @@ def _fold_onnx(fold_dir: Path, config: Any, exporter: str, verify: bool) -> byte
 
 
 def _plans(root: Path, configuration: str) -> Plans:
-    model_plans = root / "models" / configuration / "plans.json"
+    model_plans = configuration_folder(root, configuration) / "plans.json"
     return Plans.load(model_plans if model_plans.is_file() else root / "plans.json")
 
 
@@ -293,7 +285,7 @@ def export_onnx(source: str | os.PathLike[str], configurations: str | Sequence[s
         raise ModelNotFoundError(f"{root}: no trained model (models/<configuration>/fold_*/{FINAL}); train one first.")
     written = []
     for name in names:
-        have = trained_folds(root / "models" / name)
+        have = trained_folds(configuration_folder(root, name))
         wanted = [str(f) for f in folds] if folds is not None else have
         missing = [f for f in wanted if f not in have]
         if not wanted or missing:
@@ -301,8 +293,8 @@ def export_onnx(source: str | os.PathLike[str], configurations: str | Sequence[s
                                      f"(trained: {', '.join(have) or 'none'}).")
         config = _plans(root, name).configuration(name)
         for f in wanted:
-            data = _fold_onnx(root / "models" / name / f"fold_{f}", config, exporter, verify)
-            path = dest / "models" / name / f"fold_{f}" / ONNX_FILE
+            data = _fold_onnx(configuration_folder(root, name) / f"fold_{f}", config, exporter, verify)
+            path = configuration_folder(dest, name) / f"fold_{f}" / ONNX_FILE
             with atomic_path(path) as tmp:
                 tmp.write_bytes(data)
             written.append(path)

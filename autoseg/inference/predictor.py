@@ -15,61 +15,29 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from autoseg.errors import AutosegError
+from autoseg.device import Runtime
+from autoseg.errors import ModelNotFoundError
 from autoseg.inference.export import LabelLayout, export_segmentation
+from autoseg.inference.settings import InferenceSettings
 from autoseg.inference.sliding_window import InferenceError, inference_network, predict_logits
 from autoseg.inference.uncertainty import MemberOutputs, predict_members
 from autoseg.io.dataset import read_dataset_json
 from autoseg.io.image import Geometry
+from autoseg.io.model_folder import FINAL, configuration_folder, is_bundle, trained_folds
+from autoseg.networks.checkpoint import CheckpointMeta, load_checkpoint
+from autoseg.networks.unet import build_network
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.plugins.channels import ChannelAppender
+from autoseg.preprocessing.cascade import one_hot, previous_stage_to_grid
 from autoseg.preprocessing.preprocess import PreprocessedArrays, preprocess_arrays
 from autoseg.preprocessing.properties import CaseProperties
-from autoseg.training.checkpoint import FINAL, load_checkpoint
-
-
-class ModelNotFoundError(AutosegError, FileNotFoundError):
-    """No trained fold where the predictor looked."""
-
-
-def fast_bf16_cpu() -> bool:
-    """True when this CPU computes bfloat16 natively (AMX or AVX512-BF16), where bf16 autocast is ~2-3x faster.
-
-    Elsewhere bf16 is emulated and slower than float32, so automatic mixed precision stays off.
-    """
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def resolve_amp(amp: bool | None, device: torch.device) -> bool:
-    """Mixed precision for inference: ``None`` = automatic (CUDA: fp16; CPU: bf16 where native)."""
-    if amp is not None:
-        return bool(amp)
-    return device.type == "cuda" or (device.type == "cpu" and fast_bf16_cpu())
-
-
-def trained_folds(model_dir: Path) -> list[str]:
-    """Folds of a configuration folder that have a final checkpoint, sorted."""
-    return sorted(p.parent.name[len("fold_"):] for p in model_dir.glob(f"fold_*/{FINAL}"))
-
-
-def trained_configurations(workdir: str | os.PathLike[str]) -> list[str]:
-    """Configurations with at least one finished fold in ``workdir/models``."""
-    models = Path(workdir) / "models"
-    return sorted(p.name for p in models.iterdir() if p.is_dir() and trained_folds(p)) if models.is_dir() else []
 
 
 @dataclass
@@ -107,8 +75,8 @@ class Predictor:
 
     @classmethod
     def from_workdir(cls, workdir: str | os.PathLike[str], configuration: str = "3d_fullres", *,
-                     folds: Sequence[int | str] | None = None, device: str = "auto", tta: bool = True,
-                     step_size: float = 0.5, amp: bool | None = None, backend: str = "torch") -> Predictor:
+                     folds: Sequence[int | str] | None = None, settings: InferenceSettings | None = None,
+                     **knobs: Any) -> Predictor:
         """Load the final checkpoints of ``folds`` (default: every trained fold) of a configuration.
 
         A cascade stage (``3d_cascade_fullres``) also loads every trained fold of its first stage, whose
@@ -118,62 +86,39 @@ class Predictor:
             workdir: the work folder (``models/<configuration>/fold_*/checkpoint_final.pt``).
             configuration: which configuration.
             folds: fold names (``0``, ``"all"``); the logits of several folds are averaged.
-            device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-            tta: mirror over the axes the model was trained with (8 passes in 3D).
-            step_size: window step as a fraction of the patch (0.5 = nnU-Net's default).
-            amp: mixed precision; None = automatic (see :func:`resolve_amp`). Off with the ``onnx`` backend.
-            backend: ``torch``, or ``onnx`` for ONNX Runtime sessions (:mod:`autoseg.inference.onnx_backend`): a
-                bundle's ``network.onnx`` files, or in a work folder exported next to the checkpoints on first use.
+            settings: device, ``tta``, ``step_size``, ``amp``, ``backend`` (:class:`InferenceSettings`);
+                ``knobs`` replace single fields, e.g. ``device="cpu", tta=False``. ``backend="onnx"`` runs ONNX
+                Runtime sessions: a bundle's ``network.onnx`` files, or in a work folder exported next to the
+                checkpoints on first use.
 
         Raises:
             ModelNotFoundError: no final checkpoint for a requested fold (the message lists what exists).
             PlanningError: the configuration is not in the plans.
             PluginError: the plans add plugin channels whose fitted state is missing from the model folder.
         """
-        from autoseg.inference.onnx_backend import check_backend, is_bundle, load_fold_onnx
-        from autoseg.networks.unet import build_network
-        from autoseg.training.run import resolve_device
+        from autoseg.inference.onnx_backend import check_backend
 
-        check_backend(backend)
-        model_dir = Path(workdir) / "models" / configuration
-        if not (model_dir / "plans.json").is_file() and not (Path(workdir) / "plans.json").is_file():
-            raise ModelNotFoundError(f"{workdir}: no plans.json and no models/{configuration}; this is not an "
-                                     "autoseg work folder. Pass the --workdir given to `autoseg train`.")
-        plans = Plans.load(model_dir / "plans.json") if (model_dir / "plans.json").is_file() else \
-            Plans.load(Path(workdir) / "plans.json")
+        settings = InferenceSettings.create(settings, **knobs)
+        check_backend(settings.backend)
+        model_dir = configuration_folder(Path(workdir), configuration)
+        plans = _load_plans(Path(workdir), model_dir, configuration)
         config = plans.configuration(configuration)
-        trained = trained_folds(model_dir)
-        wanted = [str(f) for f in folds] if folds is not None else trained
-        missing = [f for f in wanted if f not in trained]
-        if not wanted or missing:
-            raise ModelNotFoundError(
-                f"{model_dir}: no finished fold {', '.join(missing) or '(none trained)'}; trained folds: "
-                f"{', '.join(trained) or 'none'}. Train it with `autoseg train DATASET {configuration} FOLD`.")
+        wanted = _wanted_folds(model_dir, configuration, folds)
         spec_path = model_dir / "dataset.json"
         order = read_dataset_json(spec_path).regions_class_order if spec_path.is_file() else None
         layout = LabelLayout.from_labels(plans.labels, order)
-        dev = resolve_device(device)
-        use_amp = resolve_amp(amp, dev) and backend == "torch"  # ONNX networks run in float32
-        networks, mirror, cascade = [], None, None
+        runtime = settings.runtime()
+        networks, metas = [], []
         for f in wanted:
-            ckpt = load_checkpoint(model_dir / f"fold_{f}" / FINAL, map_location="cpu")
-            if backend == "onnx":  # a bundle's files are fixed: no export there, only a clear error
-                networks.append(load_fold_onnx(model_dir / f"fold_{f}", config, device=dev,
-                                               cache=not is_bundle(workdir)))
-            else:
-                net = build_network(config, in_channels=int(ckpt["in_channels"]),
-                                    num_classes=int(ckpt["num_outputs"]), deep_supervision=False)
-                net.load_state_dict(ckpt["network"])
-                networks.append(inference_network(net.to(dev), in_channels=int(ckpt["in_channels"]),
-                                                  patch_size=config.patch_size, device=dev, amp=use_amp))
-            mirror = tuple(ckpt.get("mirror_axes", ())) if mirror is None else mirror
-            cascade = tuple(int(v) for v in ckpt.get("cascade_labels", ())) if cascade is None else cascade
+            network, meta = _load_fold(Path(workdir), model_dir / f"fold_{f}", config, runtime, settings.backend)
+            networks.append(network)
+            metas.append(meta)
         previous = None
         if config.previous_stage:
-            previous = cls.from_workdir(workdir, str(config.previous_stage), device=device, tta=tta,
-                                        step_size=step_size, amp=amp, backend=backend)
-        return cls(plans, config, layout, networks, mirror if tta else (), dev, step_size, use_amp,
-                   tuple(wanted), previous, cascade or (), ChannelAppender.load(plans, config, model_dir))
+            previous = cls.from_workdir(workdir, str(config.previous_stage), settings=replace(settings, folds=None))
+        return cls(plans, config, layout, networks, metas[0].mirror_axes if settings.mirroring else (), runtime.device,
+                   settings.window_step, runtime.amp,
+                   tuple(wanted), previous, metas[0].cascade_labels, ChannelAppender.load(plans, config, model_dir))
 
     def preprocess(self, images: np.ndarray, geometry: Geometry, missing: Sequence[int] = ()) -> PreprocessedArrays:
         """Preprocess one case exactly as the training cases were (the cascade's first stage runs here).
@@ -186,9 +131,6 @@ class Predictor:
             pre = dataclasses.replace(pre, data=self.channels.append(pre.data))
         if self.previous is None:
             return pre
-        from autoseg.training.cascade import previous_stage_to_grid
-        from autoseg.training.validation import one_hot
-
         first = self.previous.predict(images, geometry, missing=missing)
         rs = self.config.resampling
         grid = previous_stage_to_grid(first, pre.properties, self.plans, rs.order_seg, rs.order_z)
@@ -256,3 +198,38 @@ class Predictor:
                 f"({', '.join(self.plans.channel_names)}) of {geometry.ndim}D images; pass (C, *spatial) with "
                 f"C = {n_in} (add a leading axis for a single channel).")
         return images, geometry
+
+
+def _load_plans(workdir: Path, model_dir: Path, configuration: str) -> Plans:
+    """The plans a configuration was trained with (its model folder's copy, else the work folder's)."""
+    for path in (model_dir / "plans.json", workdir / "plans.json"):
+        if path.is_file():
+            return Plans.load(path)
+    raise ModelNotFoundError(f"{workdir}: no plans.json and no models/{configuration}; this is not an "
+                             "autoseg work folder. Pass the --workdir given to `autoseg train`.")
+
+
+def _wanted_folds(model_dir: Path, configuration: str, folds: Sequence[int | str] | None) -> list[str]:
+    trained = trained_folds(model_dir)
+    wanted = [str(f) for f in folds] if folds is not None else trained
+    missing = [f for f in wanted if f not in trained]
+    if not wanted or missing:
+        raise ModelNotFoundError(
+            f"{model_dir}: no finished fold {', '.join(missing) or '(none trained)'}; trained folds: "
+            f"{', '.join(trained) or 'none'}. Train it with `autoseg train DATASET {configuration} FOLD`.")
+    return wanted
+
+
+def _load_fold(workdir: Path, fold_dir: Path, config: ConfigurationPlan, runtime: Runtime, backend: str
+               ) -> tuple[Callable[[torch.Tensor], torch.Tensor], CheckpointMeta]:
+    """One fold's network, ready for the sliding window, and its checkpoint's description."""
+    ckpt = load_checkpoint(fold_dir / FINAL, map_location="cpu")
+    meta = CheckpointMeta.from_json(ckpt, fold_dir / FINAL)
+    if backend == "onnx":  # a bundle's files are fixed: no export there, only a clear error
+        from autoseg.inference.onnx_backend import load_fold_onnx
+
+        return load_fold_onnx(fold_dir, config, device=runtime.device, cache=not is_bundle(workdir)), meta
+    net = build_network(config, in_channels=meta.in_channels, num_classes=meta.num_outputs, deep_supervision=False)
+    net.load_state_dict(ckpt["network"])
+    return inference_network(net.to(runtime.device), in_channels=meta.in_channels, patch_size=config.patch_size,
+                             device=runtime.device, amp=runtime.amp), meta

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from autoseg.errors import AutosegError
+from autoseg.errors import InferenceError
 
 __all__ = ["InferenceError", "gaussian_importance_map", "inference_network", "mirror_variants", "predict_logits",
            "window_starts"]
@@ -31,10 +31,6 @@ OPTIMIZE_MAX_VOXELS = 300_000
 DEFAULT_SIGMA_SCALE = 1.0 / 8.0
 
 Tile = tuple[int | slice, ...]  # index into the spatial axes: an int per sliced axis, then one slice per patch axis
-
-
-class InferenceError(AutosegError, ValueError):
-    """Prediction cannot run with the given image, network or options."""
 
 
 def gaussian_importance_map(patch_size: Sequence[int], *, sigma_scale: float = DEFAULT_SIGMA_SCALE,

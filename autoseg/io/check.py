@@ -31,8 +31,16 @@ from autoseg.errors import DatasetError
 from autoseg.io.check_report import CheckReport, Problem, error, warning
 from autoseg.io.check_values import check_dataset_level, check_label_values, label_names, nifti_nonfinite
 from autoseg.io.dataset import CaseFiles, Dataset, DatasetSpec, load_dataset, read_dataset_json
-from autoseg.io.image import Geometry, ImageHeader, file_ending, read_header, read_image, read_label
-from autoseg.io.image import compact_dtype, spacing_is_valid
+from autoseg.io.image import (
+    Geometry,
+    ImageHeader,
+    compact_dtype,
+    file_ending,
+    read_header,
+    read_image,
+    read_label,
+    spacing_is_valid,
+)
 from autoseg.parallel import imap_ordered
 
 __all__ = ["CaseCheck", "CaseData", "CheckReport", "Problem", "assemble_report", "check_case", "check_dataset",

@@ -23,17 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.errors import AutosegError
+from autoseg.errors import PluginError
 
 CHANNEL = "channel"
 LABELS = "labels"
 KINDS = (CHANNEL, LABELS)
 #: parameter types: scalars, and lists written comma-separated on the command line (``widths_mm=5,10``)
 PARAM_TYPES = ("int", "float", "bool", "ints", "floats")
-
-
-class PluginError(AutosegError, ValueError):
-    """An unknown plugin, a bad plugin parameter, a broken third-party plugin or a missing plugin state."""
 
 
 @dataclass(frozen=True)

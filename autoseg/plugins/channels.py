@@ -28,6 +28,7 @@ import numpy as np
 
 from autoseg.io.atomic import atomic_path, read_json, remove_stale_temporaries, write_json_atomic
 from autoseg.io.dataset import Dataset
+from autoseg.io.model_folder import configuration_folder
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.plugins.base import CHANNEL, ChannelPlugin, PluginError
 from autoseg.plugins.planning import chosen_plugins
@@ -180,7 +181,7 @@ def training_channels(dataset: Dataset, plans: Plans, config_name: str, workdir:
                               f"run `autoseg preprocess {dataset.root} {config_name} --workdir {workdir}`.")
         folders.append(folder)
         if install:
-            target = Path(workdir) / "models" / config_name / PLUGINS_DIR / f"{info.name}.npz"
+            target = configuration_folder(Path(workdir), config_name) / PLUGINS_DIR / f"{info.name}.npz"
             with atomic_path(target) as tmp:
                 shutil.copyfile(folder / STATE, tmp)
     return TrainingChannels(tuple(folders), sum(int(p.n_channels) for _, _, p in chosen))

@@ -9,7 +9,6 @@ import numpy as np
 from autoseg.errors import PlanningError
 from autoseg.planner.normalization import ChannelNormalization
 
-
 #: voxels handled per step where a full-size temporary would otherwise be made (z-score statistics, masking)
 SLAB_VOXELS = 1 << 20
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from autoseg.errors import AutosegError
+from autoseg.errors import MissingChannelError
 from autoseg.fingerprint.extract import bincount_chunked, nonzero_bbox
 from autoseg.fingerprint.model import DUMMY_2D_SPACING
 from autoseg.io.atomic import atomic_path, ensure_writable, remove_stale_temporaries
@@ -35,8 +35,7 @@ from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.preprocessing.cropping import crop_to_nonzero
 from autoseg.preprocessing.normalize import channel_normalizer
 from autoseg.preprocessing.properties import CaseProperties
-from autoseg.preprocessing.resample import (case_resampling, new_shape_for, present_values, resample_filled,
-                                           resample_seg)
+from autoseg.preprocessing.resample import case_resampling, new_shape_for, present_values, resample_filled, resample_seg
 
 #: foreground locations kept per class: min(MAX, n), at least 1 % of the class's voxels
 MAX_LOCATIONS = 10_000
@@ -85,10 +84,6 @@ def to_planning_axes(images: np.ndarray, seg: np.ndarray | None, geometry: Geome
     images = images.transpose((0,) + tuple(a + 1 for a in fwd))
     seg = seg.transpose(fwd) if seg is not None else None
     return images, seg, tuple(spacing[a] for a in fwd)
-
-
-class MissingChannelError(AutosegError, ValueError):
-    """The channels declared absent do not fit the image (unknown index, or every channel absent)."""
 
 
 def check_missing(missing: Sequence[int], n_channels: int) -> tuple[int, ...]:
@@ -325,7 +320,6 @@ def preprocess_dataset(dataset: Dataset, plans: Plans, config_name: str, workdir
     Raises:
         PlanningError: unknown configuration.
         WorkerError, ImageReadError: a case failed (the message names it).
-        PluginError: a channel plugin of the plans cannot be fitted (see :mod:`autoseg.plugins.channels`).
     """
     config = plans.configuration(config_name)
     folder = Path(workdir) / "preprocessed" / config.data_identifier
@@ -344,9 +338,5 @@ def preprocess_dataset(dataset: Dataset, plans: Plans, config_name: str, workdir
     jobs_args = [(c, plans, config_name, folder, labels) for c in todo]
     done = list(imap_ordered(_job, jobs_args, jobs=jobs, desc=f"preprocess {config.data_identifier}",
                              label=lambda a: f"case {a[0].case_id}", progress=progress, max_in_flight=max(1, jobs)))
-    if plans.plugins:  # channel plugins are fitted on the preprocessed cases (refitted only when those change)
-        from autoseg.plugins.channels import prepare_channels
-
-        prepare_channels(dataset, plans, config_name, workdir, progress=progress)
     return PreprocessSummary(folder, tuple(done), tuple(reused))
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.ensemble.postprocessing import PostprocessingRules
-from autoseg.errors import AutosegError
+from autoseg.errors import AutosegError, ReportError
 from autoseg.evaluation.metrics import classes_from_labels
+from autoseg.evaluation.quality_rule import QualityRule
 from autoseg.fingerprint.model import DatasetFingerprint
-from autoseg.inference.quality import QualityRule
 from autoseg.io.atomic import write_text_atomic
 from autoseg.io.dataset import Dataset, load_dataset
 from autoseg.planner.plans import Plans
@@ -36,10 +36,6 @@ CONTENTS = (("overview", "Overview"), ("fingerprint", "1. Dataset fingerprint"),
 
 
 DONE, NOT_DONE = "\u2713", "\u2013"
-
-
-class ReportError(AutosegError, ValueError):
-    """The report cannot be made (no such work folder, a bad option)."""
 
 
 def _check(workdir: Path, dataset: Path | None, max_cases: int) -> None:

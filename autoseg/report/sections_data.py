@@ -11,8 +11,19 @@ from autoseg.evaluation.metrics import class_values, classes_from_labels
 from autoseg.fingerprint.model import DatasetFingerprint
 from autoseg.planner.plans import Plans
 from autoseg.report.collect import Loaded
-from autoseg.report.html import (Markup, bullets, esc, fmt, fmt_g, key_values, note, section, shape_text, table,
-                                 unavailable)
+from autoseg.report.html import (
+    Markup,
+    bullets,
+    esc,
+    fmt,
+    fmt_g,
+    key_values,
+    note,
+    section,
+    shape_text,
+    table,
+    unavailable,
+)
 
 
 def labels_text(labels: dict) -> str:

@@ -12,14 +12,27 @@ import numpy as np
 
 from autoseg.errors import AutosegError
 from autoseg.evaluation.metrics import ClassSpec
-from autoseg.inference.quality import QualityRule
+from autoseg.evaluation.quality_rule import QualityRule
 from autoseg.io.dataset import Dataset
 from autoseg.report import figures
 from autoseg.report.cases import load_case_view
 from autoseg.report.collect import CsvTable, FoldRun, Loaded, rel
 from autoseg.report.cv import CVEntry, members_text, prediction_file, worst_cases
-from autoseg.report.html import (Markup, bullets, code, details, esc, figure, fmt, key_values, note, notes, section, table,
-                                 unavailable)
+from autoseg.report.html import (
+    Markup,
+    bullets,
+    code,
+    details,
+    esc,
+    figure,
+    fmt,
+    key_values,
+    note,
+    notes,
+    section,
+    table,
+    unavailable,
+)
 
 #: rows of a quality table shown per configuration (the lowest scores first) and per quality.csv
 MAX_QUALITY_ROWS = 15

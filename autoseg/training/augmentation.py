@@ -53,8 +53,11 @@ from typing import Any
 import numpy as np
 from batchgenerators.augmentations.utils import rotate_coords_3d
 from batchgenerators.transforms.abstract_transforms import AbstractTransform, Compose
-from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
-                                                         ContrastAugmentationTransform, GammaTransform)
+from batchgenerators.transforms.color_transforms import (
+    BrightnessMultiplicativeTransform,
+    ContrastAugmentationTransform,
+    GammaTransform,
+)
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 from batchgenerators.transforms.utility_transforms import RemoveLabelTransform
@@ -62,8 +65,16 @@ from batchgenerators.transforms.utility_transforms import RemoveLabelTransform
 from autoseg.errors import TrainingConfigError
 from autoseg.training.modality_dropout import ModalityDropout, check_modality_dropout
 from autoseg.training.transforms import (
-    DownsampleTargets, FoldFirstAxis, GaussianBlur, GaussianNoise, MaskOutside, MoveCascadeToData, PerturbCascade,
-    SegToTarget, ToTorch, UnfoldFirstAxis,
+    DownsampleTargets,
+    FoldFirstAxis,
+    GaussianBlur,
+    GaussianNoise,
+    MaskOutside,
+    MoveCascadeToData,
+    PerturbCascade,
+    SegToTarget,
+    ToTorch,
+    UnfoldFirstAxis,
 )
 
 SCALE_RANGE = (0.7, 1.4)

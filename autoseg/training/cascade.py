@@ -10,33 +10,18 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import AutosegError
+from autoseg.errors import CascadeInputError
 from autoseg.io.atomic import atomic_path
 from autoseg.io.dataset import Dataset
 from autoseg.io.image import read_label
 from autoseg.planner.plans import Plans
+from autoseg.preprocessing.cascade import previous_stage_to_grid
 from autoseg.preprocessing.properties import CaseProperties
-from autoseg.preprocessing.resample import resample_seg
-
-
-class CascadeInputError(AutosegError, FileNotFoundError):
-    """The first stage's predictions needed by a cascade stage are missing."""
 
 
 def cascade_input_folder(workdir: str | os.PathLike[str], config_name: str) -> Path:
     """Where the previous stage's predictions are stored on this configuration's grid."""
     return Path(workdir) / "preprocessed" / f"{config_name}_prev"
-
-
-def previous_stage_to_grid(seg: np.ndarray, props: CaseProperties, plans: Plans, order: int, order_z: int) -> np.ndarray:
-    """A label map in file layout -> the preprocessed grid described by ``props`` (int8/int16 ``(1, *spatial)``)."""
-    if props.file_ndim == 2:
-        seg = seg[None]
-    seg = seg.transpose(tuple(plans.transpose_forward))
-    seg = seg[tuple(slice(a, b) for a, b in props.bbox_t)].astype(np.int16)
-    seg = resample_seg(seg, props.shape_after_resampling_t, order=order, separate_axis=props.separate_axis,
-                       order_z=order_z)
-    return seg.astype(np.int8 if seg.max(initial=0) <= 127 else np.int16)[None]
 
 
 def prepare_cascade_inputs(dataset: Dataset, plans: Plans, config_name: str, workdir: str | os.PathLike[str], *,

@@ -268,7 +268,8 @@ class BatchStream:
         self._taken += 1
         if self.pin_memory:
             from batchgenerators.dataloading.nondet_multi_threaded_augmenter import (
-                pin_memory_of_all_eligible_items_in_dict)
+                pin_memory_of_all_eligible_items_in_dict,
+            )
 
             batch = pin_memory_of_all_eligible_items_in_dict(batch)
         return batch

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from autoseg.training.checkpoint import FINAL, LATEST, rng_state, save_checkpoint, set_rng_state
+from autoseg.networks.checkpoint import FINAL, LATEST, rng_state, save_checkpoint, set_rng_state
 from autoseg.training.metrics import pseudo_dice, tp_fp_fn
 from autoseg.training.progress import TrainingLog, plot_progress
 

@@ -34,8 +34,6 @@ from torch import nn
 from autoseg.errors import TrainingConfigError
 
 
-
-
 def _spatial_axes(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(2, t.ndim))
 

@@ -14,15 +14,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoseg.errors import AutosegError
+from autoseg.device import Runtime, barrier
+from autoseg.errors import TrainingError
 from autoseg.inference.export import LabelLayout, probabilities_path
 from autoseg.io.atomic import remove_stale_temporaries
 from autoseg.io.dataset import Dataset
+from autoseg.io.model_folder import fold_folder
+from autoseg.networks.checkpoint import FINAL, LATEST, CheckpointMeta, load_checkpoint
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.plugins.channels import training_channels
 from autoseg.training.augmentation import augmentation_params, training_transforms, validation_transforms
 from autoseg.training.cascade import cascade_input_folder, prepare_cascade_inputs
-from autoseg.training.checkpoint import FINAL, LATEST, load_checkpoint
 from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.modality_dropout import check_modality_dropout
@@ -30,10 +32,6 @@ from autoseg.training.progress import TrainingLog
 from autoseg.training.settings import TrainSettings
 from autoseg.training.splits import Fold, fold_cases, get_splits
 from autoseg.training.transfer import TransferReport, load_matching_weights
-
-
-class TrainingError(AutosegError, RuntimeError):
-    """Training cannot start or continue (the message says why and what to do)."""
 
 
 @dataclass(frozen=True)
@@ -44,40 +42,12 @@ class FoldResult:
     epochs: int
     validation: dict[str, Any] | None  # the summary of the final validation, if it ran
     transfer: TransferReport | None = None  # what --init-from copied, when this run started from another model
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA if available, else MPS, else CPU; other names are checked.
-
-    Raises:
-        TrainingError: the requested device is not available.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as err:
-        raise TrainingError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps.") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was requested but torch sees no CUDA GPU (this torch build: "
-                            f"{torch.__version__}); use --device cpu, or install a CUDA build of torch.")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError("--device mps was requested but MPS is not available; use --device cpu.")
-    return dev
+    main_process: bool = True  # False in the torchrun processes other than rank 0, which report nothing
 
 
 def derived_seed(*parts: Any) -> int:
     """A 31-bit seed from any values (stable across runs and platforms)."""
     return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:4], "little") & 0x7FFFFFFF
-
-
-def fold_folder(workdir: Path, config_name: str, fold: int | str) -> Path:
-    """``<workdir>/models/<config>/fold_<k>``."""
-    return Path(workdir) / "models" / config_name / f"fold_{fold}"
 
 
 def deep_supervision_scales(config: ConfigurationPlan) -> list[tuple[float, ...]]:
@@ -89,49 +59,9 @@ def deep_supervision_scales(config: ConfigurationPlan) -> list[tuple[float, ...]
     return scales
 
 
-def _ddp() -> tuple[int, int, int]:
-    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """Join the process group when started by ``torchrun`` (NCCL on CUDA, else gloo).
-
-    Returns:
-        ``(rank, world_size, device)``; ``(0, 1, device)`` outside torchrun.
-    """
-    rank, local_rank, world = _ddp()
-    device = resolve_device(device_name)
-    if world > 1:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def barrier() -> None:
-    """Wait for every DDP process (no-op outside torchrun)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _set_determinism(deterministic: bool, device: torch.device) -> None:
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
 def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str, workdir: str | os.PathLike[str], *,
-               settings: TrainSettings = TrainSettings(), resume: bool = False) -> FoldResult:
+               settings: TrainSettings = TrainSettings(), resume: bool = False,
+               runtime: Runtime | None = None) -> FoldResult:
     """Train (or continue, or extend) one fold, then validate it on its held-out cases.
 
     The preprocessed data must exist (``autoseg.api.train`` runs preprocessing first).
@@ -144,6 +74,7 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
         workdir: work folder.
         settings: epochs, iterations, device, workers, ...
         resume: continue from the latest/final checkpoint; with a larger ``epochs`` a finished run is extended.
+        runtime: device, precision and torchrun position (default: from ``settings``; see :mod:`autoseg.device`).
 
     Returns:
         The fold folder, the epochs trained and the validation summary.
@@ -159,8 +90,8 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
     workdir = Path(workdir)
     config = plans.configuration(config_name)
     check_modality_dropout(settings.modality_dropout, len(plans.channel_names))  # before any folder is made
-    rank, world, device = setup_distributed(settings.device)
-    _set_determinism(settings.deterministic, device)
+    runtime = (runtime or settings.runtime()).start()
+    rank, world, device = runtime.rank, runtime.world_size, runtime.device
     folder = fold_folder(workdir, config_name, fold)
     folder.mkdir(parents=True, exist_ok=True)
     epochs = settings.epochs or config.num_epochs
@@ -205,17 +136,16 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
         from torch.nn.parallel import DistributedDataParallel
 
         network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = device.type == "cuda" if settings.amp is None else settings.amp
+    amp = runtime.amp
     loop = TrainingLoop(network, loss, folder=folder, device=device, regions=layout.regions is not None,
                         ignore_label=dataset.spec.ignore_label, amp=amp, initial_lr=settings.initial_lr,
                         weight_decay=settings.weight_decay, momentum=settings.momentum,
                         grad_clip=settings.grad_clip, is_main=rank == 0)
     aug = augmentation_params(config.patch_size)
-    loop.state.extra = {"configuration": config_name, "fold": str(fold), "mirror_axes": list(aug.mirror_axes),
-                        "in_channels": in_channels, "num_outputs": layout.num_outputs, "epochs": epochs,
-                        "cascade_labels": list(prev_labels), "settings": settings.to_json()}
-    if transfer is not None:
-        loop.state.extra["init_from"] = transfer.to_json()
+    loop.state.extra = CheckpointMeta(
+        configuration=config_name, fold=str(fold), in_channels=in_channels, num_outputs=layout.num_outputs,
+        mirror_axes=tuple(aug.mirror_axes), cascade_labels=tuple(prev_labels), epochs=epochs,
+        settings=settings.to_json(), init_from=transfer.to_json() if transfer is not None else None).to_json()
     if ckpt is not None:
         loop.restore(ckpt)
 
@@ -260,7 +190,7 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
                                 prev_labels=prev_labels, extra_folders=plugin_channels.folders,
                                 progress=settings.progress)
     barrier()
-    return FoldResult(folder, epochs, summary, transfer)
+    return FoldResult(folder, epochs, summary, transfer, runtime.is_main)
 
 
 def revalidate_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str, workdir: Path, *,

@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from autoseg.device import Runtime
 from autoseg.training.modality_dropout import check_modality_dropout
 
 
@@ -67,6 +68,14 @@ class TrainSettings:
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form."""
         return asdict(self)
+
+    def runtime(self) -> Runtime:
+        """The :class:`~autoseg.device.Runtime` these settings ask for (device, mixed precision, determinism).
+
+        Raises:
+            TrainingError: the device is not available.
+        """
+        return Runtime.create(self.device, amp=self.amp, deterministic=self.deterministic, purpose="training")
 
     def resolved_workers(self, device_type: str) -> int:
         """Worker count to use on a device type."""

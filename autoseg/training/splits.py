@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.errors import AutosegError
+from autoseg.errors import SplitsError
 from autoseg.io.atomic import read_json, write_json_atomic
 
 __all__ = [
@@ -35,10 +35,6 @@ SPLITS_FILE = "splits.json"
 DEFAULT_N_FOLDS = 5
 DEFAULT_SEED = 12345
 _SHOW = 5  # how many offending ids an error message lists
-
-
-class SplitsError(AutosegError, ValueError):
-    """Cross-validation splits cannot be made, or a splits file is malformed."""
 
 
 @dataclass(frozen=True)

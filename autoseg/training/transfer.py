@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from autoseg.errors import TrainingConfigError
-from autoseg.training.checkpoint import FINAL, LATEST, load_checkpoint
+from autoseg.networks.checkpoint import FINAL, LATEST, load_checkpoint
 
 #: below this share of matched parameters the report says the source hardly helps
 LOW_MATCH = 0.5

@@ -15,6 +15,7 @@ from scipy.ndimage import label as cc_label
 
 from autoseg.errors import TrainingConfigError
 
+
 class FoldFirstAxis(AbstractTransform):
     """Dummy 2D: ``(B, C, X, Y, Z) -> (B, C*X, Y, Z)`` for data and seg; remembers C."""
 

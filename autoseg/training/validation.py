@@ -25,8 +25,8 @@ from autoseg.io.dataset import Dataset
 from autoseg.io.image import read_label, write_label
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.plugins.channels import with_case_channels
+from autoseg.preprocessing.cascade import one_hot
 from autoseg.preprocessing.properties import CaseProperties
-
 
 #: per-case quality scores of the validation cases, next to summary.json
 QUALITY = "quality.json"
@@ -44,12 +44,6 @@ def class_names(plans: Plans, layout: LabelLayout) -> list[str]:
 def eval_classes(layout: LabelLayout) -> list[Any]:
     """What :func:`dice_scores` compares: foreground label values, or region tuples."""
     return list(layout.regions) if layout.regions is not None else list(range(1, layout.num_outputs))
-
-
-def one_hot(seg: np.ndarray, labels: Sequence[int]) -> np.ndarray:
-    """``(len(labels), *spatial)`` float32 one-hot of a ``(1, *spatial)`` or spatial label map."""
-    s = seg[0] if seg.ndim and seg.shape[0] == 1 else seg
-    return np.stack([(s == v) for v in labels]).astype(np.float32)
 
 
 def validate_fold(network: torch.nn.Module, dataset: Dataset, plans: Plans, config: ConfigurationPlan,

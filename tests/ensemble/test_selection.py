@@ -11,11 +11,13 @@ import pytest
 
 from autoseg.api import predict, train
 from autoseg.cli import main
-from autoseg.ensemble.bundle import BundleError, export_bundle, verify_bundle
+from autoseg.ensemble.bundle import export_bundle, verify_bundle
+from autoseg.ensemble.choice import load_best
 from autoseg.ensemble.ensembling import EnsembleError, ensemble_folders
-from autoseg.ensemble.selection import find_best, load_best
+from autoseg.ensemble.selection import find_best
+from autoseg.errors import BundleError
+from autoseg.evaluation.quality_rule import QualityRule
 from autoseg.inference.export import load_probabilities_npz, probabilities_to_labels
-from autoseg.inference.quality import QualityRule
 from autoseg.io.image import read_label
 
 FAST = {"iters_per_epoch": 4, "val_iters": 1, "workers": 0, "device": "cpu", "progress": False}
@@ -39,15 +41,15 @@ def test_find_best_ranks_configurations_and_ensembles_and_writes_the_choice(cv):
     assert sel.best.score >= max(singles)  # the chosen pipeline is never worse than its best member on CV
     assert all(c.score == c.score for c in sel.candidates)  # every candidate was scored
     best = load_best(wd)
-    assert best["name"] == sel.best.name and best["score"] == pytest.approx(sel.best.score)
-    assert best["score_after_postprocessing"] >= best["score"] - 1e-12  # rules are kept only if they help
+    assert best.name == sel.best.name and best.score == pytest.approx(sel.best.score)
+    assert best.score_after_postprocessing >= best.score - 1e-12  # rules are kept only if they help
     n_cv = len(sel.best.predictions)
     assert n_cv == len(json.loads((wd / "selection" / "cv_summary.json").read_text())["cases"])
     # 2d was trained without probabilities: find-best recomputed its validation with them
     assert list((wd / "models" / "2d" / "fold_0" / "val").glob("*.npz"))
     table = sel.format_table()
     assert "<- best" in table and "postprocessing" in table
-    assert "--postprocessing" in best["predict_command"] and str(wd) in best["predict_command"]
+    assert "--postprocessing" in best.predict_command and str(wd) in best.predict_command
     # the quality flag was learnt on the same CV cases, with each score's Spearman against the real errors
     rule = QualityRule.load(wd / "selection" / "quality.json")
     assert rule.n_cases == n_cv and rule.candidate == sel.best.name and set(rule.spearman) >= {"combined"}
@@ -140,7 +142,7 @@ def test_tampered_bundle_is_refused_without_running_code(cv, tmp_path):
     assert not marker.exists()
     # even with the manifest forged to match, the weights are loaded without unpickling code
     manifest = json.loads((bundle / "manifest.json").read_text())
-    from autoseg.ensemble.bundle import sha256
+    from autoseg.io.model_folder import sha256
 
     manifest["files"][weights.relative_to(bundle).as_posix()] = sha256(weights)
     (bundle / "manifest.json").write_text(json.dumps(manifest))

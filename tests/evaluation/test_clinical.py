@@ -11,8 +11,14 @@ import SimpleITK as sitk
 from scipy.spatial.distance import pdist
 
 from autoseg.errors import AutosegError, ImageReadError
-from autoseg.evaluation.clinical import (LESION_COLUMNS, VOLUME_COLUMNS, axial_axis, longest_axial_diameter,
-                                         measure_case, measure_folder)
+from autoseg.evaluation.clinical import (
+    LESION_COLUMNS,
+    VOLUME_COLUMNS,
+    axial_axis,
+    longest_axial_diameter,
+    measure_case,
+    measure_folder,
+)
 from autoseg.evaluation.metrics import EvaluationError
 from autoseg.io.image import Geometry, read_label, write_label
 

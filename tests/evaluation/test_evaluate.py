@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from autoseg.evaluation.evaluate import evaluate_folder, evaluate_pairs
-from autoseg.evaluation.summary import EvaluationSummary
 from autoseg.evaluation.metrics import EvaluationError, case_metrics
+from autoseg.evaluation.summary import EvaluationSummary
 from autoseg.io.image import Geometry, write_label
 
 SPACING = (0.5, 1.0, 2.0)  # ITK order (x, y, z); array order (2.0, 1.0, 0.5)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from autoseg.evaluation.quality import calibrate_quality, case_errors, spearman
+from autoseg.evaluation.quality_rule import QualityRule, quality_row, write_quality_table
 from autoseg.evaluation.summary import EvaluationSummary
-from autoseg.inference.quality import QualityRule, quality_row, write_quality_table
 
 
 def test_spearman_and_threshold_catch_the_worst_cases():

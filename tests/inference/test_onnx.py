@@ -16,17 +16,26 @@ pytest.importorskip("onnx")
 
 from autoseg.api import predict  # noqa: E402
 from autoseg.cli import main as cli  # noqa: E402
-from autoseg.ensemble.bundle import BundleError, export_bundle, require_intact, sha256, verify_bundle  # noqa: E402
+from autoseg.ensemble.bundle import export_bundle, verify_bundle  # noqa: E402
+from autoseg.errors import BundleError, ModelNotFoundError
 from autoseg.inference import onnx_backend  # noqa: E402
 from autoseg.inference.onnx_backend import (  # noqa: E402
-    ONNX_FILE, OPSET, OnnxNetwork, OnnxUnavailableError, compare_with_torch, export_onnx, network_to_onnx)
-from autoseg.inference.predictor import ModelNotFoundError, Predictor  # noqa: E402
+    ONNX_FILE,
+    OPSET,
+    OnnxNetwork,
+    OnnxUnavailableError,
+    compare_with_torch,
+    export_onnx,
+    network_to_onnx,
+)
+from autoseg.inference.predictor import Predictor  # noqa: E402
 from autoseg.inference.sliding_window import InferenceError  # noqa: E402
 from autoseg.io.image import read_label  # noqa: E402
+from autoseg.io.model_folder import require_intact, sha256
+from autoseg.networks.checkpoint import FINAL, load_checkpoint, save_checkpoint  # noqa: E402
 from autoseg.networks.topology import UNetTopology  # noqa: E402
 from autoseg.networks.unet import UNet, build_network  # noqa: E402
 from autoseg.planner.plans import Plans  # noqa: E402
-from autoseg.training.checkpoint import FINAL, load_checkpoint, save_checkpoint  # noqa: E402
 
 #: |onnxruntime - torch| logits, relative to the largest |logit| (measured: ~1e-7 to 1e-6 on these tiny networks)
 RTOL = 1e-5

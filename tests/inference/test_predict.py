@@ -13,15 +13,16 @@ import SimpleITK as sitk
 
 from autoseg.api import predict
 from autoseg.cli import main as cli
+from autoseg.errors import ModelNotFoundError
 from autoseg.evaluation.dice import dice_scores
 from autoseg.inference.export import LabelLayout, export_segmentation, logits_to_labels, probabilities
 from autoseg.inference.inputs import PredictionInputError
-from autoseg.inference.predictor import ModelNotFoundError, Predictor
+from autoseg.inference.predictor import Predictor
 from autoseg.inference.sliding_window import InferenceError, window_starts
 from autoseg.io.image import read_header, read_image, read_label
+from autoseg.networks.checkpoint import FINAL
 from autoseg.preprocessing.preprocess import read_case
 from autoseg.preprocessing.resample import resample_data
-from autoseg.training.checkpoint import FINAL
 
 FP32 = {"amp": False, "progress": False}
 

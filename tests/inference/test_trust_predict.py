@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import itertools
+import json
 import shutil
 
 import numpy as np
@@ -14,12 +14,11 @@ import torch
 
 from autoseg.api import predict
 from autoseg.cli import main
-from autoseg.inference.ensemble import ModelEnsemble
+from autoseg.ensemble.models import ModelEnsemble
 from autoseg.inference.predictor import Predictor
 from autoseg.io.dataset import load_dataset
 from autoseg.io.image import read_image, read_label, write_image
 from autoseg.preprocessing.preprocess import read_case
-
 
 
 def _rows(folder):

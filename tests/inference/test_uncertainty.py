@@ -10,8 +10,13 @@ import torch
 
 from autoseg.inference.export import LabelLayout
 from autoseg.inference.sliding_window import mirror_variants, predict_logits
-from autoseg.inference.uncertainty import (entropy_map, pairwise_dice, predict_members, probability_scores,
-                                           vote_disagreement)
+from autoseg.inference.uncertainty import (
+    entropy_map,
+    pairwise_dice,
+    predict_members,
+    probability_scores,
+    vote_disagreement,
+)
 
 
 class Asymmetric(torch.nn.Module):

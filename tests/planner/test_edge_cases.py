@@ -8,8 +8,8 @@ import pytest
 from planner_fixtures import brats_like, make_fingerprint
 
 from autoseg.errors import FileFormatError, PlanningError
-from autoseg.planner.plans import Plans, load_plans
 from autoseg.planner.planner import plan_experiment
+from autoseg.planner.plans import Plans, load_plans
 
 
 def test_tiny_images_plan_without_pooling_the_short_axis():

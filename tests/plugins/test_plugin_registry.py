@@ -8,11 +8,20 @@ import json
 import numpy as np
 import pytest
 
-from autoseg import cli_plugins
+from autoseg.cli import plugins as cli_plugins
 from autoseg.planner.plans import Plans
-from autoseg.plugins import (ChannelPlugin, Param, PluginError, PluginInfo, available_plugins, get_plugin, parse_spec,
-                             resolve_plugins, with_plugins)
-from autoseg.plugins import registry
+from autoseg.plugins import (
+    ChannelPlugin,
+    Param,
+    PluginError,
+    PluginInfo,
+    available_plugins,
+    get_plugin,
+    parse_spec,
+    registry,
+    resolve_plugins,
+    with_plugins,
+)
 
 
 class _Ones(ChannelPlugin):

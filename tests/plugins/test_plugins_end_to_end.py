@@ -9,16 +9,24 @@ import numpy as np
 import pytest
 
 from autoseg.api import plan, predict, preprocess, train
-from autoseg.ensemble.bundle import BundleError, export_bundle
+from autoseg.ensemble.bundle import export_bundle
+from autoseg.errors import BundleError
 from autoseg.inference.predictor import Predictor
 from autoseg.io.image import read_label
+from autoseg.networks.checkpoint import FINAL, load_checkpoint
 from autoseg.planner.plans import Plans
 from autoseg.plugins import PluginError, peritumoral_zones, with_plugins
-from autoseg.plugins.channels import (FIT, PLUGINS_DIR, STATE, channel_folder, load_state, prepare_channels,
-                                      training_channels)
+from autoseg.plugins.channels import (
+    FIT,
+    PLUGINS_DIR,
+    STATE,
+    channel_folder,
+    load_state,
+    prepare_channels,
+    training_channels,
+)
 from autoseg.plugins.kle import KLEResidual
 from autoseg.preprocessing.preprocess import read_case
-from autoseg.training.checkpoint import FINAL, load_checkpoint
 
 CHOICES = ["kle_residual:grid=8:n_components=4", "peritumoral_zones:widths_mm=3,3"]
 FAST = {"epochs": 1, "iters_per_epoch": 2, "val_iters": 1, "workers": 0, "device": "cpu", "progress": False}

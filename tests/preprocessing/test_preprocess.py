@@ -14,7 +14,11 @@ from autoseg.io.dataset import load_dataset
 from autoseg.io.image import Geometry, read_label, write_image, write_label
 from autoseg.preprocessing.cropping import OUTSIDE, crop_to_nonzero, uncrop
 from autoseg.preprocessing.preprocess import (
-    case_paths, foreground_locations, preprocess_arrays, preprocess_dataset, read_case,
+    case_paths,
+    foreground_locations,
+    preprocess_arrays,
+    preprocess_dataset,
+    read_case,
 )
 from autoseg.preprocessing.resample import resample_data, resample_seg
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from autoseg.cli_report import COMMANDS, add_parsers
+from autoseg.cli.report import COMMANDS, add_parsers
 from autoseg.data.synthetic import make_synthetic_dataset
 from autoseg.io.dataset import load_dataset
 from autoseg.io.image import Geometry, write_image, write_label

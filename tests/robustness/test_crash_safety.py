@@ -29,7 +29,7 @@ import torch
 from autoseg.api import preprocess, train
 from autoseg.data.synthetic import make_synthetic_dataset
 from autoseg.io.atomic import atomic_path
-from autoseg.training.checkpoint import FINAL, LATEST, load_checkpoint
+from autoseg.networks.checkpoint import FINAL, LATEST, load_checkpoint
 
 posix = pytest.mark.skipif(not hasattr(os, "killpg"), reason="kills a process group (POSIX)")
 AUTOSEG = [sys.executable, "-m", "autoseg", "-q"]

@@ -16,15 +16,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing import resource_tracker
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
+import failing_jobs
 import numpy as np
 import pytest
 
-import failing_jobs
 from autoseg.errors import ImageReadError
 from autoseg.io.dataset import load_dataset
 from autoseg.io.image import read_label

@@ -24,7 +24,7 @@ import torch
 from autoseg.errors import ImageWriteError
 from autoseg.io.atomic import write_json_atomic
 from autoseg.io.image import Geometry, write_label
-from autoseg.training.checkpoint import FINAL, load_checkpoint
+from autoseg.networks.checkpoint import FINAL, load_checkpoint
 
 PROBE = ".autoseg-write-test."  # the name ensure_writable gives its test file
 linux_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
@@ -107,7 +107,7 @@ def test_plan_into_a_read_only_workdir_fails_before_fingerprinting(tmp_path, mon
     work = tmp_path / "work"
     work.mkdir()
     read_only(monkeypatch, work)
-    monkeypatch.setattr("autoseg.api.analyze_dataset", never("the dataset was analysed"))
+    monkeypatch.setattr("autoseg.fingerprint.stage.analyze_dataset", never("the dataset was analysed"))
     status, _, err = cli("plan", clean_dataset, "--workdir", work, "--preset", "cpu")
     clear_error(status, err, str(work), "read-only", "--workdir")
     assert len(err.strip().splitlines()) == 1 and not list(work.iterdir())

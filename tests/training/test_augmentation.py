@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from autoseg.errors import AutosegError
-from autoseg.training.augmentation import (AugmentationParams, augmentation_params, training_transforms,
-                                           validation_transforms)
+from autoseg.training.augmentation import (
+    AugmentationParams,
+    augmentation_params,
+    training_transforms,
+    validation_transforms,
+)
 
 BRATS_REGIONS = [(1, 2, 3), (2, 3), (3,)]
 

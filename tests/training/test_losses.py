@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from autoseg.errors import AutosegError
-from autoseg.training.losses import (DeepSupervisionLoss, DiceBCELoss, DiceCELoss, SoftDiceLoss,
-                                     build_loss, deep_supervision_weights)
+from autoseg.training.losses import (
+    DeepSupervisionLoss,
+    DiceBCELoss,
+    DiceCELoss,
+    SoftDiceLoss,
+    build_loss,
+    deep_supervision_weights,
+)
 from autoseg.training.metrics import pseudo_dice, tp_fp_fn
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from autoseg.api import train
 from autoseg.errors import TrainingConfigError
+from autoseg.networks.checkpoint import FINAL, load_checkpoint
 from autoseg.training.augmentation import augmentation_params, training_transforms, validation_transforms
-from autoseg.training.checkpoint import FINAL, load_checkpoint
 from autoseg.training.modality_dropout import ModalityDropout, check_modality_dropout
 from autoseg.training.settings import TrainSettings
 

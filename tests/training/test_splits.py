@@ -10,8 +10,16 @@ import warnings
 import pytest
 
 from autoseg.errors import AutosegError
-from autoseg.training.splits import (Fold, SplitsError, fold_cases, get_splits, load_splits, make_splits,
-                                     read_groups, save_splits)
+from autoseg.training.splits import (
+    Fold,
+    SplitsError,
+    fold_cases,
+    get_splits,
+    load_splits,
+    make_splits,
+    read_groups,
+    save_splits,
+)
 
 CASES = [f"case_{i:03d}" for i in range(23)]
 

@@ -17,8 +17,8 @@ import pytest
 from autoseg.api import train
 from autoseg.cli import main as cli
 from autoseg.io.image import read_label
+from autoseg.networks.checkpoint import FINAL, LATEST, load_checkpoint
 from autoseg.training.cascade import CascadeInputError
-from autoseg.training.checkpoint import FINAL, LATEST, load_checkpoint
 from autoseg.training.run import TrainingError
 
 FAST = {"iters_per_epoch": 3, "val_iters": 1, "workers": 0, "device": "cpu", "progress": False}

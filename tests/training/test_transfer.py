@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from autoseg.errors import AutosegError, FileFormatError
+from autoseg.networks.checkpoint import FINAL, save_checkpoint
 from autoseg.networks.topology import UNetTopology
 from autoseg.networks.unet import UNet
-from autoseg.training.checkpoint import FINAL, save_checkpoint
 from autoseg.training.transfer import find_source_checkpoint, load_matching_weights
 
 
@@ -89,7 +89,7 @@ def test_cli_fine_tunes_from_a_checkpoint_and_lists_the_unmatched_layers(tmp_pat
     import shutil
 
     from autoseg.cli import main
-    from autoseg.training.checkpoint import load_checkpoint
+    from autoseg.networks.checkpoint import load_checkpoint
 
     ds, wd, plans = tiny_brats
     work = tmp_path / "work"

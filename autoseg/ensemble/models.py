@@ -18,8 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.inference.export import (LabelLayout, export_map, export_segmentation, probabilities_path,
-                                      probabilities_to_labels, save_probabilities_npz)
+from autoseg.inference.export import (
+    LabelLayout,
+    export_map,
+    export_segmentation,
+    probabilities_path,
+    probabilities_to_labels,
+    save_probabilities_npz,
+)
 from autoseg.inference.predictor import Predictor
 from autoseg.inference.sliding_window import InferenceError
 from autoseg.inference.uncertainty import MemberOutputs, combined_score, entropy_map, probability_scores

@@ -68,7 +68,7 @@ def _case_source(workdir: Path, *, images: str | os.PathLike[str] | None, labels
 
     common = dict(device=device, tta=tta, postprocessing=False)
     if images is not None:
-        model, _ = load_ensemble(workdir, configurations=configuration, folds=folds, **common)
+        model, _ = load_ensemble(workdir, configuration=configuration, folds=folds, **common)
         cases = collect_cases([images], model.plans.channel_names)[:max_cases]
 
         def given() -> Iterator[tuple[str, Any, np.ndarray, Any, np.ndarray | None]]:
@@ -93,18 +93,18 @@ def _case_source(workdir: Path, *, images: str | os.PathLike[str] | None, labels
     ds = load_dataset(root)
     splits = load_splits(workdir / "splits.json")
     name = configuration or _default_configuration(workdir)
-    from autoseg.inference.predictor import trained_folds
+    from autoseg.io.model_folder import configuration_folder, trained_folds
 
-    wanted = [str(f) for f in folds] if folds else [f for f in trained_folds(workdir / "models" / name) if f.isdigit()]
+    wanted = [str(f) for f in folds] if folds else [f for f in trained_folds(configuration_folder(workdir, name)) if f.isdigit()]
     if not wanted:
         raise EvaluationError(f"{workdir}: {name} has no trained cross-validation fold; train one or pass -i/-r.")
     by_id = {c.case_id: c for c in ds.cases}
-    first, _ = load_ensemble(workdir, configurations=[name], folds=[wanted[0]], **common)
+    first, _ = load_ensemble(workdir, configuration=[name], folds=[wanted[0]], **common)
 
     def cv() -> Iterator[tuple[str, Any, np.ndarray, Any, np.ndarray | None]]:
         count = 0
         for f in wanted:
-            model = first if f == wanted[0] else load_ensemble(workdir, configurations=[name], folds=[f], **common)[0]
+            model = first if f == wanted[0] else load_ensemble(workdir, configuration=[name], folds=[f], **common)[0]
             for cid in splits[int(f)].val:
                 if max_cases is not None and count >= max_cases:
                     return
@@ -115,12 +115,12 @@ def _case_source(workdir: Path, *, images: str | os.PathLike[str] | None, labels
 
 
 def _default_configuration(workdir: Path) -> str:
-    from autoseg.ensemble.selection import load_best
-    from autoseg.inference.predictor import trained_configurations
+    from autoseg.ensemble.choice import load_best
+    from autoseg.io.model_folder import trained_configurations
 
     best = load_best(workdir)
     if best is not None:
-        return str(best["members"][0]["configuration"])
+        return best.members[0].configuration
     trained = trained_configurations(workdir)
     if len(trained) != 1:
         raise EvaluationError(f"{workdir}: {'several' if trained else 'no'} trained configurations "

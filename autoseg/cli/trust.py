@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autoseg.cli_selection import add_jobs
+from autoseg.cli.selection import add_jobs
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def _folds(args: argparse.Namespace) -> list[str] | None:
 
 
 def _cmd_evaluate_missing(args: argparse.Namespace) -> int:
-    from autoseg.api_trust import evaluate_missing
+    from autoseg.api.trust import evaluate_missing
 
     summary = evaluate_missing(args.bundle or args.workdir, images=args.images, labels=args.labels,
                                dataset=args.dataset, configuration=args.configuration, folds=_folds(args),
@@ -61,7 +61,7 @@ def _cmd_evaluate_missing(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from autoseg.api_trust import explain
+    from autoseg.api.trust import explain
 
     result = explain(args.bundle or args.workdir, args.images, output=args.output, labels=args.labels,
                      configuration=args.configuration, folds=_folds(args), device=args.device, tta=args.tta,
@@ -72,7 +72,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from autoseg.api_trust import measure
+    from autoseg.api.trust import measure
 
     paths = measure(args.folder, workdir=args.workdir, dataset_json=args.dataset_json, output=args.output,
                     jobs=args.jobs, progress=not args.quiet)

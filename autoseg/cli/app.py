@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from autoseg import __version__, cli_plugins as plugins_cli, cli_report as report, cli_selection as selection, \
-    cli_trust as trust
-from autoseg.cli_selection import add_jobs, add_label_map
+from autoseg import __version__
+from autoseg.cli import plugins as plugins_cli
+from autoseg.cli import report, selection, trust
+from autoseg.cli.selection import add_jobs, add_label_map
 from autoseg.errors import AutosegError, describe_os_error
 
 
@@ -209,7 +209,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              modality_dropout=args.modality_dropout, init_from=args.init_from)
     for result in train(args.dataset, args.configuration, args.fold, workdir=args.workdir, settings=settings,
                         resume=args.resume, jobs=args.jobs, groups=args.groups, validate_only=args.validate_only):
-        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        if not result.main_process:  # under torchrun only rank 0 reports
             continue
         if result.transfer is not None:
             print("\n".join(result.transfer.lines()))
@@ -255,7 +255,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         flagged = f"; flagged: {', '.join(summary.flagged)}" if summary.flagged else "; none flagged"
         print(f"quality table: {summary.quality_table}{flagged}")
     if args.tables:
-        from autoseg.api_trust import measure
+        from autoseg.api.trust import measure
 
         paths = measure(args.output, workdir=args.bundle or args.workdir, progress=not args.quiet)
         print(f"wrote {paths.volumes} and {paths.lesions}")

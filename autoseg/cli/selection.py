@@ -110,14 +110,14 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _parse_map(items):  # type: ignore[no-untyped-def]
-    from autoseg.inference.ensemble import parse_label_map
+    from autoseg.ensemble.models import parse_label_map
 
     return parse_label_map(items)
 
 
 def _cmd_postprocess(args: argparse.Namespace) -> int:
+    from autoseg.ensemble.choice import POSTPROCESSING, SELECTION
     from autoseg.ensemble.postprocessing import PostprocessingRules, postprocess_folder
-    from autoseg.ensemble.selection import POSTPROCESSING, SELECTION
 
     path = args.rules or args.workdir / SELECTION / POSTPROCESSING
     rules = PostprocessingRules.load(path)

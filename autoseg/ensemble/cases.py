@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from autoseg.inference.ensemble import ModelEnsemble, map_path
+from autoseg.ensemble.models import ModelEnsemble, map_path
+from autoseg.evaluation.quality_rule import QualityRule, quality_row, write_quality_table
 from autoseg.inference.export import probabilities_path
 from autoseg.inference.inputs import InputCase, PredictionInputError
 from autoseg.inference.predictor import Predictor
-from autoseg.inference.quality import QualityRule, quality_row, write_quality_table
 from autoseg.io.atomic import remove_stale_temporaries, write_json_atomic
 from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, file_ending, is_complete_image
 from autoseg.plugins.labels import DerivedLabels, body_mask

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,7 @@ import torch
 
 from autoseg.errors import FileFormatError
 from autoseg.io.atomic import atomic_path
-
-LATEST = "checkpoint_latest.pt"
-FINAL = "checkpoint_final.pt"
+from autoseg.io.model_folder import FINAL, LATEST  # noqa: F401  (re-exported: the checkpoint file names)
 
 
 def rng_state() -> dict[str, Any]:
@@ -92,3 +91,71 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
     if not isinstance(state, dict) or "network" not in state:
         raise FileFormatError(f"{path}: not an autoseg checkpoint (no 'network' entry).")
     return state
+
+
+#: version of :class:`CheckpointMeta`; checkpoints written before it was recorded are version 1
+META_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """The description of a run that every checkpoint carries next to the weights (a model folder describes itself).
+
+    Stored as top-level entries of the checkpoint, so older files (without ``meta_version``) load unchanged.
+
+    Attributes:
+        configuration: the configuration trained.
+        fold: the fold (``"0"``..., or ``"all"``).
+        in_channels: network input channels (image channels, plugin channels, one-hot cascade labels).
+        num_outputs: network output channels (labels, or regions).
+        mirror_axes: the axes mirrored in training, and so at test time.
+        cascade_labels: labels one-hot encoded from a cascade's first stage (empty otherwise).
+        epochs: the epochs the run was asked for.
+        settings: the :class:`~autoseg.training.settings.TrainSettings` as JSON.
+        init_from: what fine-tuning copied (``TransferReport`` JSON), when the run started from another model.
+        meta_version: :data:`META_VERSION` when written.
+    """
+
+    configuration: str
+    fold: str
+    in_channels: int
+    num_outputs: int
+    mirror_axes: tuple[int, ...] = ()
+    cascade_labels: tuple[int, ...] = ()
+    epochs: int | None = None
+    settings: dict[str, Any] | None = None
+    init_from: dict[str, Any] | None = None
+    meta_version: int = META_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain entries for the checkpoint (``init_from`` only when set)."""
+        out: dict[str, Any] = {"configuration": self.configuration, "fold": self.fold,
+                               "mirror_axes": list(self.mirror_axes), "in_channels": self.in_channels,
+                               "num_outputs": self.num_outputs, "epochs": self.epochs,
+                               "cascade_labels": list(self.cascade_labels), "settings": self.settings,
+                               "meta_version": self.meta_version}
+        if self.init_from is not None:
+            out["init_from"] = self.init_from
+        return out
+
+    @classmethod
+    def from_json(cls, state: dict[str, Any], source: str | os.PathLike[str] = "checkpoint") -> CheckpointMeta:
+        """Read the entries of a loaded checkpoint.
+
+        Raises:
+            FileFormatError: an entry the predictor needs is missing or of the wrong type, or the version is newer.
+        """
+        version = int(state.get("meta_version", 1))
+        if version > META_VERSION:
+            raise FileFormatError(f"{source}: checkpoint description version {version} is newer than this autoseg "
+                                  f"reads ({META_VERSION}); upgrade autoseg.")
+        try:
+            return cls(configuration=str(state.get("configuration", "")), fold=str(state.get("fold", "")),
+                       in_channels=int(state["in_channels"]), num_outputs=int(state["num_outputs"]),
+                       mirror_axes=tuple(int(a) for a in state.get("mirror_axes", ())),
+                       cascade_labels=tuple(int(v) for v in state.get("cascade_labels", ())),
+                       epochs=None if state.get("epochs") is None else int(state["epochs"]),
+                       settings=state.get("settings"), init_from=state.get("init_from"), meta_version=version)
+        except (KeyError, TypeError, ValueError) as err:
+            raise FileFormatError(f"{source}: not an autoseg checkpoint (entry {err} missing or malformed); train "
+                                  "the fold again or use the checkpoint_final.pt that `autoseg train` wrote.") from err
