@@ -1,4 +1,5 @@
 # Two entry points: `make demo` (the main job on generated demo data) and `make test`.
+# `make test` lints (ruff: imports, pyflakes, a complexity ceiling) and runs the suite.
 # Both create .venv on first use and install autoseg into it (torch pinned for reproducible CPU builds).
 PY ?= python3
 VENV := .venv
@@ -23,6 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py --data $(DEMO_DIR) -j $(JOBS)
 
 test: $(STAMP)
+	$(BIN)/ruff check autoseg tests benchmarks examples
 	$(BIN)/python -m pytest -q
 
 clean:
