@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from autoseg.errors import TrainingConfigError
-from autoseg.training.losses import (LOSSES, DeepSupervisionLoss, DiceBCELoss, DiceCELoss, SoftDiceLoss, TverskyLoss,
-                                     build_loss, deep_supervision_weights)
+from autoseg.training.losses import (
+    LOSSES,
+    DeepSupervisionLoss,
+    DiceBCELoss,
+    DiceCELoss,
+    SoftDiceLoss,
+    TverskyLoss,
+    build_loss,
+    deep_supervision_weights,
+)
 
 IGNORE = 3  # label mode: 3 classes (0, 1, 2) and ignore label 3
 BOTH_MODES = ["dice_topk", "dice_focal", "tversky"]
