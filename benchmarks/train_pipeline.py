@@ -25,10 +25,10 @@ from autoseg.io.dataset import load_dataset
 from autoseg.networks.memory import estimate_training_bytes
 from autoseg.networks.unet import build_network
 from autoseg.training.augmentation import augmentation_params, training_transforms
+from autoseg.training.components import deep_supervision_scales
 from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.losses import build_loss
-from autoseg.training.run import deep_supervision_scales
 from autoseg.training.settings import TrainSettings
 
 

@@ -195,8 +195,8 @@ def export_bundle(workdir: str | os.PathLike[str], output: str | os.PathLike[str
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "software": _versions(__version__),
             "seed": plans.seed,
-            "seeds_note": "training seeds derive from this seed, the configuration and the fold (training.run."
-                          "derived_seed); the split uses it directly",
+            "seeds_note": "training seeds derive from this seed, the configuration and the fold (training."
+                          "components.derived_seed); the split uses it directly",
             "members": members, "postprocessing": POSTPROCESSING if rules else None,
             "label_map": {str(k): v for k, v in mapping.items()} if mapping else None,
             "inference": {"tta": True, "step_size": 0.5, "verification": "CPU, float32, deterministic algorithms"},
