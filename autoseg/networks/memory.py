@@ -183,7 +183,7 @@ def estimate_training_bytes(topology: UNetTopology, patch_size: Sequence[int], *
                           bytes_per_parameter=bytes_per_parameter)
 
 
-def training_bytes(elements: int, parameters: int, *, batch_size: int, bytes_per_element: float,
+def training_bytes(elements: float, parameters: int, *, batch_size: int, bytes_per_element: float,
                    bytes_per_parameter: float) -> int:
     """The formula of :func:`estimate_training_bytes`, for any network's element and parameter counts.
 
