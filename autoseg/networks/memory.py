@@ -179,4 +179,19 @@ def estimate_training_bytes(topology: UNetTopology, patch_size: Sequence[int], *
         raise PlanningError(f"batch_size={batch_size} must be at least 1.")
     elements = feature_map_elements(topology, patch_size, num_classes=num_classes)
     params = count_parameters(topology, in_channels=in_channels, num_classes=num_classes)
-    return int(elements * batch_size * bytes_per_element + params * bytes_per_parameter)
+    return training_bytes(elements, params, batch_size=batch_size, bytes_per_element=bytes_per_element,
+                          bytes_per_parameter=bytes_per_parameter)
+
+
+def training_bytes(elements: float, parameters: int, *, batch_size: int, bytes_per_element: float,
+                   bytes_per_parameter: float) -> int:
+    """The formula of :func:`estimate_training_bytes`, for any network's element and parameter counts.
+
+    ``elements x batch_size x bytes_per_element + parameters x bytes_per_parameter``, truncated to an int.
+
+    Raises:
+        PlanningError: batch size below 1.
+    """
+    if batch_size < 1:
+        raise PlanningError(f"batch_size={batch_size} must be at least 1.")
+    return int(elements * batch_size * bytes_per_element + parameters * bytes_per_parameter)

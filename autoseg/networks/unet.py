@@ -183,6 +183,19 @@ class UNet(nn.Module):
                                 f"the strides per axis); pad the input to a multiple, e.g. {fixed}, or use a "
                                 "patch size that is a multiple of it.")
 
+    def transform_skip(self, stage: int, skip: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
+        """Hook for subclasses: the skip of encoder ``stage`` as the decoder concatenates it (identity here).
+
+        Args:
+            stage: index of the encoder stage whose output ``skip`` is (0 is full resolution).
+            skip: that stage's output, ``(batch, features_per_stage[stage], *spatial)``.
+            upsampled: the transposed-conv output it is concatenated with (same shape).
+
+        Returns:
+            The tensor to concatenate; :class:`~autoseg.networks.attention_unet.AttentionUNet` gates it.
+        """
+        return skip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Segment a batch.
 
@@ -210,7 +223,7 @@ class UNet(nn.Module):
         outputs: list[torch.Tensor] = []
         for s in range(n_dec - 1, -1, -1):  # deepest first
             x = self.upsample[s](x)
-            x = self.decoder[s](torch.cat((x, skips[s]), dim=1))
+            x = self.decoder[s](torch.cat((x, self.transform_skip(s, skips[s], x)), dim=1))
             if self.deep_supervision or s == 0:
                 outputs.append(self.heads[s](x))
         if not self.deep_supervision:
