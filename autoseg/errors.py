@@ -109,6 +109,11 @@ class PluginError(AutosegError, ValueError):
     """An unknown plugin, a bad plugin parameter, a broken third-party plugin or a missing plugin state."""
 
 
+
+class MissingDependencyError(AutosegError, ImportError):
+    """An optional package a part needs is not installed; the message names the pip command."""
+
+
 _OS_FIXES = {
     errno.ENOSPC: ("the disk is full", "free space there (or point --workdir/-o at a larger disk) and rerun; "
                    "finished files are kept and the rerun continues where it stopped"),

@@ -36,7 +36,7 @@ from math import ceil, prod
 import torch
 from torch import nn
 
-from autoseg.errors import AutosegError, PlanningError
+from autoseg.errors import MissingDependencyError, PlanningError
 from autoseg.networks import memory
 from autoseg.networks.memory import BYTES_PER_ELEMENT_MIXED, BYTES_PER_PARAMETER_MIXED
 from autoseg.networks.topology import UNetTopology
@@ -52,10 +52,6 @@ _MLP_RATIO = 4  # MONAI's default, not a parameter here
 MISSING_MONAI = "network 'swin_unetr' needs MONAI: pip install \"autoseg[monai]\""
 MISSING_EINOPS = ("network 'swin_unetr' needs einops, which MONAI's Swin layers import: "
                   "pip install \"autoseg[monai]\" (or pip install einops)")
-
-
-class MissingDependencyError(AutosegError, ImportError):
-    """An optional package a network needs is not installed; the message names the pip command."""
 
 
 def _swin_unetr_class() -> type[nn.Module]:
