@@ -16,12 +16,27 @@ from autoseg.errors import AutosegError, describe_os_error
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    """The ``autoseg`` parser: global options, then one subparser per command (in ``--help`` order)."""
     p = argparse.ArgumentParser(prog="autoseg", description="Self-configuring medical image segmentation.")
     p.add_argument("--version", action="version", version=f"autoseg {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_check_parser(sub)
+    _add_plan_parser(sub)
+    _add_preprocess_parser(sub)
+    _add_train_parser(sub)
+    _add_predict_parser(sub)
+    selection.add_parsers(sub)
+    trust.add_parsers(sub)
+    report.add_parsers(sub)
+    plugins_cli.add_parsers(sub)
+    _add_convert_msd_parser(sub)
+    return p
 
+
+def _add_check_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``autoseg check``: validate a dataset folder."""
     c = sub.add_parser("check", help="check a dataset folder and list every problem at once")
     c.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
     c.add_argument("--strict-geometry", action="store_true",
@@ -29,6 +44,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     add_jobs(c)
 
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``autoseg plan``: check, fingerprint, plan and optionally preprocess a dataset."""
     pl = sub.add_parser("plan", help="check, fingerprint and plan a dataset (writes plans.json)")
     pl.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
     pl.add_argument("--workdir", type=Path, help="work folder (default ./autoseg_work/<dataset>)")
@@ -49,6 +67,9 @@ def _build_parser() -> argparse.ArgumentParser:
                          "'all' for every configuration, 'none' to skip)")
     add_jobs(pl)
 
+
+def _add_preprocess_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``autoseg preprocess``: preprocess the training cases of configurations."""
     pp = sub.add_parser("preprocess", help="preprocess the training cases for configurations (idempotent)")
     pp.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
     pp.add_argument("configurations", nargs="*", metavar="CONFIG",
@@ -57,6 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--overwrite", action="store_true", help="redo every case")
     add_jobs(pp)
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``autoseg train``: train folds of a configuration, fine-tune or re-validate."""
     t = sub.add_parser("train", help="train a configuration with cross-validation (resumable)")
     t.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
     t.add_argument("configuration", help="2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres")
@@ -90,6 +114,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="CSV/TSV with case,group columns (e.g. patient ids): splits keep each group in one fold")
     add_jobs(t)
 
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``autoseg predict``: segment images with trained folds or a bundle."""
     pr = sub.add_parser("predict", help="segment images with trained folds (output in the inputs' geometry)")
     pr.add_argument("-i", "--input", nargs="+", required=True, metavar="IN",
                     help="folder of CASE_XXXX.<ending> channel files (nnU-Net layout), or image files")
@@ -133,16 +160,13 @@ def _build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tables", action="store_true",
                     help="also write OUT/volumes.csv and OUT/lesions.csv (volume per class, per-lesion list)")
 
-    selection.add_parsers(sub)
-    trust.add_parsers(sub)
-    report.add_parsers(sub)
-    plugins_cli.add_parsers(sub)
 
+def _add_convert_msd_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``autoseg convert-msd``: convert a Decathlon task to the nnU-Net layout."""
     m = sub.add_parser("convert-msd", help="convert a Medical Segmentation Decathlon task to the nnU-Net layout")
     m.add_argument("src", type=Path, help="MSD task folder (dataset.json, imagesTr/, labelsTr/)")
     m.add_argument("dst", type=Path, help="new dataset folder to write")
     m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty destination")
-    return p
 
 
 def _print_warnings(report) -> None:  # type: ignore[no-untyped-def]

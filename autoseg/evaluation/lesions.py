@@ -133,6 +133,47 @@ def lesion_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], 
         ValueError: the masks and spacing do not fit together, or an option is out of range.
     """
     a, b, sp = check_masks(pred, ref, spacing)
+    edges = _check_options(dilation, min_volume_voxels, size_bins_mm)
+    full = ndimage.generate_binary_structure(a.ndim, a.ndim)
+    voxel_mm3 = float(np.prod(sp))
+
+    ref_cc = _reference_lesions(b, full, dilation, min_volume_voxels)
+    pred_cc = _predicted_components(a, full, min_volume_voxels, ref_cc)
+    matches, hit_pred = _match_components(pred_cc, ref_cc)
+    lesions = _score_lesions(b, sp, voxel_mm3, ref_cc, pred_cc, matches, penalty_mm)
+
+    kept_pred = np.flatnonzero(pred_cc.keep).tolist()
+    fp = [p for p in kept_pred if p not in hit_pred]
+    summary = _case_summary(lesions, n_fp=len(fp), n_hit_pred=len(hit_pred), n_kept_pred=len(kept_pred),
+                            penalty_mm=penalty_mm)
+    summary.update(_size_bin_summary(lesions, edges))
+    return LesionResult(
+        summary=summary, lesions=lesions,
+        false_positive_volumes_mm3=[int(pred_cc.sizes[p]) * voxel_mm3 for p in fp],
+        n_dropped_ref=int(ref_cc.dropped.sum()), n_dropped_pred=pred_cc.count - len(kept_pred),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _Components:
+    """A connected-component labelling: ``labels`` (0 = background) numbers ``count`` components; ``sizes[k]``
+    counts the voxels of component ``k`` and ``keep[k]`` says whether it is kept (``keep[0]`` is False)."""
+
+    labels: np.ndarray
+    count: int
+    sizes: np.ndarray
+    keep: np.ndarray
+
+    @property
+    def dropped(self) -> np.ndarray:
+        """Per label, whether the component was dropped (background excluded)."""
+        dropped = ~self.keep
+        dropped[0] = False
+        return dropped
+
+
+def _check_options(dilation: int, min_volume_voxels: int, size_bins_mm: Sequence[float]) -> list[float]:
+    """Validate the options of :func:`lesion_metrics`; return the size-bin edges as floats."""
     if int(dilation) != dilation or dilation < 0:
         raise ValueError(f"dilation must be a non-negative whole number of voxels, found {dilation!r}.")
     if min_volume_voxels < 0:
@@ -140,80 +181,98 @@ def lesion_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], 
     edges = [float(e) for e in size_bins_mm]
     if any(lo >= hi for lo, hi in zip(edges[:-1], edges[1:], strict=True)):
         raise ValueError(f"size_bins_mm must be strictly ascending, found {tuple(size_bins_mm)}.")
-    ndim = a.ndim
-    full = ndimage.generate_binary_structure(ndim, ndim)
-    voxel_mm3 = float(np.prod(sp))
+    return edges
 
-    # reference lesions and their dilated extents
-    extent = ndimage.binary_dilation(b, structure=full, iterations=int(dilation)) if dilation and b.any() else b
+
+def _reference_lesions(ref: np.ndarray, full: np.ndarray, dilation: int, min_volume_voxels: int) -> _Components:
+    """Label the dilated reference (rule 1): the labels are the lesions' extents, the sizes count original
+    reference voxels, and lesions under ``min_volume_voxels`` are not kept (rule 2)."""
+    extent = ndimage.binary_dilation(ref, structure=full, iterations=int(dilation)) if dilation and ref.any() else ref
     ext_lab, n_ext = ndimage.label(extent, structure=full)
-    lesion_sizes = np.bincount(ext_lab[b], minlength=n_ext + 1)
+    lesion_sizes = np.bincount(ext_lab[ref], minlength=n_ext + 1)
     keep_lesion = lesion_sizes >= min_volume_voxels
     keep_lesion[0] = False
-    dropped_lesion = ~keep_lesion
-    dropped_lesion[0] = False
+    return _Components(labels=ext_lab, count=n_ext, sizes=lesion_sizes, keep=keep_lesion)
 
-    # predicted components
-    pred_lab, n_pred = ndimage.label(a, structure=full)
+
+def _predicted_components(pred: np.ndarray, full: np.ndarray, min_volume_voxels: int,
+                          ref_cc: _Components) -> _Components:
+    """Label the prediction (rule 3); components under ``min_volume_voxels`` or lying entirely within the
+    extents of dropped lesions (rule 2) are not kept."""
+    pred_lab, n_pred = ndimage.label(pred, structure=full)
     pred_sizes = np.bincount(pred_lab.ravel(), minlength=n_pred + 1)
     keep_pred = pred_sizes >= min_volume_voxels
     keep_pred[0] = False
+    dropped_lesion = ref_cc.dropped
     if dropped_lesion.any():
-        inside_dropped = np.bincount(pred_lab[dropped_lesion[ext_lab]], minlength=n_pred + 1)
+        inside_dropped = np.bincount(pred_lab[dropped_lesion[ref_cc.labels]], minlength=n_pred + 1)
         keep_pred &= inside_dropped < pred_sizes
+    return _Components(labels=pred_lab, count=n_pred, sizes=pred_sizes, keep=keep_pred)
 
-    # which kept component touches which kept lesion extent
+
+def _match_components(pred_cc: _Components, ref_cc: _Components) -> tuple[dict[int, list[int]], set[int]]:
+    """Which kept predicted components touch which kept lesion extents: per lesion label the list of its
+    components (ascending), and the set of components that touch any lesion."""
+    pred_lab, ext_lab, n_ext = pred_cc.labels, ref_cc.labels, ref_cc.count
     both = (pred_lab > 0) & (ext_lab > 0)
     codes = np.unique(pred_lab[both].astype(np.int64) * (n_ext + 1) + ext_lab[both])
     p_ids, l_ids = codes // (n_ext + 1), codes % (n_ext + 1)
-    sel = keep_pred[p_ids] & keep_lesion[l_ids]
+    sel = pred_cc.keep[p_ids] & ref_cc.keep[l_ids]
     p_ids, l_ids = p_ids[sel], l_ids[sel]
     matches: dict[int, list[int]] = {}
     for p, lesion in zip(p_ids.tolist(), l_ids.tolist(), strict=True):
         matches.setdefault(lesion, []).append(p)
-    hit_pred = set(p_ids.tolist())
+    return matches, set(p_ids.tolist())
 
-    ext_boxes = ndimage.find_objects(ext_lab)
-    pred_boxes = ndimage.find_objects(pred_lab)
+
+def _score_lesions(ref: np.ndarray, sp: tuple[float, ...], voxel_mm3: float, ref_cc: _Components,
+                   pred_cc: _Components, matches: dict[int, list[int]], penalty_mm: float) -> list[Lesion]:
+    """Score every kept lesion (rule 4) against the union of its matched components, in label order."""
+    ext_boxes = ndimage.find_objects(ref_cc.labels)
+    pred_boxes = ndimage.find_objects(pred_cc.labels)
     lesions: list[Lesion] = []
-    for idx in np.flatnonzero(keep_lesion).tolist():
-        vol = int(lesion_sizes[idx])
+    for idx in np.flatnonzero(ref_cc.keep).tolist():
+        vol = int(ref_cc.sizes[idx])
         vol_mm3 = vol * voxel_mm3
         comps = matches.get(idx, [])
         if comps:
             box = _merged_box([ext_boxes[idx - 1]] + [pred_boxes[p - 1] for p in comps])
-            les = (ext_lab[box] == idx) & b[box]
-            hit = np.isin(pred_lab[box], comps)
+            les = (ref_cc.labels[box] == idx) & ref[box]
+            hit = np.isin(pred_cc.labels[box], comps)
             dice = 2.0 * int(np.count_nonzero(les & hit)) / (vol + int(np.count_nonzero(hit)))
             hd95 = surface_metrics(hit, les, sp)["hd95"]
         else:
             dice, hd95 = 0.0, float(penalty_mm)
         lesions.append(Lesion(index=idx, volume_voxels=vol, volume_mm3=vol_mm3,
-                              diameter_mm=equivalent_diameter_mm(vol_mm3, ndim), detected=bool(comps),
+                              diameter_mm=equivalent_diameter_mm(vol_mm3, ref.ndim), detected=bool(comps),
                               dice=float(dice), hd95=float(hd95)))
+    return lesions
 
-    kept_pred = np.flatnonzero(keep_pred).tolist()
-    fp = [p for p in kept_pred if p not in hit_pred]
-    n_ref, n_fp = len(lesions), len(fp)
+
+def _case_summary(lesions: list[Lesion], *, n_fp: int, n_hit_pred: int, n_kept_pred: int,
+                  penalty_mm: float) -> dict[str, float]:
+    """The case-level lesion Dice and HD95, the counts, the lesion sensitivity and the component precision."""
+    n_ref = len(lesions)
     n_det = sum(les.detected for les in lesions)
     denom = n_ref + n_fp
-    summary: dict[str, float] = {
+    return {
         "lesion_dice": sum(les.dice for les in lesions) / denom if denom else 1.0,
         "lesion_hd95": (sum(les.hd95 for les in lesions) + n_fp * float(penalty_mm)) / denom if denom else 0.0,
         "n_ref_lesions": n_ref,
         "n_detected": n_det,
         "n_false_positives": n_fp,
         "lesion_sensitivity": n_det / n_ref if n_ref else math.nan,
-        "lesion_precision": len(hit_pred) / len(kept_pred) if kept_pred else math.nan,
+        "lesion_precision": n_hit_pred / n_kept_pred if n_kept_pred else math.nan,
     }
+
+
+def _size_bin_summary(lesions: list[Lesion], edges: list[float]) -> dict[str, float]:
+    """Per diameter bin, ``n_ref_<bin>`` and ``sensitivity_<bin>`` (NaN for an empty bin)."""
+    summary: dict[str, float] = {}
     bins = np.searchsorted(np.asarray(edges), [les.diameter_mm for les in lesions], side="right")
     for i, name in enumerate(size_bin_names(edges)):
         in_bin = [les for les, bi in zip(lesions, bins.tolist(), strict=True) if bi == i]
         summary[f"n_ref_{name}"] = len(in_bin)
         summary[f"sensitivity_{name}"] = (sum(les.detected for les in in_bin) / len(in_bin)
                                           if in_bin else math.nan)
-    return LesionResult(
-        summary=summary, lesions=lesions,
-        false_positive_volumes_mm3=[int(pred_sizes[p]) * voxel_mm3 for p in fp],
-        n_dropped_ref=int(dropped_lesion.sum()), n_dropped_pred=n_pred - len(kept_pred),
-    )
+    return summary

@@ -25,6 +25,23 @@ from autoseg.errors import PlanningError
 BLOCK_TYPES = ("plain", "residual")
 
 
+def _check_stage(i: int, stride: tuple[int, ...], kernel: tuple[int, ...], feat: int, nb: int, ndim: int) -> None:
+    """Check encoder stage ``i``: stride and kernel with ``ndim`` positive integers, odd kernel sizes, and a
+    positive whole number of features and blocks."""
+    for name, vec in (("strides", stride), ("kernel_sizes", kernel)):
+        if len(vec) != ndim:
+            raise PlanningError(f"UNetTopology: {name}[{i}]={tuple(vec)} has {len(vec)} axes, "
+                                f"expected {ndim} like strides[0].")
+        if any(not isinstance(v, int) or v < 1 for v in vec):
+            raise PlanningError(f"UNetTopology: {name}[{i}]={tuple(vec)} must hold positive integers.")
+    if any(k % 2 == 0 for k in kernel):
+        raise PlanningError(f"UNetTopology: kernel_sizes[{i}]={tuple(kernel)} has an even size; "
+                            "use odd kernel sizes so 'same' padding keeps the shape.")
+    for name, v in (("features_per_stage", feat), ("n_blocks_per_stage", nb)):
+        if not isinstance(v, int) or v < 1:
+            raise PlanningError(f"UNetTopology: {name}[{i}]={v!r} must be a positive integer.")
+
+
 @dataclass(frozen=True)
 class UNetTopology:
     """Stage-wise description of a U-Net.
@@ -70,6 +87,13 @@ class UNetTopology:
             PlanningError: a list has the wrong length, a value is not a positive integer, a kernel size is
                 even, the first stride is not 1, or the block type is unknown.
         """
+        self._check_layout()
+        self._check_encoder_stages()
+        self._check_decoder_convs()
+        return self
+
+    def _check_layout(self) -> None:
+        """Check the stage count, the block type and that every per-stage list has one entry per stage."""
         n = self.n_stages
         if n < 1:
             raise PlanningError("UNetTopology: features_per_stage is empty; a U-Net needs at least one stage.")
@@ -84,6 +108,9 @@ class UNetTopology:
         if len(self.n_conv_per_stage_decoder) != n - 1:
             raise PlanningError(f"UNetTopology: n_conv_per_stage_decoder has {len(self.n_conv_per_stage_decoder)} "
                                 f"entries; the decoder has n_stages - 1 = {n - 1} stages.")
+
+    def _check_encoder_stages(self) -> None:
+        """Check the axes count, each encoder stage's values, and that the first stage keeps full resolution."""
         ndim = self.ndim
         if ndim not in (2, 3):
             raise PlanningError(f"UNetTopology: strides[0]={self.strides[0]!r} has {ndim} axes; use 2 or 3.")
@@ -91,27 +118,18 @@ class UNetTopology:
             for i, (stride, kernel, feat, nb) in enumerate(zip(self.strides, self.kernel_sizes,
                                                                self.features_per_stage, self.n_blocks_per_stage,
                                                                strict=True)):
-                for name, vec in (("strides", stride), ("kernel_sizes", kernel)):
-                    if len(vec) != ndim:
-                        raise PlanningError(f"UNetTopology: {name}[{i}]={tuple(vec)} has {len(vec)} axes, "
-                                            f"expected {ndim} like strides[0].")
-                    if any(not isinstance(v, int) or v < 1 for v in vec):
-                        raise PlanningError(f"UNetTopology: {name}[{i}]={tuple(vec)} must hold positive integers.")
-                if any(k % 2 == 0 for k in kernel):
-                    raise PlanningError(f"UNetTopology: kernel_sizes[{i}]={tuple(kernel)} has an even size; "
-                                        "use odd kernel sizes so 'same' padding keeps the shape.")
-                for name, v in (("features_per_stage", feat), ("n_blocks_per_stage", nb)):
-                    if not isinstance(v, int) or v < 1:
-                        raise PlanningError(f"UNetTopology: {name}[{i}]={v!r} must be a positive integer.")
+                _check_stage(i, stride, kernel, feat, nb, ndim)
         except ValueError as err:  # zip(strict=True) length mismatch
             raise PlanningError(f"UNetTopology: per-stage lists differ in length ({err}).") from err
         if any(s != 1 for s in self.strides[0]):
             raise PlanningError(f"UNetTopology: strides[0]={self.strides[0]} must be all ones (the first stage "
                                 "works at full resolution).")
+
+    def _check_decoder_convs(self) -> None:
+        """Check that every decoder stage has a positive whole number of convolutions."""
         for j, nc in enumerate(self.n_conv_per_stage_decoder):
             if not isinstance(nc, int) or nc < 1:
                 raise PlanningError(f"UNetTopology: n_conv_per_stage_decoder[{j}]={nc!r} must be a positive integer.")
-        return self
 
     # ---- JSON ---------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

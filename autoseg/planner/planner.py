@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace as _replace
+from typing import Any
 
 import numpy as np
 
@@ -20,12 +21,21 @@ from autoseg.planner.patch import PatchPlan, fit_patch
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.planner.presets import PlannerPreset, get_preset
 from autoseg.planner.resampling import ResamplingPlan
-from autoseg.planner.spacing import fullres_target_spacing, median_resampled_shape, transpose_for
+from autoseg.planner.spacing import (
+    TargetSpacing,
+    Transpose,
+    fullres_target_spacing,
+    median_resampled_shape,
+    transpose_for,
+)
 
 LOWRES_THRESHOLD = 0.25
 LOWRES_SPACING_STEP = 1.03
 LOWRES_MIN_SIZE_RATIO = 2.0
 _MAX_LOWRES_STEPS = 2000
+
+#: A 3d_lowres search result: (spacing, median shape, patch fit, median voxels, steps).
+_Lowres = tuple[np.ndarray, tuple[float, ...], PatchPlan, float, int]
 
 
 def _fmt(v: Sequence[float], digits: int = 4) -> str:
@@ -64,7 +74,7 @@ def _check_fingerprint(fp: DatasetFingerprint) -> None:
 
 def _find_lowres(spacing: np.ndarray, median: np.ndarray, fullres: PatchPlan, *, preset: PlannerPreset,
                  gpu_memory_gb: float, num_classes: int, num_training: int
-                 ) -> tuple[np.ndarray, tuple[float, ...], PatchPlan, float, int] | None:
+                 ) -> _Lowres | None:
     """Coarsen the spacing by 1.03 per step (only axes finer than half the coarsest, else all) until the
     patch covers 25 % of the median image. Returns (spacing, median, fit, median voxels, steps) or None."""
     median_vox = float(np.prod(median, dtype=np.float64))
@@ -129,49 +139,10 @@ def plan_experiment(fingerprint: DatasetFingerprint, *, gpu_memory_gb: float = 8
                               fingerprint.median_relative_size_after_cropping)
     kw = {"preset": pr, "gpu_memory_gb": float(gpu_memory_gb), "num_classes": num_classes}
 
-    decisions = [f"preset {pr.name!r}: {pr.description}",
-                 f"target spacing {_fmt(target.spacing)} (z,y,x): {target.reason}",
-                 f"axis order {tr.forward} (coarsest target spacing first; the 2d configuration uses the last two)",
-                 f"median shape at the target spacing {_fmt(median_t)} (transposed)"]
-    crop = fingerprint.median_relative_size_after_cropping
-    for n in norm:
-        why = (f"inside the nonzero mask (cropping keeps {crop:.0%} < {MASK_FOR_NORM_THRESHOLD:.0%} of a median case)"
-               if n.use_mask else "over the whole image")
-        decisions.append(f"channel {n.channel!r}: {n.scheme} normalisation"
-                         + (f", {why}" if n.scheme == "zscore" else ""))
-    decisions.append("resampling: images order 3, segmentations order 1, probabilities order 1; an axis whose "
-                     "spacing is > 3x the finest is resampled separately with order 0")
-
-    configs: dict[str, ConfigurationPlan] = {}
-    if median_t[0] != 1:
-        full = fit_patch(spacing_t, median_t, dataset_voxels=n_vox, **kw)
-        coverage = math.prod(full.patch_size) / float(np.prod(median_t))
-        low = None
-        if coverage < LOWRES_THRESHOLD:
-            low = _find_lowres(spacing_t, median_t, full, num_training=fingerprint.num_training, **kw)
-            if low is not None and float(np.prod(median_t)) / low[3] < LOWRES_MIN_SIZE_RATIO:
-                decisions.append(f"3d_lowres dropped: its median {_fmt(low[1])} is less than "
-                                 f"{LOWRES_MIN_SIZE_RATIO:g}x smaller than fullres {_fmt(median_t)}")
-                low = None
-            elif low is not None:
-                decisions.append(f"3d_lowres + 3d_cascade_fullres: the fullres patch covers {coverage:.1%} < "
-                                 f"{LOWRES_THRESHOLD:.0%} of the median image; lowres spacing found after "
-                                 f"{low[4]} steps of x{LOWRES_SPACING_STEP}")
-        else:
-            decisions.append(f"no 3d_lowres: the fullres patch covers {coverage:.0%} >= {LOWRES_THRESHOLD:.0%} "
-                             "of the median image")
-        configs["3d_fullres"] = _configuration("3d_fullres", "3d_fullres", spacing_t, median_t, full, pr, norm,
-                                               batch_dice=low is not None)
-        if low is not None:
-            low_sp, low_median, low_fit, _, _ = low
-            lowres = _configuration("3d_lowres", "3d_lowres", low_sp, low_median, low_fit, pr, norm,
-                                    batch_dice=False, extra=["first stage of the cascade"])
-            configs["3d_lowres"] = _replace(lowres, next_stage="3d_cascade_fullres")
-            casc = _replace(configs["3d_fullres"], name="3d_cascade_fullres", previous_stage="3d_lowres")
-            configs["3d_cascade_fullres"] = _replace(casc, decisions=(
-                "as 3d_fullres, with 3d_lowres's predictions as extra input", *casc.decisions))
-    else:
-        decisions.append("no 3D configurations: the data are 2D (median size 1 along the first axis)")
+    decisions = _dataset_decisions(pr, target, tr, median_t, norm, fingerprint.median_relative_size_after_cropping)
+    configs, decisions_3d = _plan_3d(spacing_t, median_t, norm, kw, n_vox=n_vox,
+                                     num_training=fingerprint.num_training)
+    decisions += decisions_3d
     fit2d = fit_patch(spacing_t[1:], median_t[1:], dataset_voxels=n_vox, **kw)
     configs["2d"] = _configuration("2d", "2d", spacing_t[1:], median_t[1:], fit2d, pr, norm, batch_dice=True,
                                    extra=["in-plane spacing of 3d_fullres; each slice keeps its out-of-plane spacing"])
@@ -184,3 +155,71 @@ def plan_experiment(fingerprint: DatasetFingerprint, *, gpu_memory_gb: float = 8
         original_median_spacing=tuple(float(v) for v in np.median(spacings, 0)[fwd]),
         original_median_shape=tuple(float(v) for v in np.median(shapes, 0)[fwd]),
         configurations=configs, decisions=tuple(decisions), dataset_signature=fingerprint.dataset_signature)
+
+
+def _dataset_decisions(pr: PlannerPreset, target: TargetSpacing, tr: Transpose, median_t: np.ndarray,
+                       norm: tuple[ChannelNormalization, ...], crop: float) -> list[str]:
+    """The dataset-wide decisions, in ``Plans.explain()`` order: preset, target spacing, axis order, median
+    shape, each channel's normalisation and the resampling orders."""
+    decisions = [f"preset {pr.name!r}: {pr.description}",
+                 f"target spacing {_fmt(target.spacing)} (z,y,x): {target.reason}",
+                 f"axis order {tr.forward} (coarsest target spacing first; the 2d configuration uses the last two)",
+                 f"median shape at the target spacing {_fmt(median_t)} (transposed)"]
+    for n in norm:
+        why = (f"inside the nonzero mask (cropping keeps {crop:.0%} < {MASK_FOR_NORM_THRESHOLD:.0%} of a median case)"
+               if n.use_mask else "over the whole image")
+        decisions.append(f"channel {n.channel!r}: {n.scheme} normalisation"
+                         + (f", {why}" if n.scheme == "zscore" else ""))
+    decisions.append("resampling: images order 3, segmentations order 1, probabilities order 1; an axis whose "
+                     "spacing is > 3x the finest is resampled separately with order 0")
+    return decisions
+
+
+def _plan_3d(spacing_t: np.ndarray, median_t: np.ndarray, norm: tuple[ChannelNormalization, ...],
+             kw: dict[str, Any], *, n_vox: float, num_training: int
+             ) -> tuple[dict[str, ConfigurationPlan], list[str]]:
+    """The 3D configurations (``3d_fullres``, plus ``3d_lowres`` and ``3d_cascade_fullres`` when a lowres
+    stage is found and kept) and the decisions explaining them; none for 2D data (median size 1 on axis 0).
+    ``kw`` holds the :func:`fit_patch` keywords ``preset``, ``gpu_memory_gb`` and ``num_classes``."""
+    if median_t[0] == 1:
+        return {}, ["no 3D configurations: the data are 2D (median size 1 along the first axis)"]
+    pr = kw["preset"]
+    full = fit_patch(spacing_t, median_t, dataset_voxels=n_vox, **kw)
+    low, decisions = _choose_lowres(spacing_t, median_t, full, kw, num_training=num_training)
+    configs = {"3d_fullres": _configuration("3d_fullres", "3d_fullres", spacing_t, median_t, full, pr, norm,
+                                            batch_dice=low is not None)}
+    if low is not None:
+        configs.update(_cascade_configurations(configs["3d_fullres"], low, pr, norm))
+    return configs, decisions
+
+
+def _choose_lowres(spacing_t: np.ndarray, median_t: np.ndarray, full: PatchPlan, kw: dict[str, Any], *,
+                   num_training: int) -> tuple[_Lowres | None, list[str]]:
+    """Search a 3d_lowres stage when the fullres patch covers less than 25 % of the median image, and drop
+    it when its median image is not at least 2x smaller. Returns (:func:`_find_lowres`'s result or None, the
+    decision explaining the outcome)."""
+    coverage = math.prod(full.patch_size) / float(np.prod(median_t))
+    if coverage < LOWRES_THRESHOLD:
+        low = _find_lowres(spacing_t, median_t, full, num_training=num_training, **kw)
+        if low is not None and float(np.prod(median_t)) / low[3] < LOWRES_MIN_SIZE_RATIO:
+            return None, [f"3d_lowres dropped: its median {_fmt(low[1])} is less than "
+                          f"{LOWRES_MIN_SIZE_RATIO:g}x smaller than fullres {_fmt(median_t)}"]
+        if low is not None:
+            return low, [f"3d_lowres + 3d_cascade_fullres: the fullres patch covers {coverage:.1%} < "
+                         f"{LOWRES_THRESHOLD:.0%} of the median image; lowres spacing found after "
+                         f"{low[4]} steps of x{LOWRES_SPACING_STEP}"]
+        return None, []
+    return None, [f"no 3d_lowres: the fullres patch covers {coverage:.0%} >= {LOWRES_THRESHOLD:.0%} "
+                  "of the median image"]
+
+
+def _cascade_configurations(fullres: ConfigurationPlan, low: _Lowres, pr: PlannerPreset,
+                            norm: tuple[ChannelNormalization, ...]) -> dict[str, ConfigurationPlan]:
+    """``3d_lowres`` (first stage) and ``3d_cascade_fullres`` (``3d_fullres`` fed with the lowres predictions)."""
+    low_sp, low_median, low_fit, _, _ = low
+    lowres = _configuration("3d_lowres", "3d_lowres", low_sp, low_median, low_fit, pr, norm,
+                            batch_dice=False, extra=["first stage of the cascade"])
+    casc = _replace(fullres, name="3d_cascade_fullres", previous_stage="3d_lowres")
+    return {"3d_lowres": _replace(lowres, next_stage="3d_cascade_fullres"),
+            "3d_cascade_fullres": _replace(casc, decisions=(
+                "as 3d_fullres, with 3d_lowres's predictions as extra input", *casc.decisions))}
