@@ -81,10 +81,12 @@ class BestChoice:
         return [m.configuration for m in self.members]
 
     def to_json(self) -> dict[str, Any]:
-        out = {**self.extra, "version": self.version, "metric": self.metric, "score": self.score, "name": self.name,
+        """Plain JSON, keys in the order ``find-best`` writes them (``label_map`` last, where a bundle set it)."""
+        out = {"version": self.version, "metric": self.metric, "score": self.score, "name": self.name,
                "members": [m.to_json() for m in self.members], "n_cases": self.n_cases,
                "postprocessing": self.postprocessing, "score_after_postprocessing": self.score_after_postprocessing,
                "predict_command": self.predict_command}
+        out.update({k: v for k, v in self.extra.items() if k != "label_map"})
         if self.label_map is not None or "label_map" in self.extra:
             out["label_map"] = self.label_map
         return out
@@ -108,7 +110,7 @@ class BestChoice:
                                   tuple(_safe_name(f, path) for f in (folds if isinstance(folds, list) else []))))
         post = data.get("postprocessing")
         known = {"version", "metric", "score", "name", "members", "n_cases", "postprocessing",
-                 "score_after_postprocessing", "predict_command", "label_map"}
+                 "score_after_postprocessing", "predict_command"}  # a label_map key stays in extra: it is written back
         return cls(name=str(data.get("name") or "+".join(m.configuration for m in members)), members=tuple(members),
                    postprocessing=_safe_name(post, path) if post else None, label_map=data.get("label_map"),
                    metric=data.get("metric"), score=data.get("score"),
