@@ -18,6 +18,7 @@ in deterministic mode (float32, CPU) and compares the labels' hash with the one 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import os
@@ -25,7 +26,7 @@ import platform
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,78 +145,125 @@ def export_bundle(workdir: str | os.PathLike[str], output: str | os.PathLike[str
     Raises:
         BundleError: the output exists, nothing is trained or several configurations and no choice.
     """
-    from autoseg import __version__
-
     wd, out = Path(workdir), Path(output)
-    if out.exists() and (not overwrite or not (out / MANIFEST).is_file()) and any(out.iterdir()):
-        raise BundleError(f"{out}: exists and is not empty; choose another -o" +
-                          (" or pass --overwrite." if (out / MANIFEST).is_file() else "."))
+    _check_free(out, overwrite)
     members, best = _members(wd, configurations, [str(f) for f in folds] if folds is not None else None)
     mapping = parse_label_map(label_map)
     plans = Plans.load(wd / "plans.json")
-    ds = dataset if isinstance(dataset, Dataset) else None
-    root = Path(dataset) if dataset is not None and ds is None else dataset_source(wd)
-    if ds is None and root is not None and (root / "dataset.json").is_file():
-        ds = load_dataset(root)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # a bundle is meant to be shared: not owner-only like mkdtemp's
-    try:
+    ds = _training_dataset(wd, dataset)
+    with _staged(out) as tmp:
         for name in ("plans.json", "dataset.json", "fingerprint.json", "splits.json"):
             if (wd / name).is_file():
                 shutil.copy2(wd / name, tmp / name)
-        copied = []
-        for m in members:
-            _copy_model(wd, tmp, m["configuration"], m["folds"])
-            copied.append((m["configuration"], m["folds"]))
-            prev = plans.configuration(m["configuration"]).previous_stage
-            if prev:  # a cascade's first stage runs with every trained fold
-                _copy_model(wd, tmp, str(prev), trained_folds(wd / "models" / str(prev)))
-                copied.append((str(prev), trained_folds(wd / "models" / str(prev))))
+        copied = _copy_models(wd, tmp, members, plans)
         onnx_record = None
         if onnx:  # exported from the bundle's own checkpoints, whose hashes the ONNX files record
             from autoseg.inference.onnx_backend import bundle_onnx
 
             onnx_record = bundle_onnx(tmp, copied)
-        sel = tmp / SELECTION
-        sel.mkdir()
-        rules = best.postprocessing if best is not None else None
-        if rules:
-            shutil.copy2(wd / SELECTION / str(rules), sel / POSTPROCESSING)
-        for name in ("cv_summary.json", QUALITY_RULE):  # the CV scores and the quality flag's threshold
-            if (wd / SELECTION / name).is_file() and best is not None:
-                shutil.copy2(wd / SELECTION / name, sel / name)
-        chosen = BestChoice.from_json({**(best.to_json() if best is not None else {}), "members": members,
-                                       "postprocessing": POSTPROCESSING if rules else None,
-                                       "label_map": {str(k): v for k, v in mapping.items()} if mapping else None})
-        chosen.save(tmp)
+        chosen = _write_selection(wd, tmp, best, members, mapping)
         sample_info = _write_sample(tmp, ds, sample, progress) if ds is not None else None
-        manifest = {
-            "format": FORMAT, "version": 1,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "software": _versions(__version__),
-            "seed": plans.seed,
-            "seeds_note": "training seeds derive from this seed, the configuration and the fold (training."
-                          "components.derived_seed); the split uses it directly",
-            "members": members, "postprocessing": POSTPROCESSING if rules else None,
-            "label_map": {str(k): v for k, v in mapping.items()} if mapping else None,
-            "inference": {"tta": True, "step_size": 0.5, "verification": "CPU, float32, deterministic algorithms"},
-            "cross_validation": {k: best.to_json()[k] for k in ("metric", "score", "score_after_postprocessing",
-                                                                "n_cases", "name")} if best is not None else None,
-            "dataset": {"name": ds.name, "files": _dataset_hashes(ds, progress) if hash_dataset else None}
-            if ds is not None else None,
-            "sample": sample_info,
-            "onnx": onnx_record,
-            "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
-        }
+        manifest = _manifest(tmp, plans, members, best, chosen, ds, sample_info, onnx_record, hash_dataset=hash_dataset,
+                             progress=progress)
         write_json_atomic(tmp / MANIFEST, manifest)
+    return out
+
+
+def _check_free(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds files, unless it is a bundle and ``overwrite`` is on.
+
+    Raises:
+        BundleError: the folder is in the way.
+    """
+    if out.exists() and (not overwrite or not (out / MANIFEST).is_file()) and any(out.iterdir()):
+        raise BundleError(f"{out}: exists and is not empty; choose another -o" +
+                          (" or pass --overwrite." if (out / MANIFEST).is_file() else "."))
+
+
+def _training_dataset(wd: Path, dataset: Dataset | str | os.PathLike[str] | None) -> Dataset | None:
+    """The given dataset, else the one the work folder was planned from; None when it is not there."""
+    ds = dataset if isinstance(dataset, Dataset) else None
+    root = Path(dataset) if dataset is not None and ds is None else dataset_source(wd)
+    if ds is None and root is not None and (root / "dataset.json").is_file():
+        ds = load_dataset(root)
+    return ds
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A new folder next to ``out`` to build the bundle in; it replaces ``out`` when the block completes and is
+    removed when the block fails, so ``out`` is never half written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # a bundle is meant to be shared: not owner-only like mkdtemp's
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def _copy_models(wd: Path, bundle: Path, members: list[dict[str, Any]], plans: Plans) -> list[tuple[str, list[str]]]:
+    """Copy the members' networks, and a cascade's first stage with every trained fold; the (configuration,
+    folds) copied."""
+    copied = []
+    for m in members:
+        _copy_model(wd, bundle, m["configuration"], m["folds"])
+        copied.append((m["configuration"], m["folds"]))
+        prev = plans.configuration(m["configuration"]).previous_stage
+        if prev:  # a cascade's first stage runs with every trained fold
+            prev_folds = trained_folds(configuration_folder(wd, str(prev)))
+            _copy_model(wd, bundle, str(prev), prev_folds)
+            copied.append((str(prev), prev_folds))
+    return copied
+
+
+def _write_selection(wd: Path, bundle: Path, best: BestChoice | None, members: list[dict[str, Any]],
+                     mapping: Mapping[int, int] | None) -> BestChoice:
+    """``selection/``: the choice (the bundle's members and label map), and with a ``find-best`` choice its
+    postprocessing rules, CV scores and quality threshold."""
+    sel = bundle / SELECTION
+    sel.mkdir()
+    rules = best.postprocessing if best is not None else None
+    if rules:
+        shutil.copy2(wd / SELECTION / str(rules), sel / POSTPROCESSING)
+    for name in ("cv_summary.json", QUALITY_RULE):  # the CV scores and the quality flag's threshold
+        if (wd / SELECTION / name).is_file() and best is not None:
+            shutil.copy2(wd / SELECTION / name, sel / name)
+    chosen = BestChoice.from_json({**(best.to_json() if best is not None else {}), "members": members,
+                                   "postprocessing": POSTPROCESSING if rules else None,
+                                   "label_map": {str(k): v for k, v in mapping.items()} if mapping else None})
+    chosen.save(bundle)
+    return chosen
+
+
+def _manifest(bundle: Path, plans: Plans, members: list[dict[str, Any]], best: BestChoice | None, chosen: BestChoice,
+              ds: Dataset | None, sample_info: dict[str, Any] | None, onnx_record: dict[str, Any] | None, *,
+              hash_dataset: bool, progress: bool) -> dict[str, Any]:
+    """``manifest.json``: versions, seed, the pipeline and its CV scores, the dataset's and every bundle file's
+    hashes (so write it last), the sample and the ONNX export."""
+    from autoseg import __version__
+
+    return {
+        "format": FORMAT, "version": 1,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "software": _versions(__version__),
+        "seed": plans.seed,
+        "seeds_note": "training seeds derive from this seed, the configuration and the fold (training."
+                      "components.derived_seed); the split uses it directly",
+        "members": members, "postprocessing": chosen.postprocessing, "label_map": chosen.label_map,
+        "inference": {"tta": True, "step_size": 0.5, "verification": "CPU, float32, deterministic algorithms"},
+        "cross_validation": {k: best.to_json()[k] for k in ("metric", "score", "score_after_postprocessing",
+                                                            "n_cases", "name")} if best is not None else None,
+        "dataset": {"name": ds.name, "files": _dataset_hashes(ds, progress) if hash_dataset else None}
+        if ds is not None else None,
+        "sample": sample_info,
+        "onnx": onnx_record,
+        "files": {p.relative_to(bundle).as_posix(): sha256(p) for p in sorted(bundle.rglob("*")) if p.is_file()},
+    }
 
 
 def _versions(autoseg_version: str) -> dict[str, str]:

@@ -114,6 +114,23 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
     """
     model = model if isinstance(model, ModelEnsemble) else ModelEnsemble([model])
     paths = output_paths(cases, output)
+    summary, todo = _prepare_outputs(cases, paths, overwrite, save_probabilities, uncertainty)
+    stages = _Stages(model, paths, save_probabilities, uncertainty, drift_check, quality_rule)
+    _run_stages(stages, todo, summary, progress, on_warning)
+    single_file = len(paths) == 1 and file_ending(Path(output)) in SUPPORTED_ENDINGS
+    if stages.rows:
+        table = write_quality_table(Path(output).parent if single_file else Path(output), list(stages.rows.values()))
+        summary.quality_table = table
+        summary.flagged = [cid for cid, r in stages.rows.items() if r["flagged"]]
+    if record is not None and not single_file:
+        _save_record(Path(output) / RECORD, record, summary)
+    return summary
+
+
+def _prepare_outputs(cases: Sequence[InputCase], paths: dict[str, Path], overwrite: bool, save_probabilities: bool,
+                     uncertainty: bool) -> tuple[PredictionSummary, list[InputCase]]:
+    """The summary with the finished cases skipped, and the cases to predict. Creates the output folders and
+    removes what a killed run was writing (hidden temporaries; a live writer's are locked and kept)."""
     summary = PredictionSummary(outputs=dict(paths))
     todo = []
     for c in cases:
@@ -123,58 +140,85 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
             todo.append(c)
     for p in {p.parent for p in paths.values()}:
         p.mkdir(parents=True, exist_ok=True)
-    # what a killed run was writing (hidden temporaries; a live writer's are locked and kept), one listing per folder
-    remove_stale_temporaries(*paths.values(), *(probabilities_path(p) for p in paths.values()))
+    remove_stale_temporaries(*paths.values(), *(probabilities_path(p) for p in paths.values()))  # one listing/folder
+    return summary, todo
 
-    drift: dict[str, list[str]] = {}
-    rows: dict[str, dict[str, Any]] = {}
-    derived = DerivedLabels.from_plans(model.plans)  # labels plugins: OUTPUT/<output>/<case> per segmentation
-    bodies: dict[str, np.ndarray] = {}
 
-    def load(case: InputCase) -> tuple[list[PreprocessedArrays], float]:
+@dataclass
+class _Stages:
+    """The read, predict and export stages of a run, and what they hand on per case: drift findings (read ->
+    the run's warnings), body masks for labels plugins (read -> export) and quality-table rows (export)."""
+
+    model: ModelEnsemble
+    paths: dict[str, Path]
+    save_probabilities: bool
+    uncertainty: bool
+    drift_check: DriftCheck | None
+    quality_rule: QualityRule | None
+    drift: dict[str, list[str]] = field(default_factory=dict)
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bodies: dict[str, np.ndarray] = field(default_factory=dict)
+    derived: DerivedLabels | None = field(init=False)  # labels plugins: OUTPUT/<output>/<case> per segmentation
+
+    def __post_init__(self) -> None:
+        self.derived = DerivedLabels.from_plans(self.model.plans)
+
+    def load(self, case: InputCase) -> tuple[list[PreprocessedArrays], float]:
+        """Read and preprocess a case (checking it for drift); also the seconds it took."""
         t0 = time.perf_counter()
         images, geometry = case.read()
-        if drift_check is not None:
-            drift[case.case_id] = list(drift_check(case.case_id, images, geometry, case.missing))
-        if derived is not None and derived.needs_body:
-            bodies[case.case_id] = body_mask(images, case.missing)
-        pre = model.preprocess(images, geometry, case.missing)
+        if self.drift_check is not None:
+            self.drift[case.case_id] = list(self.drift_check(case.case_id, images, geometry, case.missing))
+        if self.derived is not None and self.derived.needs_body:
+            self.bodies[case.case_id] = body_mask(images, case.missing)
+        pre = self.model.preprocess(images, geometry, case.missing)
         return pre, time.perf_counter() - t0
 
-    def write(case: InputCase, logits: Any, props: Any, outputs: Any) -> float:
+    def predict(self, pre: list[PreprocessedArrays]) -> tuple[Any, Any, float]:
+        """The logits (per member), the members' outputs when uncertainty is on (else None), and the seconds."""
         t0 = time.perf_counter()
-        target = paths[case.case_id]
-        seg, scores = model.write(target, logits, props, save_probabilities=save_probabilities, outputs=outputs,
-                                  maps_dir=target.parent / UNCERTAINTY_DIR)
-        if derived is not None:
-            derived.write(target, seg, props[0].geometry, bodies.pop(case.case_id, None))
-        if uncertainty or drift_check is not None:
-            rows[case.case_id] = quality_row(case.case_id, scores, drift.get(case.case_id, []), quality_rule)
+        outputs = self.model.member_outputs(pre) if self.uncertainty else None
+        logits = [o.logits for o in outputs] if outputs is not None else self.model.logits(pre)
+        return logits, outputs, time.perf_counter() - t0
+
+    def write(self, case: InputCase, logits: Any, props: Any, outputs: Any) -> float:
+        """Export a case's segmentation (and probabilities, maps, derived labels, quality row); the seconds."""
+        t0 = time.perf_counter()
+        target = self.paths[case.case_id]
+        seg, scores = self.model.write(target, logits, props, save_probabilities=self.save_probabilities,
+                                       outputs=outputs, maps_dir=target.parent / UNCERTAINTY_DIR)
+        if self.derived is not None:
+            self.derived.write(target, seg, props[0].geometry, self.bodies.pop(case.case_id, None))
+        if self.uncertainty or self.drift_check is not None:
+            self.rows[case.case_id] = quality_row(case.case_id, scores, self.drift.get(case.case_id, []),
+                                                  self.quality_rule)
         return time.perf_counter() - t0
 
+
+def _run_stages(stages: _Stages, todo: list[InputCase], summary: PredictionSummary, progress: bool,
+                on_warning: Callable[[str], None] | None) -> None:
+    """Read case ``i + 1`` and export case ``i - 1`` in threads while case ``i`` is predicted, at most one case
+    waiting per stage; drift findings become warnings as each case comes up for prediction."""
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress or not todo)
     reader, writer = ThreadPoolExecutor(1, "autoseg-read"), ThreadPoolExecutor(1, "autoseg-export")
     exporting: tuple[str, Future[float]] | None = None
     try:
-        upcoming = reader.submit(load, todo[0]) if todo else None
+        upcoming = reader.submit(stages.load, todo[0]) if todo else None
         for i, case in enumerate(todo):
             assert upcoming is not None
             pre, t_read = upcoming.result()
-            upcoming = reader.submit(load, todo[i + 1]) if i + 1 < len(todo) else None
-            for note in drift.get(case.case_id, []):
+            upcoming = reader.submit(stages.load, todo[i + 1]) if i + 1 < len(todo) else None
+            for note in stages.drift.get(case.case_id, []):
                 summary.warnings.append(note)
                 if on_warning is not None:
                     on_warning(note)
-            t0 = time.perf_counter()
-            outputs = model.member_outputs(pre) if uncertainty else None
-            logits = [o.logits for o in outputs] if outputs is not None else model.logits(pre)
-            t_pred = time.perf_counter() - t0
+            logits, outputs, t_pred = stages.predict(pre)
             props = [p.properties for p in pre]
             del pre
             if exporting is not None:
                 _finish(exporting, summary, bar)
             summary.seconds[case.case_id] = {"read": round(t_read, 3), "predict": round(t_pred, 3)}
-            exporting = (case.case_id, writer.submit(write, case, logits, props, outputs))
+            exporting = (case.case_id, writer.submit(stages.write, case, logits, props, outputs))
             del logits, outputs
         if exporting is not None:
             _finish(exporting, summary, bar)
@@ -182,17 +226,10 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
         bar.close()
         reader.shutdown(wait=False, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)  # a running export completes (atomically) or fails
-    single_file = len(paths) == 1 and file_ending(Path(output)) in SUPPORTED_ENDINGS
-    if rows:
-        table = write_quality_table(Path(output).parent if single_file else Path(output), list(rows.values()))
-        summary.quality_table = table
-        summary.flagged = [cid for cid, r in rows.items() if r["flagged"]]
-    if record is not None and not single_file:
-        _save_record(Path(output) / RECORD, record, summary)
-    return summary
 
 
 def _finish(exporting: tuple[str, Future[float]], summary: PredictionSummary, bar: tqdm) -> None:
+    """Wait for a case's export and count it as written."""
     cid, fut = exporting
     summary.seconds[cid]["export"] = round(fut.result(), 3)
     summary.written.append(cid)

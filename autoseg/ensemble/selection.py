@@ -16,7 +16,6 @@ between each quality score and the real CV errors, :mod:`autoseg.evaluation.qual
 
 from __future__ import annotations
 
-import itertools
 import os
 import shlex
 from collections.abc import Callable, Sequence
@@ -24,13 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autoseg.ensemble.candidates import (
+    LOWER_IS_BETTER,
+    METRICS,
+    Candidate,
+    CVScoring,
+    best_candidate,
+    ensemble_candidates,
+)
 from autoseg.ensemble.choice import BEST, POSTPROCESSING, QUALITY_RULE, SELECTION, BestChoice, Member, load_best  # noqa: F401
-from autoseg.ensemble.ensembling import average_case
 from autoseg.ensemble.learning import CasePair, learn_postprocessing
 from autoseg.ensemble.postprocessing import PostprocessingRules, postprocess_job
 from autoseg.errors import FileFormatError, SelectionError
-from autoseg.evaluation.evaluate import evaluate_pairs
-from autoseg.evaluation.metrics import classes_from_labels
+from autoseg.evaluation.metrics import class_values, classes_from_labels
 from autoseg.evaluation.quality import calibrate_quality, case_errors
 from autoseg.evaluation.quality import describe as describe_quality
 from autoseg.evaluation.quality_rule import QualityRule
@@ -39,28 +44,11 @@ from autoseg.inference.export import probabilities_path
 from autoseg.inference.uncertainty import combined_score
 from autoseg.io.atomic import read_json, write_json_atomic
 from autoseg.io.dataset import Dataset, dataset_source, load_dataset
-from autoseg.io.model_folder import configuration_folder
+from autoseg.io.model_folder import fold_folder
 from autoseg.networks.checkpoint import FINAL
-from autoseg.parallel import imap_ordered
 from autoseg.planner.plans import Plans
 from autoseg.training.splits import load_splits
 from autoseg.training.validation import QUALITY
-
-#: metrics where lower is better; every other metric is maximised
-LOWER_IS_BETTER = frozenset({"hd95", "assd", "lesion_hd95"})
-#: metrics a selection can rank by (means over foreground classes)
-METRICS = ("dice", "iou", "nsd", "precision", "recall", "lesion_dice", "hd95", "assd", "lesion_hd95")
-
-
-@dataclass
-class Candidate:
-    """A configuration or ensemble with its cross-validation evaluation."""
-
-    name: str
-    members: list[Member]
-    predictions: dict[str, Path]
-    summary: EvaluationSummary | None = None
-    score: float = float("nan")
 
 
 @dataclass
@@ -111,26 +99,8 @@ class Selection:
 
 
 def _cv_folds(workdir: Path, configuration: str, n_folds: int) -> list[str]:
-    model_dir = configuration_folder(workdir, configuration)
-    return [str(k) for k in range(n_folds) if (model_dir / f"fold_{k}" / FINAL).is_file()]
-
-
-def _cv_files(workdir: Path, configuration: str, folds: Sequence[str], splits: list, ending: str
-              ) -> tuple[dict[str, Path], list[str]]:
-    """Case -> validation segmentation of the folds; and the folds whose validation outputs are incomplete."""
-    files, incomplete = {}, []
-    for f in folds:
-        val = configuration_folder(workdir, configuration) / f"fold_{f}" / "val"
-        paths = {cid: val / f"{cid}{ending}" for cid in splits[int(f)].val}
-        if not all(p.is_file() for p in paths.values()):
-            incomplete.append(f)
-        files.update(paths)
-    return files, incomplete
-
-
-def _ensemble_job(job: tuple[list[Path], Path, Path]) -> Path:
-    npz, geometry_from, out = job
-    return average_case(npz, geometry_from, out)
+    """The CV folds of a configuration that have a final checkpoint."""
+    return [str(k) for k in range(n_folds) if (fold_folder(workdir, configuration, k) / FINAL).is_file()]
 
 
 def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.PathLike[str] | None = None,
@@ -167,8 +137,43 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
         raise SelectionError(f"metric {metric!r} is not known; use one of {', '.join(METRICS)}.")
     plans = Plans.load(wd / "plans.json")
     ds = _resolve_dataset(wd, dataset)
-    ending = ds.spec.file_ending
     splits = load_splits(wd / "splits.json") if (wd / "splits.json").is_file() else []
+    names, folds = _cv_configurations(wd, plans, splits, configurations)
+    need_npz = ensembles and len(names) > 1
+    files: dict[str, dict[str, Path]] = {}
+    for c in names:
+        files[c] = _validation_files(ds, plans, wd, c, folds[c], splits, need_npz, device=device, progress=progress,
+                                     note=note)
+    refs, common = _common_cases(wd, ds, names, files, note)
+    classes = classes_from_labels(plans.labels)
+    out = wd / SELECTION
+    (out / "cv").mkdir(parents=True, exist_ok=True)
+    scoring = CVScoring(common, refs, classes, ds.spec.ignore_label, ds.spec.file_ending, metric, out / "cv",
+                        jobs=jobs, progress=progress)
+    candidates = [Candidate(c, [Member(c, tuple(folds[c]))], {cid: files[c][cid] for cid in common}) for c in names]
+    if need_npz:
+        candidates += ensemble_candidates(names, folds, files, scoring, note)
+    for cand in candidates:
+        note(f"evaluating {cand.name}")
+        scoring.evaluate(cand)
+    best = best_candidate(candidates, metric)
+    rules, final = _postprocess_winner(best, scoring, out, postprocessing, note)
+    quality = calibrate_quality(_cv_quality(wd, best.members, splits, common), case_errors(final, "dice"),
+                                candidate=best.name)
+    if quality is not None:
+        quality.save(out / QUALITY_RULE)
+    selection = Selection(metric, candidates, best, final, rules, out, quality=quality)
+    _write_records(selection, wd, common)
+    return selection
+
+
+def _cv_configurations(wd: Path, plans: Plans, splits: list, configurations: Sequence[str] | None
+                       ) -> tuple[list[str], dict[str, list[str]]]:
+    """The configurations to compare (the named ones, else every one with a trained CV fold) and their CV folds.
+
+    Raises:
+        SelectionError: none has a trained CV fold, or a named one has none.
+    """
     names = list(configurations) if configurations else [
         c for c in plans.configurations if splits and _cv_folds(wd, c, len(splits))]
     names = [c for c in names if c in plans.configurations]
@@ -180,18 +185,35 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
     if untrained:
         raise SelectionError(f"{wd}: {', '.join(untrained)} has no trained cross-validation fold; train it or leave "
                              "it out of --configurations.")
-    need_npz = ensembles and len(names) > 1
-    files: dict[str, dict[str, Path]] = {}
-    for c in names:
-        files[c], incomplete = _cv_files(wd, c, folds[c], splits, ending)
-        lacking = {f for f in folds[c] if splits[int(f)].val
-                   and not (configuration_folder(wd, c) / f"fold_{f}" / "val" / QUALITY).is_file()}
-        if need_npz:
-            lacking |= {f for f in folds[c] if any(not probabilities_path(files[c][cid]).is_file()
-                                                    for cid in splits[int(f)].val)}
-        incomplete = sorted(set(incomplete) | lacking)
-        if incomplete:
-            _revalidate(ds, plans, wd, c, incomplete, device=device, progress=progress, note=note)
+    return names, folds
+
+
+def _validation_files(ds: Dataset, plans: Plans, wd: Path, configuration: str, folds: Sequence[str], splits: list,
+                      need_npz: bool, *, device: str, progress: bool, note: Callable[[str], None]) -> dict[str, Path]:
+    """Case -> validation segmentation of the folds. Folds whose validation outputs are incomplete (a segmentation
+    or the quality scores missing, or probabilities when ``need_npz``) are recomputed first."""
+    files, incomplete = {}, set()
+    for f in folds:
+        val = fold_folder(wd, configuration, f) / "val"
+        paths = {cid: val / f"{cid}{ds.spec.file_ending}" for cid in splits[int(f)].val}
+        if not all(p.is_file() for p in paths.values()) or (paths and not (val / QUALITY).is_file()):
+            incomplete.add(f)
+        files.update(paths)
+    if need_npz:
+        incomplete |= {f for f in folds if any(not probabilities_path(files[cid]).is_file()
+                                               for cid in splits[int(f)].val)}
+    if incomplete:
+        _revalidate(ds, plans, wd, configuration, sorted(incomplete), device=device, progress=progress, note=note)
+    return files
+
+
+def _common_cases(wd: Path, ds: Dataset, names: Sequence[str], files: dict[str, dict[str, Path]],
+                  note: Callable[[str], None]) -> tuple[dict[str, Path], list[str]]:
+    """The reference labels, and the cases every configuration has a validation prediction and a label for.
+
+    Raises:
+        SelectionError: there is no such case.
+    """
     refs = {case.case_id: case.label for case in ds.cases if case.label is not None}
     common = sorted(set(refs).intersection(*[set(files[c]) for c in names]))
     if not common:
@@ -200,78 +222,46 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
     if partial:
         note(f"{', '.join(partial)}: not every fold is trained; all candidates are compared on the {len(common)} "
              f"case(s) with predictions from every configuration.")
-    classes = classes_from_labels(plans.labels)
-    out = wd / SELECTION
-    (out / "cv").mkdir(parents=True, exist_ok=True)
+    return refs, common
 
-    def evaluate(cand: Candidate, full: bool = False) -> None:
-        """Candidates are ranked on the metric alone (overlap metrics are ~10x faster than surface ones); the
-        chosen pipeline gets every metric."""
-        pairs = [(cid, cand.predictions[cid], refs[cid]) for cid in common]
-        cand.summary = evaluate_pairs(pairs, classes, ignore_label=ds.spec.ignore_label, jobs=jobs, progress=progress,
-                                      surface=full or metric in ("hd95", "assd", "nsd"),
-                                      lesion_wise=full or metric.startswith("lesion"))
-        cand.summary.save(out / "cv" / cand.name / "summary.json")
-        cand.summary.write_csv(out / "cv" / cand.name / "cases.csv")
-        cand.score = float(cand.summary.foreground_mean(metric))
 
-    candidates = [Candidate(c, [Member(c, tuple(folds[c]))], {cid: files[c][cid] for cid in common}) for c in names]
-    if need_npz:
-        for size in range(2, len(names) + 1):
-            for combo in itertools.combinations(names, size):
-                name = "ensemble__" + "__".join(combo)
-                folder = out / "cv" / name
-                folder.mkdir(parents=True, exist_ok=True)
-                jobs_list = [([probabilities_path(files[c][cid]) for c in combo], files[combo[0]][cid],
-                              folder / f"{cid}{ending}") for cid in common]
-                note(f"ensembling {' + '.join(combo)} on {len(common)} CV case(s)")
-                list(imap_ordered(_ensemble_job, jobs_list, jobs=jobs, desc=name, progress=progress,
-                                  label=lambda j: j[2].name))
-                candidates.append(Candidate(name, [Member(c, tuple(folds[c])) for c in combo],
-                                            {cid: folder / f"{cid}{ending}" for cid in common}))
-    for cand in candidates:
-        note(f"evaluating {cand.name}")
-        evaluate(cand)
-    lower = metric in LOWER_IS_BETTER
-    best = sorted(candidates, key=lambda c: ((c.score if lower else -c.score) if c.score == c.score else float("inf"),
-                                             len(c.members)))[0]
-    rules, final = None, best.summary
-    if postprocessing:
+def _postprocess_winner(best: Candidate, scoring: CVScoring, out: Path, learn: bool, note: Callable[[str], None]
+                        ) -> tuple[PostprocessingRules | None, EvaluationSummary]:
+    """Learn postprocessing rules on the winner's CV predictions (``learn``; else an earlier rules file is removed)
+    and evaluate the pipeline with every metric, after the rules where some were kept."""
+    rules = None
+    if learn:
         note(f"learning postprocessing on the CV predictions of {best.name}")
-        pairs = [CasePair(cid, best.predictions[cid], refs[cid]) for cid in common]
-        rules = learn_postprocessing(pairs, {k: tuple(v) if isinstance(v, (list, tuple)) else (int(v),)
-                                             for k, v in classes.items()},
-                                     ignore_label=ds.spec.ignore_label, jobs=jobs, progress=progress)
+        pairs = [CasePair(cid, best.predictions[cid], scoring.refs[cid]) for cid in scoring.cases]
+        rules = learn_postprocessing(pairs, {k: class_values(v) for k, v in scoring.classes.items()},
+                                     ignore_label=scoring.ignore_label, jobs=scoring.jobs, progress=scoring.progress)
         rules.save(out / POSTPROCESSING)
         if not rules.is_empty:
-            folder = out / "cv" / f"{best.name}__postprocessed"
-            folder.mkdir(parents=True, exist_ok=True)
-            jobs_list = [(best.predictions[cid], folder / f"{cid}{ending}", rules.to_json()) for cid in common]
-            list(imap_ordered(postprocess_job, jobs_list, jobs=jobs, desc="postprocess", progress=progress))
-            post = Candidate(folder.name, best.members, {cid: folder / f"{cid}{ending}" for cid in common})
-            evaluate(post, full=True)
-            final = post.summary
+            rules_json = rules.to_json()
+            post = scoring.write_candidate(f"{best.name}__postprocessed", best.members, postprocess_job,
+                                           lambda cid, dst: (best.predictions[cid], dst, rules_json), desc="postprocess")
+            scoring.evaluate(post, full=True)
+            assert post.summary is not None
+            return rules, post.summary
     elif (out / POSTPROCESSING).is_file():
         (out / POSTPROCESSING).unlink()
-    if final is best.summary:
-        evaluate(best, full=True)
-        final = best.summary
-    assert final is not None
-    quality = calibrate_quality(_cv_quality(wd, best.members, splits, common), case_errors(final, "dice"),
-                                candidate=best.name)
-    if quality is not None:
-        quality.save(out / QUALITY_RULE)
-    selection = Selection(metric, candidates, best, final, rules, out, quality=quality)
-    write_json_atomic(out / "cv_summary.json", {
-        "version": 1, "metric": metric, "cases": common,
+    scoring.evaluate(best, full=True)
+    assert best.summary is not None
+    return rules, best.summary
+
+
+def _write_records(selection: Selection, wd: Path, cases: list[str]) -> None:
+    """``cv_summary.json`` (every candidate's score on the CV ``cases``) and ``best.json`` (the choice)."""
+    best, metric, rules = selection.best, selection.metric, selection.rules
+    write_json_atomic(selection.folder / "cv_summary.json", {
+        "version": 1, "metric": metric, "cases": cases,
         "candidates": [{"name": c.name, "members": [m.to_json() for m in c.members], "score": c.score,
                         "foreground_mean": c.summary.to_json()["foreground_mean"] if c.summary else None}
-                       for c in candidates]})
-    BestChoice(name=best.name, members=tuple(best.members), metric=metric, score=best.score, n_cases=len(common),
+                       for c in selection.candidates]})
+    BestChoice(name=best.name, members=tuple(best.members), metric=metric, score=best.score, n_cases=len(cases),
                postprocessing=POSTPROCESSING if rules is not None and not rules.is_empty else None,
-               score_after_postprocessing=float(final.foreground_mean(metric)),
+               score_after_postprocessing=float(selection.final.foreground_mean(metric)),
                predict_command=selection.predict_command(wd)).save(wd)
-    return selection
 
 
 def _cv_quality(wd: Path, members: Sequence[Member], splits: list, cases: Sequence[str]
@@ -281,7 +271,7 @@ def _cv_quality(wd: Path, members: Sequence[Member], splits: list, cases: Sequen
     for m in members:
         scores: dict[str, dict[str, Any]] = {}
         for f in m.folds:
-            path = configuration_folder(wd, m.configuration) / f"fold_{f}" / "val" / QUALITY
+            path = fold_folder(wd, m.configuration, f) / "val" / QUALITY
             if path.is_file():
                 scores.update(read_json(path, FileFormatError, "rerun the fold's validation").get("cases", {}))
         per_member.append(scores)
