@@ -3,7 +3,9 @@
 The loader hands over ``{"data": float32 (B, C, *initial_patch), "seg": int16 (B, 1, *initial_patch)}``
 where ``seg`` is -1 outside the imaged region (padding, or outside the nonzero mask). The initial patch
 is larger than the network patch so that rotation and scaling find image content in the corners.
-:func:`training_transforms` then applies, in nnU-Net's order (reference 5.4):
+:func:`training_transforms` then applies, in nnU-Net's order (reference 5.4), with the probabilities and
+ranges of the default preset ``nnunet`` (others in :mod:`autoseg.training.augmentation_presets`: ``light``,
+``none``; a step whose probability is 0 in the preset is left out):
 
 1. (dummy 2D only) fold the first spatial axis into the channels;
 2. ``SpatialTransform``: rotation (p 0.2 per sample, every axis gets an angle) and scaling (p 0.2, one
@@ -19,7 +21,7 @@ is larger than the network patch so that rotation and scaling find image content
 9. inverted gamma (p 0.1) and gamma (p 0.3), gamma 0.7-1.5, mean and std retained;
 9b. modality dropout (optional, ``modality_dropout > 0``): whole image channels blanked to 0 (see
     :mod:`autoseg.training.modality_dropout`);
-10. mirroring along each allowed axis with p 0.5;
+10. mirroring along each of ``params.mirror_axes`` with p 0.5 (off in the ``none`` preset);
 11. image set to 0 where seg < 0 in the ``mask_channels`` (channels normalised inside a mask);
 12. seg -1 -> 0; cascade only: the previous stage's prediction (seg channel 1) becomes one-hot image
     channels, damaged by random morphology (p 0.4) and connected-component removal (p 0.2);
@@ -44,8 +46,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +67,7 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 from batchgenerators.transforms.utility_transforms import RemoveLabelTransform
 
 from autoseg.errors import TrainingConfigError
+from autoseg.training.augmentation_presets import AugmentationPreset, nnunet
 from autoseg.training.modality_dropout import ModalityDropout, check_modality_dropout
 from autoseg.training.transforms import (
     DownsampleTargets,
@@ -150,13 +155,28 @@ def _rotated_extent_3d(size: Sequence[float], rx: float, ry: float, rz: float) -
     return np.minimum(2 * best, np.linalg.norm(size))
 
 
-def augmentation_params(patch_size: Sequence[int], *, cover_scale: float = 1.0) -> AugmentationParams:
+def _check_mirror_axes(mirror_axes: Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+    """The mirrored axes, sorted (None = every spatial axis)."""
+    if mirror_axes is None:
+        return tuple(range(ndim))
+    axes = tuple(mirror_axes) if isinstance(mirror_axes, Sequence) and not isinstance(mirror_axes, str) else None
+    if axes is None or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) or not 0 <= a < ndim
+                           for a in axes) or len(set(axes)) != len(axes):
+        raise TrainingConfigError(
+            f"augmentation_params: mirror_axes={mirror_axes!r} is not valid; valid: distinct integers in "
+            f"0..{ndim - 1} (the patch's spatial axes), e.g. {tuple(range(ndim))}, or () for no mirroring.")
+    return tuple(sorted(int(a) for a in axes))
+
+
+def augmentation_params(patch_size: Sequence[int], *, cover_scale: float = 1.0,
+                        mirror_axes: Sequence[int] | None = None) -> AugmentationParams:
     """nnU-Net's rules for rotation, dummy-2D augmentation, mirroring and the initial patch.
 
     3D: dummy 2D when ``max(patch) / patch[0] > 3`` (then in-plane rotation +-180 degrees), else
     +-30 degrees about every axis. 2D: +-15 degrees if ``max / min > 1.5``, else +-180 degrees. All
-    spatial axes are mirrored. The initial patch is the bounding box of the patch under every rotation
-    in range (exact for 2D, grid search over the angle ranges for 3D) times ``cover_scale``, rounded up.
+    spatial axes are mirrored unless ``mirror_axes`` says otherwise. The initial patch is the bounding box
+    of the patch under every rotation in range (exact for 2D, grid search over the angle ranges for 3D)
+    times ``cover_scale``, rounded up.
 
     Why ``cover_scale`` defaults to 1.0: scale factors <= 1 (zoom in) sample inside the rotated patch,
     so only zoom-outs (> 1, at most 1.4, drawn for ~10 % of samples) can reach outside it, where they
@@ -168,13 +188,16 @@ def augmentation_params(patch_size: Sequence[int], *, cover_scale: float = 1.0) 
         patch_size: Network patch, 2 or 3 positive ints.
         cover_scale: Largest scale factor whose sampled region the initial patch must contain
             (1.0 .. max(SCALE_RANGE)).
+        mirror_axes: Spatial axes mirrored in training (and recorded for test-time mirroring), e.g.
+            ``(1, 2)`` for a left-right symmetric anatomy; ``()`` for none; None = every spatial axis.
 
     Returns:
         The :class:`AugmentationParams`.
 
     Raises:
-        TrainingConfigError: the patch is not 2D or 3D or has a non-positive size, or ``cover_scale``
-            is outside 1.0 .. max(SCALE_RANGE).
+        TrainingConfigError: the patch is not 2D or 3D or has a non-positive size, ``cover_scale``
+            is outside 1.0 .. max(SCALE_RANGE), or ``mirror_axes`` holds a duplicate, a non-integer or an
+            axis outside the patch.
 
     Example:
         >>> augmentation_params((20, 160, 160)).dummy_2d
@@ -188,23 +211,24 @@ def augmentation_params(patch_size: Sequence[int], *, cover_scale: float = 1.0) 
         raise TrainingConfigError(
             f"augmentation_params: cover_scale={cover_scale} must lie in [1.0, {max(SCALE_RANGE)}] "
             "(1.0 covers every rotation, the maximum also every zoom-out).")
+    axes = _check_mirror_axes(mirror_axes, len(patch))
     scale_max = cover_scale
     zero = (0.0, 0.0)
     if len(patch) == 2:
         angle = (15 if max(patch) / min(patch) > 1.5 else 180) * _DEG
         ext = _rotated_extent_2d(patch[0], patch[1], angle)
         initial = tuple(math.ceil(e * scale_max - 1e-6) for e in ext)
-        return AugmentationParams(patch, initial, (-angle, angle), zero, zero, False, (0, 1))
+        return AugmentationParams(patch, initial, (-angle, angle), zero, zero, False, axes)
     if max(patch) / patch[0] > 3:
         angle = 180 * _DEG
         ext = _rotated_extent_2d(patch[1], patch[2], angle)
         initial = (patch[0], *(math.ceil(e * scale_max - 1e-6) for e in ext))
-        return AugmentationParams(patch, initial, (-angle, angle), zero, zero, True, (0, 1, 2))
+        return AugmentationParams(patch, initial, (-angle, angle), zero, zero, True, axes)
     angle = 30 * _DEG
     ext3 = _rotated_extent_3d(patch, angle, angle, angle)
     initial = tuple(math.ceil(e * scale_max - 1e-6) for e in ext3)
     rng = (-angle, angle)
-    return AugmentationParams(patch, initial, rng, rng, rng, False, (0, 1, 2))
+    return AugmentationParams(patch, initial, rng, rng, rng, False, axes)
 
 
 def _check_labels(label_values: Sequence[int] | None, regions: Sequence[Sequence[int]] | None,
@@ -252,12 +276,55 @@ def _modality_dropout(p: float, n_image_channels: int | None) -> list[AbstractTr
     return [ModalityDropout(p, n_image_channels=n_image_channels)]
 
 
+def _spatial_steps(params: AugmentationParams, preset: AugmentationPreset) -> list[AbstractTransform]:
+    """Steps 1-3: (fold), rotation / scaling / elastic deformation and the centre crop, (unfold)."""
+    patch = params.patch_size[1:] if params.dummy_2d else params.patch_size
+    spatial = SpatialTransform(
+        patch, patch_center_dist_from_border=None, do_elastic_deform=preset.elastic and preset.p_elastic > 0,
+        alpha=(0.0, 900.0), sigma=(9.0, 13.0), do_rotation=preset.p_rotation > 0, angle_x=params.rotation_x,
+        angle_y=params.rotation_y, angle_z=params.rotation_z, do_scale=preset.p_scaling > 0,
+        scale=preset.scale_range or params.scale_range, border_mode_data="constant", border_cval_data=0,
+        order_data=preset.order_data, border_mode_seg="constant", border_cval_seg=-1, order_seg=preset.order_seg,
+        random_crop=False, p_el_per_sample=preset.p_elastic, p_scale_per_sample=preset.p_scaling,
+        p_rot_per_sample=preset.p_rotation, independent_scale_for_each_axis=False)
+    return [FoldFirstAxis(), spatial, UnfoldFirstAxis()] if params.dummy_2d else [spatial]
+
+
+def _intensity_steps(params: AugmentationParams, p: AugmentationPreset) -> list[AbstractTransform]:
+    """Steps 4-9: noise, blur, brightness, contrast, low resolution, inverted gamma, gamma (those with p > 0)."""
+    low_res = SimulateLowResolutionTransform(zoom_range=p.low_res_zoom, per_channel=True, order_downsample=0,
+                                             p_per_channel=p.p_low_res_per_channel, order_upsample=1,
+                                             p_per_sample=p.p_low_res, ignore_axes=(0,) if params.dummy_2d else None)
+    steps = [
+        (p.p_noise, GaussianNoise(p.noise_std, p_per_sample=p.p_noise)),
+        (p.p_blur, GaussianBlur(p.blur_sigma, p_per_sample=p.p_blur, p_per_channel=p.p_blur_per_channel,
+                                skip_first_axis=params.dummy_2d)),
+        (p.p_brightness, BrightnessMultiplicativeTransform(p.brightness_range, per_channel=True,
+                                                           p_per_sample=p.p_brightness)),
+        (p.p_contrast, ContrastAugmentationTransform(p.contrast_range, preserve_range=True, per_channel=True,
+                                                     p_per_sample=p.p_contrast)),
+        (p.p_low_res, low_res),
+        (p.p_inverted_gamma, GammaTransform(p.gamma_range, invert_image=True, per_channel=True, retain_stats=True,
+                                            p_per_sample=p.p_inverted_gamma)),
+        (p.p_gamma, GammaTransform(p.gamma_range, invert_image=False, per_channel=True, retain_stats=True,
+                                   p_per_sample=p.p_gamma)),
+    ]
+    return [step for prob, step in steps if prob > 0]
+
+
+def _resolve_preset(preset: AugmentationPreset | None, elastic: bool | None, order_data: int | None,
+                    order_seg: int | None) -> AugmentationPreset:
+    """The preset (None = ``nnunet()``) with the given keyword arguments replacing its values (validated)."""
+    given = {"elastic": elastic, "order_data": order_data, "order_seg": order_seg}
+    return dataclasses.replace(preset or nnunet(), **{k: v for k, v in given.items() if v is not None})
+
+
 def training_transforms(params: AugmentationParams, *, label_values: Sequence[int] | None,
                         regions: Sequence[Sequence[int]] | None, ignore_label: int | None,
                         ds_scales: Sequence[Sequence[float]] | None, mask_channels: Sequence[int] = (),
-                        elastic: bool = False, order_data: int = 3, order_seg: int = 1,
+                        elastic: bool | None = None, order_data: int | None = None, order_seg: int | None = None,
                         cascade_labels: Sequence[int] = (), modality_dropout: float = 0.0,
-                        n_image_channels: int | None = None) -> Compose:
+                        n_image_channels: int | None = None, preset: AugmentationPreset | None = None) -> Compose:
     """The training augmentation pipeline (see the module docstring for the steps).
 
     Args:
@@ -269,11 +336,12 @@ def training_transforms(params: AugmentationParams, *, label_values: Sequence[in
         ds_scales: Deep-supervision scales per output, highest first (e.g. ``[(1, 1, 1), (.5, .5, .5)]``),
             or None for a single target.
         mask_channels: Channels set to 0 outside the imaged region (``seg < 0``).
-        elastic: Add elastic deformation (p 0.2 per sample).
+        elastic: Add elastic deformation (p 0.2 per sample); None = the preset's (off in ``nnunet``).
         order_data: Spline order for the image in the spatial transform (3 = nnU-Net v1; 1 is ~5x
-            faster for rotated/scaled samples and is what nnU-Net's current torch pipeline uses).
-        order_seg: 1 = per-label linear interpolation + argmax (smooth label borders, ~13x slower than
-            0 with 5 labels present); 0 = nearest neighbour. Neither creates in-between label values.
+            faster for rotated/scaled samples and is what nnU-Net's current torch pipeline uses); None = the
+            preset's (3 in ``nnunet``).
+        order_seg: 1 = per-label linear interpolation + argmax (smooth borders, ~13x slower than 0 with 5
+            labels); 0 = nearest neighbour; neither creates in-between labels. None = the preset's (1 in nnunet).
         cascade_labels: Cascade (second stage) only: the previous stage's foreground labels. The loader
             then delivers ``seg`` with 2 channels (ground truth, previous prediction); the prediction
             becomes one one-hot image channel per label (appended after the image channels) and is
@@ -281,6 +349,9 @@ def training_transforms(params: AugmentationParams, *, label_values: Sequence[in
         modality_dropout: probability per image channel per sample that the channel is blanked to 0 after
             the intensity augmentations (never all channels of a sample; cascade channels never). 0 = off.
         n_image_channels: the dataset's input channels; required when ``modality_dropout > 0``.
+        preset: The augmentation's probabilities and ranges (:mod:`autoseg.training.augmentation_presets`);
+            None = ``nnunet()``, nnU-Net's pipeline. ``elastic``, ``order_data`` and ``order_seg``, when
+            given, replace the preset's values.
 
     Returns:
         A batchgenerators ``Compose`` called as ``pipeline(**batch)``.
@@ -289,40 +360,11 @@ def training_transforms(params: AugmentationParams, *, label_values: Sequence[in
         TrainingConfigError: regions, labels or scales are inconsistent, an order is not 0, 1 or 3, or
             ``modality_dropout`` is outside [0, 1), lacks ``n_image_channels`` or has fewer than 2 channels.
     """
-    if order_data not in (0, 1, 3) or order_seg not in (0, 1):
-        raise TrainingConfigError(
-            f"training_transforms: order_data={order_data} must be 0, 1 or 3 and order_seg={order_seg} "
-            "must be 0 or 1 (interpolation orders).")
+    aug = _resolve_preset(preset, elastic, order_data, order_seg)
     dropout = _modality_dropout(modality_dropout, n_image_channels)
-    patch = params.patch_size
-    regs = _check_labels(label_values, regions, ignore_label, ds_scales, len(patch))
-    spatial_patch = patch[1:] if params.dummy_2d else patch
-    steps: list[AbstractTransform] = []
-    if params.dummy_2d:
-        steps.append(FoldFirstAxis())
-    steps.append(SpatialTransform(
-        spatial_patch, patch_center_dist_from_border=None, do_elastic_deform=elastic, alpha=(0.0, 900.0),
-        sigma=(9.0, 13.0), do_rotation=True, angle_x=params.rotation_x, angle_y=params.rotation_y,
-        angle_z=params.rotation_z, do_scale=True, scale=params.scale_range, border_mode_data="constant",
-        border_cval_data=0, order_data=order_data, border_mode_seg="constant", border_cval_seg=-1,
-        order_seg=order_seg,
-        random_crop=False, p_el_per_sample=0.2, p_scale_per_sample=0.2, p_rot_per_sample=0.2,
-        independent_scale_for_each_axis=False))
-    if params.dummy_2d:
-        steps.append(UnfoldFirstAxis())
-    steps += [
-        GaussianNoise((0.0, 0.1), p_per_sample=0.1),
-        GaussianBlur((0.5, 1.0), p_per_sample=0.2, p_per_channel=0.5, skip_first_axis=params.dummy_2d),
-        BrightnessMultiplicativeTransform((0.75, 1.25), per_channel=True, p_per_sample=0.15),
-        ContrastAugmentationTransform((0.75, 1.25), preserve_range=True, per_channel=True, p_per_sample=0.15),
-        SimulateLowResolutionTransform(zoom_range=(0.5, 1.0), per_channel=True, p_per_channel=0.5,
-                                       order_downsample=0, order_upsample=1, p_per_sample=0.25,
-                                       ignore_axes=(0,) if params.dummy_2d else None),
-        GammaTransform((0.7, 1.5), invert_image=True, per_channel=True, retain_stats=True, p_per_sample=0.1),
-        GammaTransform((0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True, p_per_sample=0.3),
-    ]
-    steps += dropout
-    if params.mirror_axes:
+    regs = _check_labels(label_values, regions, ignore_label, ds_scales, len(params.patch_size))
+    steps = _spatial_steps(params, aug) + _intensity_steps(params, aug) + dropout
+    if aug.mirror and params.mirror_axes:
         steps.append(MirrorTransform(params.mirror_axes))
     if mask_channels:
         steps.append(MaskOutside(mask_channels))

@@ -1,4 +1,5 @@
-"""The training loop of one fold: SGD with Nesterov momentum, poly learning rate, Dice+CE with deep
+"""The training loop of one fold: an optimiser (default SGD with Nesterov momentum) and a learning-rate
+schedule stepped once per epoch (default poly, see :mod:`autoseg.training.optim`), Dice+CE with deep
 supervision, AMP on CUDA, atomic checkpoints that resume exactly, a JSON-lines log and ``progress.png``.
 
 The loop holds no data-set logic: :mod:`autoseg.training.run` builds the network, loss and batch streams
@@ -21,12 +22,10 @@ from tqdm import tqdm
 
 from autoseg.networks.checkpoint import FINAL, LATEST, rng_state, save_checkpoint, set_rng_state
 from autoseg.training.metrics import pseudo_dice, tp_fp_fn
+from autoseg.training.optim import poly, poly_lr, sgd
 from autoseg.training.progress import TrainingLog, plot_progress
 
-
-def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = 0.9) -> float:
-    """``initial_lr * (1 - epoch / epochs) ** exponent`` (stepped once per epoch)."""
-    return initial_lr * (1 - min(epoch, epochs) / epochs) ** exponent
+__all__ = ["LoopState", "TrainingLoop", "poly_lr"]
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -60,18 +59,31 @@ class TrainingLoop:
         regions: region (sigmoid) training.
         ignore_label: label excluded from the pseudo Dice.
         amp: mixed precision (CUDA).
-        initial_lr, weight_decay, momentum, grad_clip: optimiser settings.
+        initial_lr, weight_decay, momentum: the default optimiser's settings (unused with ``optimizer``).
+        grad_clip: gradient-norm clipping threshold.
         is_main: this process writes logs and checkpoints (rank 0 under DDP).
+        optimizer: the optimiser of ``network``'s parameters (e.g. from
+            :data:`~autoseg.training.optim.OPTIMIZERS`); None = SGD with Nesterov momentum from ``initial_lr``,
+            ``weight_decay`` and ``momentum``. Its state is saved in every checkpoint.
+        schedule: ``schedule(initial_lr, epoch, epochs) -> lr``, applied at the start of every epoch to each
+            parameter group with the group's learning rate at construction as ``initial_lr``; None = poly.
     """
 
     def __init__(self, network: torch.nn.Module, loss: Callable[[Any, Any], torch.Tensor], *, folder: Path,
                  device: torch.device, regions: bool, ignore_label: int | None, amp: bool, initial_lr: float,
-                 weight_decay: float, momentum: float, grad_clip: float, is_main: bool = True) -> None:
+                 weight_decay: float, momentum: float, grad_clip: float, is_main: bool = True,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 schedule: Callable[[float, int, int], float] | None = None) -> None:
         self.network, self.loss, self.folder, self.device = network, loss, folder, device
         self.regions, self.ignore_label, self.amp, self.grad_clip = regions, ignore_label, amp, grad_clip
         self.initial_lr, self.is_main = initial_lr, is_main
-        self.optimizer = torch.optim.SGD(network.parameters(), lr=initial_lr, weight_decay=weight_decay,
-                                         momentum=momentum, nesterov=True)
+        if optimizer is None:
+            optimizer = sgd(network.parameters(), lr=initial_lr, weight_decay=weight_decay, momentum=momentum,
+                            nesterov=True)
+        self.optimizer = optimizer
+        self.schedule = schedule if schedule is not None else poly()
+        # each group's rate before any schedule step (a restored state_dict holds the last scheduled one)
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
         self.state = LoopState()
 
@@ -143,9 +155,10 @@ class TrainingLoop:
         while self.state.epoch < epochs:
             epoch = self.state.epoch
             start = time.perf_counter()
-            lr = poly_lr(self.initial_lr, epoch, epochs)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lrs = [self.schedule(base, epoch, epochs) for base in self.base_lrs]
+            for group, group_lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = group_lr
+            lr = lrs[0]
             self.network.train()
             bar = tqdm(range(iters_per_epoch), desc=f"epoch {epoch}", leave=False,
                        disable=not (progress and self.is_main))
