@@ -3,8 +3,9 @@
 Lowest layer first; a module may import its own layer and those below it, never one above (lazy imports inside
 functions count too; imports under ``if TYPE_CHECKING:`` do not, since they never run). The order, and why:
 
-- ``errors``; then ``io``, ``parallel`` and ``device`` (file formats, model-folder facts, worker pools, the
-  :class:`~autoseg.device.Runtime`); ``data`` writes synthetic datasets with ``io``;
+- ``errors``; then ``io``, ``parallel``, ``device`` and ``registry`` (file formats, model-folder facts, worker pools,
+  the :class:`~autoseg.device.Runtime`, the part tables' machinery that every stage's parts use); ``data`` writes
+  synthetic datasets with ``io``;
 - ``fingerprint`` -> ``networks`` -> ``planner``: networks describe their architecture and what it costs (parameters,
   memory of a training step); the planner chooses patch and batch sizes with those estimates;
 - ``preprocessing`` -> ``plugins`` (extra channels and derived labels fitted on preprocessed cases);
@@ -23,7 +24,7 @@ import autoseg
 ROOT = Path(autoseg.__file__).parent
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"io", "parallel", "device"},
+    {"io", "parallel", "device", "registry"},
     {"data"},
     {"fingerprint"},
     {"networks"},

@@ -21,9 +21,12 @@ from autoseg.io.model_folder import configuration_folder
 from autoseg.io.workdir import DatasetLike, as_dataset, workdir_for
 from autoseg.planner.planner import plan_experiment
 from autoseg.planner.plans import Plans
+from autoseg.planner.presets import get_preset
+from autoseg.planner.recipe import Recipe, default_recipe, parse_recipe
 from autoseg.plugins.channels import prepare_channels
 from autoseg.plugins.planning import resolve_plugins, with_plugins
 from autoseg.preprocessing.preprocess import PreprocessSummary, preprocess_dataset
+from autoseg.training.parts import resolve_recipe
 from autoseg.training.settings import TrainSettings
 
 if TYPE_CHECKING:
@@ -51,6 +54,7 @@ def check(dataset: DatasetLike, *, jobs: int = 1, progress: bool = True,
 def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None, gpu_memory_gb: float = 8.0,
          preset: str = "default", jobs: int = 1, progress: bool = True, strict_geometry: bool = False,
          reuse_fingerprint: bool = True, seed: int = 12345, plugins: Sequence[str | dict[str, Any]] = (),
+         recipe: Sequence[str] | str | Recipe | None = None,
          on_report: Callable[[CheckReport], None] | None = None) -> Plans:
     """Check, fingerprint and plan a dataset; saves ``fingerprint.json``, ``plans.json`` and a copy of
     ``dataset.json`` in the work folder.
@@ -67,6 +71,9 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
         seed: the seed recorded in the plans, from which all later randomness flows.
         plugins: extra input channels / derived labels, e.g. ``["kle_residual", "peritumoral_zones:widths_mm=5,10"]``
             (names, ``NAME:KEY=VALUE:...`` texts or ``{"name", "params"}``; :mod:`autoseg.plugins`).
+        recipe: the training recipe, as overrides of the default (``["network=attention_unet",
+            "loss=dice_focal:gamma=2"]``, :mod:`autoseg.planner.recipe`) or a whole :class:`Recipe`; recorded
+            in every configuration of the plans. Its network's cost model sizes the patches and batches.
         on_report: called with the integrity report (e.g. to print its warnings).
 
     Returns:
@@ -74,17 +81,28 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
 
     Raises:
         DatasetError, DatasetIntegrityError: the dataset is unusable (the message says why and how to fix).
-        PlanningError, PluginError: an option is invalid (e.g. an unknown preset or plugin parameter).
+        PlanningError, PluginError: an option is invalid (e.g. an unknown preset, plugin, recipe part or parameter).
     """
     ds, chosen = as_dataset(dataset), resolve_plugins(plugins)  # a bad plugin choice fails before any work
+    chosen_recipe = _recipe(recipe, preset, ds)  # and so does a bad recipe
     wd = workdir_for(ds, workdir)
     fp = fingerprint(ds, workdir=wd, jobs=jobs, progress=progress, strict_geometry=strict_geometry,
                      reuse=reuse_fingerprint, on_report=on_report)
-    plans = with_plugins(plan_experiment(fp, gpu_memory_gb=gpu_memory_gb, preset=preset, seed=seed), chosen)
+    plans = with_plugins(plan_experiment(fp, gpu_memory_gb=gpu_memory_gb, preset=preset, seed=seed,
+                                         recipe=chosen_recipe), chosen)
     plans.save(wd / "plans.json")
     write_text_atomic(wd / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
     record_dataset_source(wd, ds.root)
     return plans
+
+
+def _recipe(recipe: Sequence[str] | str | Recipe | None, preset: str, ds: Dataset) -> Recipe:
+    """The recipe to plan with, every part checked: the preset's default with the given overrides."""
+    if isinstance(recipe, Recipe):
+        return resolve_recipe(recipe)
+    regions = any(isinstance(v, (list, tuple)) for k, v in ds.spec.labels.items() if k != "ignore")
+    base = default_recipe(block=get_preset(preset).block, regions=regions)
+    return resolve_recipe(base.with_overrides(parse_recipe(recipe)))
 
 
 def _load_plans(wd: Path) -> Plans:

@@ -59,6 +59,10 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                     help="treat origin/direction mismatches inside a case as errors")
     pl.add_argument("--force", action="store_true", help="recompute the fingerprint even if files are unchanged")
     pl.add_argument("--seed", type=int, default=12345, help="seed recorded in the plans (default 12345)")
+    pl.add_argument("--recipe", nargs="+", default=[], metavar="KIND=NAME[:K=V...]",
+                    help="training recipe, e.g. network=attention_unet loss=dice_focal:gamma=2 mirror_axes=1,2 (kinds: "
+                         "network, loss, optimizer, schedule, augmentation, mirror_axes; `autoseg plugins` lists "
+                         "the parts and their parameters)")
     pl.add_argument("--plugin", action="append", default=[], metavar="PLUGIN",
                     help="add a plugin (repeatable): NAME or NAME:KEY=VALUE[:KEY=VALUE...], e.g. kle_residual or "
                          "peritumoral_zones:widths_mm=5,10:labels=1; `autoseg plugins` lists them")
@@ -107,6 +111,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     t.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
                    help="blank each input channel with probability P per sample (never all), so the model copes "
                         "with missing sequences (predict --missing); e.g. 0.25")
+    t.add_argument("--recipe", nargs="+", default=[], metavar="KIND=NAME[:K=V...]",
+                    help="override the planned recipe for this run, e.g. optimizer=adamw:lr=3e-4 "
+                         "schedule=cosine:warmup=50 (recorded in the checkpoints)")
     t.add_argument("--init-from", metavar="SOURCE",
                    help="fine-tune: start from the matching weights of a bundle, work folder, fold folder or "
                         "checkpoint (layers that do not match, e.g. other classes, are listed and trained afresh)")
@@ -193,7 +200,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     workdir = workdir_for(dataset, args.workdir)
     plans = plan(dataset, workdir=workdir, gpu_memory_gb=args.gpu_memory, preset=args.preset,
                  jobs=args.jobs, progress=not args.quiet, strict_geometry=args.strict_geometry,
-                 reuse_fingerprint=not args.force, seed=args.seed, plugins=args.plugin,
+                 reuse_fingerprint=not args.force, seed=args.seed, plugins=args.plugin, recipe=args.recipe,
                  on_report=_print_warnings)
     if args.explain:
         print("\n".join(plans.explain()))
@@ -230,7 +237,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              device=args.device, deterministic=args.deterministic,
                              amp=False if args.no_amp else None, save_probabilities=args.save_probabilities,
                              validate=not args.no_validation, progress=not args.quiet,
-                             modality_dropout=args.modality_dropout, init_from=args.init_from)
+                             modality_dropout=args.modality_dropout, init_from=args.init_from,
+                             recipe=tuple(args.recipe))
     for result in train(args.dataset, args.configuration, args.fold, workdir=args.workdir, settings=settings,
                         resume=args.resume, jobs=args.jobs, groups=args.groups, validate_only=args.validate_only):
         if not result.main_process:  # under torchrun only rank 0 reports

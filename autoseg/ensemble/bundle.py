@@ -52,7 +52,7 @@ from autoseg.io.model_folder import (
     trained_configurations,
     trained_folds,
 )
-from autoseg.networks.checkpoint import FINAL, load_checkpoint, save_checkpoint
+from autoseg.networks.checkpoint import FINAL, CheckpointMeta, load_checkpoint, save_checkpoint
 from autoseg.planner.plans import Plans
 from autoseg.plugins.channels import PLUGINS_DIR
 
@@ -60,7 +60,7 @@ from autoseg.plugins.channels import PLUGINS_DIR
 VERIFY = InferenceSettings(device="cpu", deterministic=True)
 #: checkpoint entries a bundle keeps (the optimizer, scaler and RNG states are left out)
 KEPT = ("network", "epoch", "configuration", "fold", "mirror_axes", "in_channels", "num_outputs", "cascade_labels",
-        "epochs", "settings", "meta_version")
+        "epochs", "settings", "meta_version", "recipe")
 
 
 def labels_hash(seg: np.ndarray) -> str:
@@ -254,7 +254,8 @@ def _manifest(bundle: Path, plans: Plans, members: list[dict[str, Any]], best: B
         "seed": plans.seed,
         "seeds_note": "training seeds derive from this seed, the configuration and the fold (training."
                       "components.derived_seed); the split uses it directly",
-        "members": members, "postprocessing": chosen.postprocessing, "label_map": chosen.label_map,
+        "members": members, "recipes": {m["configuration"]: _recipe(bundle, m) for m in members},
+        "postprocessing": chosen.postprocessing, "label_map": chosen.label_map,
         "inference": {"tta": True, "step_size": 0.5, "verification": "CPU, float32, deterministic algorithms"},
         "cross_validation": {k: best.to_json()[k] for k in ("metric", "score", "score_after_postprocessing",
                                                             "n_cases", "name")} if best is not None else None,
@@ -264,6 +265,12 @@ def _manifest(bundle: Path, plans: Plans, members: list[dict[str, Any]], best: B
         "onnx": onnx_record,
         "files": {p.relative_to(bundle).as_posix(): sha256(p) for p in sorted(bundle.rglob("*")) if p.is_file()},
     }
+
+
+def _recipe(wd: Path, member: dict[str, Any]) -> dict[str, Any] | None:
+    """The training recipe a member's first fold recorded (None for checkpoints from before recipes)."""
+    ckpt = load_checkpoint(configuration_folder(wd, member["configuration"]) / f"fold_{member['folds'][0]}" / FINAL)
+    return CheckpointMeta.from_json(ckpt).recipe
 
 
 def _versions(autoseg_version: str) -> dict[str, str]:

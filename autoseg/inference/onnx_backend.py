@@ -221,12 +221,10 @@ def compare_with_torch(model: bytes | str | os.PathLike[str] | OnnxNetwork, netw
 
 def _fold_onnx(fold_dir: Path, config: Any, exporter: str, verify: bool) -> bytes:
     """Export the final checkpoint of one fold folder (its hash goes into the model's metadata)."""
-    from autoseg.networks.unet import build_network
+    from autoseg.inference.model import network_from_checkpoint
 
-    ckpt = load_checkpoint(fold_dir / FINAL, map_location="cpu")
-    in_channels = int(ckpt["in_channels"])
-    net = build_network(config, in_channels=in_channels, num_classes=int(ckpt["num_outputs"]), deep_supervision=False)
-    net.load_state_dict(ckpt["network"])
+    net, meta = network_from_checkpoint(load_checkpoint(fold_dir / FINAL, map_location="cpu"), config, fold_dir / FINAL)
+    in_channels = meta.in_channels
     data = network_to_onnx(net, in_channels=in_channels, patch_size=config.patch_size, exporter=exporter,
                            metadata={_META_CHECKPOINT: sha256(fold_dir / FINAL), "autoseg.configuration": config.name,
                                      "autoseg.patch_size": ",".join(str(p) for p in config.patch_size)})

@@ -25,6 +25,7 @@ import torch
 from autoseg.device import Runtime
 from autoseg.errors import ModelNotFoundError
 from autoseg.inference.export import LabelLayout, export_segmentation
+from autoseg.inference.model import network_from_checkpoint
 from autoseg.inference.settings import InferenceSettings
 from autoseg.inference.sliding_window import InferenceError, inference_network, predict_logits
 from autoseg.inference.uncertainty import MemberOutputs, predict_members
@@ -32,7 +33,6 @@ from autoseg.io.dataset import read_dataset_json
 from autoseg.io.image import Geometry
 from autoseg.io.model_folder import FINAL, configuration_folder, is_bundle, trained_folds
 from autoseg.networks.checkpoint import CheckpointMeta, load_checkpoint
-from autoseg.networks.unet import build_network
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.plugins.channels import ChannelAppender
 from autoseg.preprocessing.cascade import one_hot, previous_stage_to_grid
@@ -224,12 +224,11 @@ def _load_fold(workdir: Path, fold_dir: Path, config: ConfigurationPlan, runtime
                ) -> tuple[Callable[[torch.Tensor], torch.Tensor], CheckpointMeta]:
     """One fold's network, ready for the sliding window, and its checkpoint's description."""
     ckpt = load_checkpoint(fold_dir / FINAL, map_location="cpu")
-    meta = CheckpointMeta.from_json(ckpt, fold_dir / FINAL)
     if backend == "onnx":  # a bundle's files are fixed: no export there, only a clear error
         from autoseg.inference.onnx_backend import load_fold_onnx
 
+        meta = CheckpointMeta.from_json(ckpt, fold_dir / FINAL)
         return load_fold_onnx(fold_dir, config, device=runtime.device, cache=not is_bundle(workdir)), meta
-    net = build_network(config, in_channels=meta.in_channels, num_classes=meta.num_outputs, deep_supervision=False)
-    net.load_state_dict(ckpt["network"])
+    net, meta = network_from_checkpoint(ckpt, config, fold_dir / FINAL)
     return inference_network(net.to(runtime.device), in_channels=meta.in_channels, patch_size=config.patch_size,
                              device=runtime.device, amp=runtime.amp), meta

@@ -113,6 +113,8 @@ class CheckpointMeta:
         epochs: the epochs the run was asked for.
         settings: the :class:`~autoseg.training.settings.TrainSettings` as JSON.
         init_from: what fine-tuning copied (``TransferReport`` JSON), when the run started from another model.
+        recipe: the training recipe as JSON (:class:`~autoseg.planner.recipe.Recipe`); None in checkpoints written
+            before recipes existed (they hold the plan's U-Net).
         meta_version: :data:`META_VERSION` when written.
     """
 
@@ -125,6 +127,7 @@ class CheckpointMeta:
     epochs: int | None = None
     settings: dict[str, Any] | None = None
     init_from: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None
     meta_version: int = META_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -136,6 +139,8 @@ class CheckpointMeta:
                                "meta_version": self.meta_version}
         if self.init_from is not None:
             out["init_from"] = self.init_from
+        if self.recipe is not None:
+            out["recipe"] = self.recipe
         return out
 
     @classmethod
@@ -155,7 +160,8 @@ class CheckpointMeta:
                        mirror_axes=tuple(int(a) for a in state.get("mirror_axes", ())),
                        cascade_labels=tuple(int(v) for v in state.get("cascade_labels", ())),
                        epochs=None if state.get("epochs") is None else int(state["epochs"]),
-                       settings=state.get("settings"), init_from=state.get("init_from"), meta_version=version)
+                       settings=state.get("settings"), init_from=state.get("init_from"), recipe=state.get("recipe"),
+                       meta_version=version)
         except (KeyError, TypeError, ValueError) as err:
             raise FileFormatError(f"{source}: not an autoseg checkpoint (entry {err} missing or malformed); train "
                                   "the fold again or use the checkpoint_final.pt that `autoseg train` wrote.") from err

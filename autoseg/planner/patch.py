@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autoseg.errors import PlanningError
-from autoseg.networks.memory import feature_map_elements
+from autoseg.networks.parts import NetworkPart, UNetPart
 from autoseg.networks.topology import UNetTopology
 from autoseg.planner.presets import PlannerPreset
 from autoseg.planner.topology import PoolingLayout, pooling_layout
@@ -27,12 +27,14 @@ class PatchPlan:
         initial_patch_size: 1/spacing patch scaled to 256^3 (2048^2), clipped to the median shape.
         patch_size: final (padded) patch.
         topology: the network for that patch.
-        estimate: feature-map elements of one sample (:func:`feature_map_elements`).
+        estimate: feature-map elements of one sample (the network part's estimate; the U-Net's by default).
         budget: the reference scaled to the memory target.
         shrink_steps: how often an axis was reduced.
         batch_from_memory: ``round(budget / estimate x ref_batch)``.
         batch_from_dataset_cap: ``round(dataset voxels x max_dataset_covered / patch voxels)``.
         batch_size: ``max(min(both), min_batch_size)``.
+        adapted_from: the patch before the network adapted it to its constraints (None: not adapted).
+        network_name: the recipe's network, named in the adaptation decision.
     """
 
     initial_patch_size: tuple[int, ...]
@@ -44,6 +46,8 @@ class PatchPlan:
     batch_from_memory: int
     batch_from_dataset_cap: int
     batch_size: int
+    adapted_from: tuple[int, ...] | None = None
+    network_name: str = ""
 
     def decisions(self, preset: PlannerPreset) -> list[str]:
         """Human-readable account of the patch, shrink and batch decisions."""
@@ -57,6 +61,9 @@ class PatchPlan:
         else:
             out.append(f"patch {_fmt(self.patch_size)} (padded to a multiple of "
                        f"{_fmt(self.topology.divisible_by)}) already fits the budget of {self.budget:.4g}")
+        if self.adapted_from is not None:
+            out.append(f"network {self.network_name} takes patch {_fmt(self.patch_size)} instead of "
+                       f"{_fmt(self.adapted_from)} (its input constraint)")
         out.append(f"{self.topology.n_stages} stages, strides {_fmt_list(self.topology.strides[1:])}, kernels "
                    f"{_fmt_list(self.topology.kernel_sizes)}, features {_fmt(self.topology.features_per_stage)}; "
                    f"estimate {self.estimate:,} elements per sample")
@@ -145,7 +152,8 @@ def _too_big(estimate: int, budget: float, preset: PlannerPreset, ref_bs: int) -
 
 
 def fit_patch(spacing: Sequence[float], median_shape: Sequence[float], *, preset: PlannerPreset,
-              gpu_memory_gb: float, num_classes: int, dataset_voxels: float) -> PatchPlan:
+              gpu_memory_gb: float, num_classes: int, dataset_voxels: float, network: NetworkPart | None = None,
+              network_name: str = "") -> PatchPlan:
     """Choose patch, topology and batch size of one configuration.
 
     The initial patch is shrunk one axis at a time (the one largest relative to the median shape) while the
@@ -161,6 +169,9 @@ def fit_patch(spacing: Sequence[float], median_shape: Sequence[float], *, preset
         gpu_memory_gb: memory target.
         num_classes: output channels (labels incl. background) for the estimate.
         dataset_voxels: approximate voxels of the whole training set (median voxels x cases).
+        network: the recipe's network, whose estimate is the yardstick and whose input constraint the final
+            patch obeys (default: the preset's U-Net).
+        network_name: its name, for the decisions.
 
     Returns:
         The patch plan.
@@ -174,8 +185,9 @@ def fit_patch(spacing: Sequence[float], median_shape: Sequence[float], *, preset
     median = [float(m) for m in median_shape[:ndim]]
     initial = initial_patch_size(spacing, median)
     layout = pooling_layout(spacing, initial)
-    topo = topology_for(layout, preset)
-    estimate = feature_map_elements(topo, layout.patch_size, num_classes=num_classes)
+    net = network or UNetPart()
+    topo = net.topology(topology_for(layout, preset))
+    estimate = net.feature_map_elements(topo, layout.patch_size, num_classes=num_classes)
     steps = 0
     while _too_big(estimate, budget, preset, ref_bs):
         patch = list(layout.patch_size)
@@ -189,12 +201,18 @@ def fit_patch(spacing: Sequence[float], median_shape: Sequence[float], *, preset
         step = pooling_layout(spacing, trial).divisible_by[axis]
         patch[axis] -= step
         layout = pooling_layout(spacing, patch)
-        topo = topology_for(layout, preset)
-        estimate = feature_map_elements(topo, layout.patch_size, num_classes=num_classes)
+        topo = net.topology(topology_for(layout, preset))
+        estimate = net.feature_map_elements(topo, layout.patch_size, num_classes=num_classes)
         steps += 1
+    patch, adapted = layout.patch_size, None
+    if net.fit_patch(patch) != tuple(patch):  # the network's input constraint (e.g. multiples of 32)
+        adapted, patch = tuple(patch), net.fit_patch(patch)
+        topo = net.topology(topology_for(pooling_layout(spacing, patch), preset))
+        estimate = net.feature_map_elements(topo, patch, num_classes=num_classes)
     bs_mem = round(budget / estimate * ref_bs)
-    bs_cap = round(dataset_voxels * preset.max_dataset_covered / math.prod(float(p) for p in layout.patch_size))
+    bs_cap = round(dataset_voxels * preset.max_dataset_covered / math.prod(float(p) for p in patch))
     batch = max(min(bs_mem, bs_cap), preset.min_batch_size)
-    return PatchPlan(initial_patch_size=tuple(int(round(v)) for v in initial), patch_size=layout.patch_size,
+    return PatchPlan(initial_patch_size=tuple(int(round(v)) for v in initial), patch_size=tuple(patch),
                      topology=topo, estimate=estimate, budget=budget, shrink_steps=steps,
-                     batch_from_memory=bs_mem, batch_from_dataset_cap=bs_cap, batch_size=batch)
+                     batch_from_memory=bs_mem, batch_from_dataset_cap=bs_cap, batch_size=batch,
+                     adapted_from=adapted, network_name=network_name)

@@ -7,6 +7,7 @@ covers less than 25 % of the median image, and ``2d`` always.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import replace as _replace
@@ -16,10 +17,12 @@ import numpy as np
 
 from autoseg.errors import PlanningError
 from autoseg.fingerprint.model import DatasetFingerprint
+from autoseg.networks.parts import get_network_part
 from autoseg.planner.normalization import MASK_FOR_NORM_THRESHOLD, ChannelNormalization, plan_normalization
 from autoseg.planner.patch import PatchPlan, fit_patch
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.planner.presets import PlannerPreset, get_preset
+from autoseg.planner.recipe import Recipe, default_recipe
 from autoseg.planner.resampling import ResamplingPlan
 from autoseg.planner.spacing import (
     TargetSpacing,
@@ -72,9 +75,8 @@ def _check_fingerprint(fp: DatasetFingerprint) -> None:
                             f"1 x H x W), found {sorted(dims)}; recompute the fingerprint with this autoseg.")
 
 
-def _find_lowres(spacing: np.ndarray, median: np.ndarray, fullres: PatchPlan, *, preset: PlannerPreset,
-                 gpu_memory_gb: float, num_classes: int, num_training: int
-                 ) -> _Lowres | None:
+def _find_lowres(spacing: np.ndarray, median: np.ndarray, fullres: PatchPlan, *, num_training: int,
+                 **fit_kw: Any) -> _Lowres | None:
     """Coarsen the spacing by 1.03 per step (only axes finer than half the coarsest, else all) until the
     patch covers 25 % of the median image. Returns (spacing, median, fit, median voxels, steps) or None."""
     median_vox = float(np.prod(median, dtype=np.float64))
@@ -95,15 +97,14 @@ def _find_lowres(spacing: np.ndarray, median: np.ndarray, fullres: PatchPlan, *,
         scaled = spacing / low * median
         median_vox = float(np.prod(scaled, dtype=np.float64))
         low_median = tuple(float(round(v)) for v in scaled)
-        fit = fit_patch(low, low_median, preset=preset, gpu_memory_gb=gpu_memory_gb, num_classes=num_classes,
-                        dataset_voxels=median_vox * num_training)
+        fit = fit_patch(low, low_median, dataset_voxels=median_vox * num_training, **fit_kw)
         found = (low.copy(), low_median, fit, median_vox, steps)
         patch_vox = float(math.prod(fit.patch_size))
     return found
 
 
 def plan_experiment(fingerprint: DatasetFingerprint, *, gpu_memory_gb: float = 8.0, preset: str = "default",
-                    seed: int = 12345) -> Plans:
+                    seed: int = 12345, recipe: Recipe | None = None) -> Plans:
     """Derive every configuration of a dataset from its fingerprint.
 
     Args:
@@ -111,6 +112,8 @@ def plan_experiment(fingerprint: DatasetFingerprint, *, gpu_memory_gb: float = 8
         gpu_memory_gb: memory the configurations are sized for; scales the preset's reference budget.
         preset: ``default`` (nnU-Net v2), ``resenc_m``, ``resenc_l`` or ``cpu``.
         seed: recorded in the plans; all later randomness flows from it.
+        recipe: the training recipe, its parts checked (default: :func:`~autoseg.planner.recipe.default_recipe` of
+            the preset and the labels); its network's cost model sizes the patches and batches.
 
     Returns:
         The plans (``2d`` always; ``3d_fullres`` for 3D data; ``3d_lowres`` and ``3d_cascade_fullres`` when
@@ -137,9 +140,15 @@ def plan_experiment(fingerprint: DatasetFingerprint, *, gpu_memory_gb: float = 8
     num_classes = len(fingerprint.labels)
     norm = plan_normalization(fingerprint.channel_names, fingerprint.intensity,
                               fingerprint.median_relative_size_after_cropping)
-    kw = {"preset": pr, "gpu_memory_gb": float(gpu_memory_gb), "num_classes": num_classes}
+    regions = any(isinstance(v, (list, tuple)) for k, v in fingerprint.labels.items() if k != "ignore")
+    recipe = recipe or default_recipe(block=pr.block, regions=regions)
+    network = get_network_part(recipe.network.name, recipe.network.params, origin=recipe.network.origin)
+    kw = {"preset": pr, "gpu_memory_gb": float(gpu_memory_gb), "num_classes": num_classes, "network": network,
+          "network_name": recipe.network.name}
 
     decisions = _dataset_decisions(pr, target, tr, median_t, norm, fingerprint.median_relative_size_after_cropping)
+    if recipe != default_recipe(block=pr.block, regions=regions):
+        decisions.append(f"recipe {recipe.describe()}")
     configs, decisions_3d = _plan_3d(spacing_t, median_t, norm, kw, n_vox=n_vox,
                                      num_training=fingerprint.num_training)
     decisions += decisions_3d
@@ -147,7 +156,7 @@ def plan_experiment(fingerprint: DatasetFingerprint, *, gpu_memory_gb: float = 8
     configs["2d"] = _configuration("2d", "2d", spacing_t[1:], median_t[1:], fit2d, pr, norm, batch_dice=True,
                                    extra=["in-plane spacing of 3d_fullres; each slice keeps its out-of-plane spacing"])
     order = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
-    configs = {k: configs[k] for k in order if k in configs}
+    configs = {k: dataclasses.replace(configs[k], recipe=recipe) for k in order if k in configs}
     return Plans(
         dataset_name=fingerprint.dataset_name, preset=pr.name, gpu_memory_gb=float(gpu_memory_gb), seed=int(seed),
         channel_names=tuple(fingerprint.channel_names), labels=dict(fingerprint.labels),

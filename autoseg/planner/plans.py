@@ -16,6 +16,7 @@ from autoseg.errors import FileFormatError, PlanningError
 from autoseg.io.atomic import read_json, write_json_atomic
 from autoseg.networks.topology import UNetTopology
 from autoseg.planner.normalization import ChannelNormalization
+from autoseg.planner.recipe import Recipe, default_recipe
 from autoseg.planner.resampling import ResamplingPlan
 
 PLANS_VERSION = 1
@@ -44,6 +45,8 @@ class ConfigurationPlan:
         num_epochs: default training length (``autoseg train --epochs`` overrides it).
         iterations_per_epoch: default training iterations per epoch (``--iters-per-epoch``).
         val_iterations: default online-validation iterations per epoch.
+        recipe: the training recipe (network, loss, optimiser, schedule, augmentation, mirror axes); None in plans
+            written before recipes existed, which train with :func:`~autoseg.planner.recipe.default_recipe`.
     """
 
     name: str
@@ -64,6 +67,7 @@ class ConfigurationPlan:
     num_epochs: int = 1000
     iterations_per_epoch: int = 250
     val_iterations: int = 50
+    recipe: Recipe | None = None
 
     @property
     def ndim(self) -> int:
@@ -82,6 +86,7 @@ class ConfigurationPlan:
             "memory_budget": self.memory_budget, "decisions": list(self.decisions),
             "num_epochs": self.num_epochs, "iterations_per_epoch": self.iterations_per_epoch,
             "val_iterations": self.val_iterations,
+            **({"recipe": self.recipe.to_json()} if self.recipe is not None else {}),
         }
 
     @classmethod
@@ -99,6 +104,7 @@ class ConfigurationPlan:
             memory_budget=float(d.get("memory_budget", 0.0)), decisions=tuple(d.get("decisions", ())),
             num_epochs=int(d.get("num_epochs", 1000)), iterations_per_epoch=int(d.get("iterations_per_epoch", 250)),
             val_iterations=int(d.get("val_iterations", 50)),
+            recipe=Recipe.from_json(d["recipe"]) if d.get("recipe") is not None else None,
         )
 
 
@@ -152,6 +158,16 @@ class Plans:
             if name != "ignore":
                 vals.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
         return tuple(sorted(vals))
+
+    @property
+    def has_regions(self) -> bool:
+        """Whether the labels define overlapping regions (region training, sigmoid outputs)."""
+        return any(isinstance(v, (list, tuple)) for k, v in self.labels.items() if k != "ignore")
+
+    def recipe(self, configuration: str) -> Recipe:
+        """The recipe a configuration trains with (the default one for plans written before recipes)."""
+        config = self.configuration(configuration)
+        return config.recipe or default_recipe(block=config.topology.block, regions=self.has_regions)
 
     def configuration(self, name: str) -> ConfigurationPlan:
         """The configuration called ``name``.

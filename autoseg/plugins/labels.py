@@ -17,7 +17,7 @@ import numpy as np
 
 from autoseg.io.image import Geometry, read_image, read_label, write_label
 from autoseg.planner.plans import Plans
-from autoseg.plugins.base import LABELS, LabelsPlugin, PluginError, PluginInfo
+from autoseg.plugins.base import LABELS, LabelsPlugin, PluginError, PluginInfo, create_plugin
 from autoseg.plugins.planning import chosen_plugins
 from autoseg.plugins.registry import get_plugin
 
@@ -89,7 +89,7 @@ def derive_labels(label_file: str | os.PathLike[str], output: str | os.PathLike[
     info = get_plugin(plugin)
     if info.kind != LABELS:
         raise PluginError(f"plugin {plugin!r} is a {info.kind} plugin; derive_labels takes a labels plugin.")
-    obj = info.create(params)
+    obj = create_plugin(info, params)
     assert isinstance(obj, LabelsPlugin)
     label = read_label(label_file)
     body = None

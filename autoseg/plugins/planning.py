@@ -15,7 +15,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from autoseg.planner.plans import Plans
-from autoseg.plugins.base import CHANNEL, ChannelPlugin, LabelsPlugin, PluginError, PluginInfo, format_value
+from autoseg.plugins.base import (
+    CHANNEL,
+    ChannelPlugin,
+    LabelsPlugin,
+    PluginError,
+    PluginInfo,
+    create_plugin,
+    format_value,
+)
 from autoseg.plugins.registry import available_plugins, get_plugin
 
 #: how the plans' decisions about plugins begin (replaced when the plugins are chosen again)
@@ -98,7 +106,7 @@ def chosen_plugins(plans: Plans, kind: str, table: dict[str, PluginInfo] | None 
     for spec in wanted:
         try:
             info = get_plugin(str(spec["name"]), table)
-            out.append((spec, info, info.create(spec.get("params"))))
+            out.append((spec, info, create_plugin(info, spec.get("params"))))
         except PluginError as err:
             raise PluginError(f"the plans of {plans.dataset_name!r} use plugin {spec.get('name')!r}, which cannot be "
                               f"used here: {err} Install the package that provides it, or plan again without it."
@@ -123,7 +131,7 @@ def with_plugins(plans: Plans, choices: Sequence[PluginChoice] | None,
     notes = []
     for spec in chosen:
         info = table[spec["name"]]
-        plugin = info.create(spec["params"])
+        plugin = create_plugin(info, spec["params"])
         params = ", ".join(f"{k}={format_value(v)}" for k, v in spec["params"].items()) or "no parameters"
         if info.kind == CHANNEL:
             assert isinstance(plugin, ChannelPlugin)

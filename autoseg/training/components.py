@@ -25,8 +25,8 @@ from autoseg.io.atomic import remove_stale_temporaries
 from autoseg.io.dataset import Dataset
 from autoseg.io.model_folder import FINAL, LATEST, fold_folder
 from autoseg.networks.checkpoint import CheckpointMeta
-from autoseg.networks.unet import build_network
 from autoseg.planner.plans import ConfigurationPlan, Plans
+from autoseg.planner.recipe import Recipe, parse_recipe
 from autoseg.plugins.channels import training_channels
 from autoseg.training.augmentation import (
     AugmentationParams,
@@ -38,6 +38,7 @@ from autoseg.training.cascade import cascade_input_folder, prepare_cascade_input
 from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.losses import DeepSupervisionLoss, build_loss
+from autoseg.training.parts import build_part, resolve_recipe
 from autoseg.training.settings import TrainSettings
 from autoseg.training.splits import Fold, fold_cases, get_splits
 from autoseg.training.transfer import TransferReport, load_matching_weights
@@ -73,6 +74,7 @@ class PreparedFold:
     prev_labels: tuple[int, ...] = ()
     extra_folders: tuple[Path, ...] = ()
     in_channels: int = 0  # network input: the images, plugin channels and one-hot cascade labels
+    recipe: Recipe | None = None  # the planned recipe with this run's overrides, every part checked
 
     @property
     def fold(self) -> str:
@@ -82,13 +84,21 @@ class PreparedFold:
 
 def prepare_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str, workdir: Path,
                  settings: TrainSettings, runtime: Runtime) -> PreparedFold:
-    """The fold's folder (created) and its training length (settings, else the plan's)."""
+    """The fold's folder (created), its training length (settings, else the plan's) and its recipe (the plan's with
+    the settings' overrides).
+
+    Raises:
+        PlanningError, PluginError: a bad recipe override, an unknown part or parameter (checked before any folder
+            is made).
+    """
     config = plans.configuration(config_name)
+    recipe = resolve_recipe(plans.recipe(config_name).with_overrides(parse_recipe(settings.recipe)))
     folder = fold_folder(workdir, config_name, fold)
     folder.mkdir(parents=True, exist_ok=True)
     return PreparedFold(config, fold, folder, epochs=settings.epochs or config.num_epochs,
                         iters=settings.iters_per_epoch or config.iterations_per_epoch,
-                        val_iters=config.val_iterations if settings.val_iters is None else settings.val_iters)
+                        val_iters=config.val_iterations if settings.val_iters is None else settings.val_iters,
+                        recipe=recipe)
 
 
 def finish_preparing(run: PreparedFold, dataset: Dataset, plans: Plans, workdir: Path, settings: TrainSettings,
@@ -131,19 +141,21 @@ class Components:
 def build_components(run: PreparedFold, plans: Plans, ignore_label: int | None, settings: TrainSettings,
                      runtime: Runtime, *, fine_tune: bool) -> Components:
     """Seed, then build the network (fine-tuned from ``settings.init_from`` when ``fine_tune``), loss and loop."""
-    assert run.layout is not None, "finish_preparing runs first"
-    config, device = run.config, runtime.device
+    assert run.layout is not None and run.recipe is not None, "prepare_fold and finish_preparing run first"
+    config, device, recipe = run.config, runtime.device, run.recipe
     torch.manual_seed(derived_seed(plans.seed, config.name, run.fold_key, "init"))
     # the global generators too, so the RNG states a checkpoint stores depend on the seed alone
     np.random.seed(derived_seed(plans.seed, config.name, run.fold_key, "numpy"))
     random.seed(derived_seed(plans.seed, config.name, run.fold_key, "python"))
-    network = build_network(config, in_channels=run.in_channels, num_classes=run.layout.num_outputs).to(device)
+    network = build_part("network", recipe.network).build(config.topology, in_channels=run.in_channels,
+                                                          num_classes=run.layout.num_outputs).to(device)
     transfer = None
     if settings.init_from and fine_tune:  # fine-tuning starts a new run; a resumed one has its own weights
         transfer = load_matching_weights(network, settings.init_from, configuration=config.name)
     ds_scales = deep_supervision_scales(config)
     loss = build_loss(regions=run.layout.regions is not None, batch_dice=config.batch_dice, ignore_label=ignore_label,
-                      n_outputs=len(ds_scales), unused_weight=1e-6 if runtime.distributed else 0.0)
+                      n_outputs=len(ds_scales), unused_weight=1e-6 if runtime.distributed else 0.0,
+                      factory=build_part("loss", recipe.loss))
     if len(ds_scales) == 1:  # a 2-stage network (small images) still returns a list of one output
         loss = DeepSupervisionLoss(loss, [1.0])
     if runtime.distributed:  # DDP needs a gradient for every head (the unused_weight above)
@@ -153,12 +165,15 @@ def build_components(run: PreparedFold, plans: Plans, ignore_label: int | None, 
     loop = TrainingLoop(network, loss, folder=run.folder, device=device, regions=run.layout.regions is not None,
                         ignore_label=ignore_label, amp=runtime.amp, initial_lr=settings.initial_lr,
                         weight_decay=settings.weight_decay, momentum=settings.momentum,
-                        grad_clip=settings.grad_clip, is_main=runtime.is_main)
-    aug = augmentation_params(config.patch_size)
+                        grad_clip=settings.grad_clip, is_main=runtime.is_main,
+                        optimizer=build_part("optimizer", recipe.optimizer)(network.parameters(), settings),
+                        schedule=build_part("schedule", recipe.schedule)())
+    aug = augmentation_params(config.patch_size, mirror_axes=recipe.mirror_axes_for(config.ndim))
     loop.state.extra = CheckpointMeta(
         configuration=config.name, fold=run.fold, in_channels=run.in_channels, num_outputs=run.layout.num_outputs,
         mirror_axes=tuple(aug.mirror_axes), cascade_labels=run.prev_labels, epochs=run.epochs,
-        settings=settings.to_json(), init_from=transfer.to_json() if transfer is not None else None).to_json()
+        settings=settings.to_json(), init_from=transfer.to_json() if transfer is not None else None,
+        recipe=recipe.to_json()).to_json()
     return Components(network, loop, aug, ds_scales, transfer)
 
 
@@ -169,7 +184,7 @@ def batch_streams(run: PreparedFold, plans: Plans, parts: Components, ignore_lab
     Raises:
         TrainingError: the plan's batch cannot be split over the DDP processes.
     """
-    assert run.layout is not None, "finish_preparing runs first"
+    assert run.layout is not None and run.recipe is not None, "prepare_fold and finish_preparing run first"
     config, epoch = run.config, parts.loop.state.epoch
     batch = _batch_per_rank(config.batch_size, runtime.world_size)
     store_train = CaseStore(workdir / "preprocessed" / config.data_identifier, run.split.train,
@@ -179,7 +194,8 @@ def batch_streams(run: PreparedFold, plans: Plans, parts: Components, ignore_lab
     label_kw = {"label_values": None, "regions": run.layout.regions, "ignore_label": ignore_label,
                 "ds_scales": parts.ds_scales}
     mask_channels = [i for i, n in enumerate(config.normalization) if n.use_mask]
-    t_train = training_transforms(parts.aug, mask_channels=mask_channels, cascade_labels=run.prev_labels,
+    t_train = training_transforms(parts.aug, preset=build_part("augmentation", run.recipe.augmentation)(),
+                                  mask_channels=mask_channels, cascade_labels=run.prev_labels,
                                   modality_dropout=settings.modality_dropout,
                                   n_image_channels=len(plans.channel_names), **label_kw)
     t_val = validation_transforms(cascade_labels=run.prev_labels, **label_kw)

@@ -36,6 +36,8 @@ class TrainSettings:
             (predict with ``missing``). Never all channels of a sample; needs >= 2 channels; 0 = off.
         init_from: fine-tuning: start from the matching weights of this checkpoint file, fold folder, work
             folder or bundle (see :mod:`autoseg.training.transfer`); ignored when resuming.
+        recipe: recipe overrides for this run, e.g. ``("optimizer=adamw:lr=3e-4", "schedule=cosine:warmup=50")``
+            (:mod:`autoseg.planner.recipe`), applied on top of the configuration's planned recipe.
 
     Raises:
         TrainingConfigError: ``modality_dropout`` is not in [0, 1).
@@ -59,11 +61,13 @@ class TrainSettings:
     progress: bool = True
     modality_dropout: float = 0.0
     init_from: str | None = None
+    recipe: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modality_dropout", check_modality_dropout(self.modality_dropout))
         if self.init_from is not None:  # a Path would make the checkpoint unloadable with weights_only=True
             object.__setattr__(self, "init_from", os.fspath(self.init_from))
+        object.__setattr__(self, "recipe", (self.recipe,) if isinstance(self.recipe, str) else tuple(self.recipe))
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form."""

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from autoseg import registry
 from autoseg.cli import plugins as cli_plugins
 from autoseg.planner.plans import Plans
 from autoseg.plugins import (
@@ -18,7 +19,6 @@ from autoseg.plugins import (
     available_plugins,
     get_plugin,
     parse_spec,
-    registry,
     resolve_plugins,
     with_plugins,
 )

@@ -233,7 +233,7 @@ def _make_loss(name: str, params: Mapping[str, Any], *, regions: bool, batch_dic
 
 def build_loss(*, regions: bool, batch_dice: bool, ignore_label: int | None, n_outputs: int,
                unused_weight: float = 0.0, name: str | None = None,
-               params: Mapping[str, Any] | None = None) -> nn.Module:
+               params: Mapping[str, Any] | None = None, factory: Callable[..., nn.Module] | None = None) -> nn.Module:
     """The training loss for a configuration.
 
     Args:
@@ -246,6 +246,8 @@ def build_loss(*, regions: bool, batch_dice: bool, ignore_label: int | None, n_o
         name: A key of :data:`LOSSES`; None (the default) means ``"dice_bce"`` for regions and ``"dice_ce"``
             for labels (Dice + BCE / Dice + CE, nnU-Net's defaults).
         params: The loss's tunable parameters, e.g. ``{"k": 5.0}`` for ``"dice_topk"``; None means defaults.
+        factory: A loss part with its parameters bound (``autoseg.training.parts.build_part("loss", ...)``),
+            called with the configuration arguments instead of looking ``name`` up.
 
     Returns:
         A module called as ``loss(outputs, targets)``: lists (highest resolution first) when
@@ -257,7 +259,10 @@ def build_loss(*, regions: bool, batch_dice: bool, ignore_label: int | None, n_o
     """
     if name is None:
         name = "dice_bce" if regions else "dice_ce"
-    base = _make_loss(name, params or {}, regions=regions, batch_dice=batch_dice, ignore_label=ignore_label)
+    if factory is not None:
+        base = factory(regions=regions, batch_dice=batch_dice, ignore_label=ignore_label)
+    else:
+        base = _make_loss(name, params or {}, regions=regions, batch_dice=batch_dice, ignore_label=ignore_label)
     weights = [w if w > 0 else unused_weight for w in deep_supervision_weights(n_outputs)]
     if n_outputs == 1:
         return base

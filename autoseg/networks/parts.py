@@ -1,0 +1,183 @@
+"""Networks as recipe parts: each one builds itself from the plan's topology and knows what it costs.
+
+A :class:`NetworkPart` gives the planner its feature-map estimate (the yardstick of the patch and batch rules,
+comparable to nnU-Net's budgets), its exact parameter count and its training-memory estimate, and the patch it
+can take (:meth:`NetworkPart.fit_patch`); the trainer and the predictor get the module from :meth:`NetworkPart.build`.
+
+Built-ins: ``unet`` (plain encoder), ``resenc_unet`` (residual encoder), ``attention_unet`` (additive attention
+gates on the skips) and ``swin_unetr`` (MONAI's SwinUNETR; ``pip install "autoseg[monai]"``). Other packages add
+networks as :class:`~autoseg.registry.PluginInfo` entries of kind ``network`` whose ``build(**params)`` returns a
+:class:`NetworkPart` (see the README's "writing a part").
+
+    >>> part = get_network_part("unet")
+    >>> from autoseg.networks.topology import UNetTopology
+    >>> topo = UNetTopology(strides=((1, 1), (2, 2)), kernel_sizes=((3, 3), (3, 3)), features_per_stage=(4, 8),
+    ...                     n_blocks_per_stage=(1, 1), n_conv_per_stage_decoder=(1,))
+    >>> part.count_parameters(topo, in_channels=1, num_classes=2) == sum(
+    ...     p.numel() for p in part.build(topo, in_channels=1, num_classes=2).parameters())
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from autoseg.errors import PluginError
+from autoseg.networks import attention_unet, memory, swin_unetr
+from autoseg.networks.memory import BYTES_PER_ELEMENT_MIXED, BYTES_PER_PARAMETER_MIXED
+from autoseg.networks.topology import UNetTopology
+from autoseg.networks.unet import UNet
+from autoseg.registry import Param, PluginInfo, lookup, part_table
+
+KIND = "network"
+
+
+class NetworkPart:
+    """A network and its cost model. Subclasses implement :meth:`build`; the cost methods default to the
+    U-Net's analytic model of the same topology, which fits networks shaped like it (override them otherwise).
+
+    Attributes:
+        block: the encoder block type the planner must use (``plain``/``residual``), or None for the plan's.
+        exports_onnx: the network can be exported to ONNX (checked by the contract suite).
+    """
+
+    block: str | None = None
+    exports_onnx: bool = True
+
+    def build(self, topology: UNetTopology, *, in_channels: int, num_classes: int,
+              deep_supervision: bool = True) -> nn.Module:
+        """The freshly initialised network. Its forward returns a list of logits (highest resolution first) when
+        ``deep_supervision`` is on, else the full-resolution logits; it has ``in_channels``, ``num_classes``,
+        a settable ``deep_supervision`` attribute and ``check_input(x)``."""
+        raise NotImplementedError
+
+    def topology(self, planned: UNetTopology) -> UNetTopology:
+        """The topology this network uses for a planned one (the planned one with :attr:`block` applied)."""
+        return planned if self.block is None else dataclasses.replace(planned, block=self.block)
+
+    def count_parameters(self, topology: UNetTopology, *, in_channels: int, num_classes: int) -> int:
+        """Trainable parameters (by default counted on a built network)."""
+        net = self.build(topology, in_channels=in_channels, num_classes=num_classes)
+        return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+    def feature_map_elements(self, topology: UNetTopology, patch_size: Sequence[int], *, num_classes: int) -> int:
+        """The planner's yardstick: activation elements of one sample, comparable to the U-Net's count."""
+        return memory.feature_map_elements(topology, patch_size, num_classes=num_classes)
+
+    def estimate_training_bytes(self, topology: UNetTopology, patch_size: Sequence[int], *, batch_size: int,
+                                in_channels: int, num_classes: int, bytes_per_element: float = BYTES_PER_ELEMENT_MIXED,
+                                bytes_per_parameter: float = BYTES_PER_PARAMETER_MIXED) -> int:
+        """Peak memory of one training step (see :func:`autoseg.networks.memory.estimate_training_bytes`)."""
+        return memory.training_bytes(self.feature_map_elements(topology, patch_size, num_classes=num_classes),
+                                     self.count_parameters(topology, in_channels=in_channels, num_classes=num_classes),
+                                     batch_size=batch_size, bytes_per_element=bytes_per_element,
+                                     bytes_per_parameter=bytes_per_parameter)
+
+    def fit_patch(self, patch_size: Sequence[int]) -> tuple[int, ...]:
+        """The patch this network can take nearest to the planned one (default: the planned one)."""
+        return tuple(int(v) for v in patch_size)
+
+
+class UNetPart(NetworkPart):
+    """nnU-Net's U-Net (plain or residual encoder as :attr:`block` says), exactly as the plans describe it."""
+
+    def __init__(self, block: str | None = None) -> None:
+        self.block = block
+
+    def build(self, topology: UNetTopology, *, in_channels: int, num_classes: int,
+              deep_supervision: bool = True) -> nn.Module:
+        return UNet(self.topology(topology), in_channels=in_channels, num_classes=num_classes,
+                    deep_supervision=deep_supervision)
+
+    def count_parameters(self, topology: UNetTopology, *, in_channels: int, num_classes: int) -> int:
+        return memory.count_parameters(self.topology(topology), in_channels=in_channels, num_classes=num_classes)
+
+    def feature_map_elements(self, topology: UNetTopology, patch_size: Sequence[int], *, num_classes: int) -> int:
+        return memory.feature_map_elements(self.topology(topology), patch_size, num_classes=num_classes)
+
+
+class AttentionUNetPart(NetworkPart):
+    """The plan's U-Net with additive attention gates (Oktay et al. 2018) on every skip connection."""
+
+    def build(self, topology: UNetTopology, *, in_channels: int, num_classes: int,
+              deep_supervision: bool = True) -> nn.Module:
+        return attention_unet.build(topology, in_channels=in_channels, num_classes=num_classes,
+                                    deep_supervision=deep_supervision)
+
+    def count_parameters(self, topology: UNetTopology, *, in_channels: int, num_classes: int) -> int:
+        return attention_unet.count_parameters(topology, in_channels=in_channels, num_classes=num_classes)
+
+    def feature_map_elements(self, topology: UNetTopology, patch_size: Sequence[int], *, num_classes: int) -> int:
+        return attention_unet.feature_map_elements(topology, patch_size, num_classes=num_classes)
+
+
+class SwinUNETRPart(NetworkPart):
+    """MONAI's SwinUNETR (a Swin-transformer encoder with a CNN decoder); patches are multiples of 32."""
+
+    def __init__(self, feature_size: int | None = None, window_size: int = swin_unetr.DEFAULT_WINDOW_SIZE) -> None:
+        self.kw: dict[str, Any] = {"feature_size": feature_size, "window_size": window_size}
+
+    def build(self, topology: UNetTopology, *, in_channels: int, num_classes: int,
+              deep_supervision: bool = True) -> nn.Module:
+        return swin_unetr.build(topology, in_channels=in_channels, num_classes=num_classes,
+                                deep_supervision=deep_supervision, **self.kw)
+
+    def count_parameters(self, topology: UNetTopology, *, in_channels: int, num_classes: int) -> int:
+        return swin_unetr.count_parameters(topology, in_channels=in_channels, num_classes=num_classes, **self.kw)
+
+    def feature_map_elements(self, topology: UNetTopology, patch_size: Sequence[int], *, num_classes: int) -> int:
+        return swin_unetr.feature_map_elements(topology, patch_size, num_classes=num_classes, **self.kw)
+
+    def fit_patch(self, patch_size: Sequence[int]) -> tuple[int, ...]:
+        return swin_unetr.patch_constraint(tuple(int(v) for v in patch_size))
+
+
+def builtin_networks() -> tuple[PluginInfo, ...]:
+    """The networks that come with autoseg."""
+    return (
+        PluginInfo("unet", KIND, "nnU-Net's plain-encoder U-Net, as the plans describe it (the default).", (),
+                   lambda: UNetPart("plain")),
+        PluginInfo("resenc_unet", KIND, "nnU-Net's residual-encoder U-Net (ResEnc; the resenc presets' default).",
+                   (), lambda: UNetPart("residual")),
+        PluginInfo("attention_unet", KIND, "The plan's U-Net with additive attention gates on the skip connections "
+                   "(Oktay et al. 2018); gate maps readable for explanations.", (), AttentionUNetPart),
+        PluginInfo("swin_unetr", KIND, "MONAI's SwinUNETR transformer hybrid (needs the monai extra; patches are "
+                   "multiples of 32, the planner adapts them).",
+                   (Param("feature_size", "int", None, "embedding size, a multiple of 12 (default: from the plan's "
+                          "first-stage features)", low=12, optional=True),
+                    Param("window_size", "int", swin_unetr.DEFAULT_WINDOW_SIZE, "attention window", low=1)),
+                   SwinUNETRPart),
+    )
+
+
+def network_parts() -> dict[str, PluginInfo]:
+    """Every network that can be used: the built-ins, then those of installed packages.
+
+    Raises:
+        PluginError: a broken entry point, or a name used twice.
+    """
+    return part_table(builtin_networks(), (KIND,))
+
+
+def get_network_part(name: str, params: Mapping[str, Any] | None = None, *, origin: str = "built-in",
+                     table: Mapping[str, PluginInfo] | None = None) -> NetworkPart:
+    """The network part called ``name``, built with checked ``params``.
+
+    Raises:
+        PluginError: no such network (with the package to install when it came from one, else a suggestion),
+            a bad parameter, or a package's entry that does not build a :class:`NetworkPart`.
+    """
+    table = network_parts() if table is None else table
+    if name not in table and origin != "built-in":
+        raise PluginError(f"network {name!r} is not installed: it came from {origin}; install the package that "
+                          f"provides it (pip install <that package>) and run the command again.")
+    info = lookup(name, table, "network")
+    part = info.create(params)
+    if not isinstance(part, NetworkPart):
+        raise PluginError(f"network {name!r} ({info.origin}) built a {type(part).__name__}, not an "
+                          "autoseg.networks.parts.NetworkPart; fix or uninstall the package that provides it.")
+    return part
