@@ -142,3 +142,16 @@ def test_every_error_class_lives_in_errors_py():
                                                       for b in node.bases):
                 stray.append(f"{path.relative_to(ROOT)}: {node.name}")
     assert stray == [], "error classes outside autoseg/errors.py: " + ", ".join(stray)
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    long = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body
+                has_doc = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and len(body) > 1
+                start = body[1].lineno if has_doc else body[0].lineno
+                if node.end_lineno - start + 1 > 60:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert long == [], "functions over 60 lines (docstring excluded); split them by step: " + ", ".join(long)

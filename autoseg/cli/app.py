@@ -7,11 +7,15 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autoseg import __version__
 from autoseg.cli import plugins as plugins_cli
 from autoseg.cli import report, selection, trust
 from autoseg.cli.selection import add_jobs, add_label_map
+
+if TYPE_CHECKING:
+    from autoseg.training.validation import ValidationSummary
 from autoseg.errors import AutosegError, describe_os_error
 
 
@@ -251,14 +255,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_validation(summary: dict, held_out: bool = True) -> str:  # type: ignore[type-arg]
+def format_validation(summary: ValidationSummary, held_out: bool = True) -> str:
     """A small table: Dice per class on the validation cases, and the mean."""
-    rows = [(name, "-" if v is None else f"{v:.4f}") for name, v in summary["mean"].items()]
-    mean = summary.get("mean_foreground_dice")
+    rows = [(name, "-" if v is None else f"{v:.4f}") for name, v in summary.mean.items()]
+    mean = summary.mean_foreground_dice
     rows.append(("mean", "-" if mean is None else f"{mean:.4f}"))
     width = max(len(r[0]) for r in rows)
     what = "held-out case(s)" if held_out else "training case(s); fold 'all' holds none out, so this is no test"
-    lines = [f"validation Dice ({len(summary['cases'])} {what}):"]
+    lines = [f"validation Dice ({len(summary.cases)} {what}):"]
     lines += [f"  {n.ljust(width)}  {v}" for n, v in rows]
     return "\n".join(lines)
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.ensemble.choice import POSTPROCESSING, QUALITY_RULE, SELECTION, BestChoice, load_best
+from autoseg.ensemble.manifest import BundleManifest, SampleCase
 from autoseg.ensemble.models import parse_label_map
 from autoseg.ensemble.pipeline import predict_files
 from autoseg.errors import BundleError, ModelNotFoundError
@@ -42,12 +43,10 @@ from autoseg.io.atomic import current_umask, write_json_atomic
 from autoseg.io.dataset import Dataset, dataset_source, load_dataset
 from autoseg.io.image import file_ending, read_label
 from autoseg.io.model_folder import (
-    FORMAT,
     MANIFEST,
     check_bundle_files,
     configuration_folder,
     inside_bundle,
-    read_manifest,
     sha256,
     trained_configurations,
     trained_folds,
@@ -241,30 +240,26 @@ def _write_selection(wd: Path, bundle: Path, best: BestChoice | None, members: l
 
 
 def _manifest(bundle: Path, plans: Plans, members: list[dict[str, Any]], best: BestChoice | None, chosen: BestChoice,
-              ds: Dataset | None, sample_info: dict[str, Any] | None, onnx_record: dict[str, Any] | None, *,
+              ds: Dataset | None, sample_info: SampleCase | None, onnx_record: dict[str, Any] | None, *,
               hash_dataset: bool, progress: bool) -> dict[str, Any]:
     """``manifest.json``: versions, seed, the pipeline and its CV scores, the dataset's and every bundle file's
     hashes (so write it last), the sample and the ONNX export."""
     from autoseg import __version__
 
-    return {
-        "format": FORMAT, "version": 1,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "software": _versions(__version__),
-        "seed": plans.seed,
-        "seeds_note": "training seeds derive from this seed, the configuration and the fold (training."
-                      "components.derived_seed); the split uses it directly",
-        "members": members, "recipes": {m["configuration"]: _recipe(bundle, m) for m in members},
-        "postprocessing": chosen.postprocessing, "label_map": chosen.label_map,
-        "inference": {"tta": True, "step_size": 0.5, "verification": "CPU, float32, deterministic algorithms"},
-        "cross_validation": {k: best.to_json()[k] for k in ("metric", "score", "score_after_postprocessing",
-                                                            "n_cases", "name")} if best is not None else None,
-        "dataset": {"name": ds.name, "files": _dataset_hashes(ds, progress) if hash_dataset else None}
+    return BundleManifest(
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), software=_versions(__version__),
+        seed=plans.seed, seeds_note="training seeds derive from this seed, the configuration and the fold "
+                                    "(training.components.derived_seed); the split uses it directly",
+        members=tuple(members), recipes={m["configuration"]: _recipe(bundle, m) for m in members},
+        postprocessing=chosen.postprocessing, label_map=chosen.label_map,
+        inference={"tta": True, "step_size": 0.5, "verification": "CPU, float32, deterministic algorithms"},
+        cross_validation={k: best.to_json()[k] for k in ("metric", "score", "score_after_postprocessing", "n_cases",
+                                                         "name")} if best is not None else None,
+        dataset={"name": ds.name, "files": _dataset_hashes(ds, progress) if hash_dataset else None}
         if ds is not None else None,
-        "sample": sample_info,
-        "onnx": onnx_record,
-        "files": {p.relative_to(bundle).as_posix(): sha256(p) for p in sorted(bundle.rglob("*")) if p.is_file()},
-    }
+        sample=sample_info, onnx=onnx_record,
+        files={p.relative_to(bundle).as_posix(): sha256(p) for p in sorted(bundle.rglob("*")) if p.is_file()},
+    ).to_json()
 
 
 def _recipe(wd: Path, member: dict[str, Any]) -> dict[str, Any] | None:
@@ -280,7 +275,7 @@ def _versions(autoseg_version: str) -> dict[str, str]:
             "python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine()}
 
 
-def _write_sample(bundle: Path, ds: Dataset, case_id: str | None, progress: bool) -> dict[str, Any] | None:
+def _write_sample(bundle: Path, ds: Dataset, case_id: str | None, progress: bool) -> SampleCase | None:
     """Copy one training case's images into ``sample/`` and store its deterministic prediction and hash."""
     cases = {c.case_id: c for c in ds.cases}
     if case_id is not None and case_id not in cases:
@@ -298,8 +293,8 @@ def _write_sample(bundle: Path, ds: Dataset, case_id: str | None, progress: bool
     predict_files(folder, folder / "expected", bundle, InferenceSettings.create(VERIFY, progress=progress))
     expected = folder / "expected" / f"{case.case_id}{file_ending(case.images[0])}"
     (folder / "expected" / "prediction.json").unlink(missing_ok=True)  # holds this machine's paths and timings
-    return {"case": case.case_id, "inputs": inputs, "expected": expected.relative_to(bundle).as_posix(),
-            "labels_sha256": labels_hash(read_label(expected).array)}
+    return SampleCase(case.case_id, tuple(inputs), expected.relative_to(bundle).as_posix(),
+                      labels_hash(read_label(expected).array))
 
 
 @dataclass
@@ -331,20 +326,19 @@ def verify_bundle(bundle: str | os.PathLike[str], *, progress: bool = True,
     """Check every file against the manifest, then rerun the stored sample prediction and compare its hash."""
     root = Path(bundle)
     report = BundleReport(root, problems=check_bundle_files(root))
-    manifest = read_manifest(root)
-    sample = manifest.get("sample")
+    sample = BundleManifest.load(root).sample
     if report.problems or not sample:
         if not sample:
             (on_note or (lambda m: None))("the bundle holds no sample case; only its files were checked.")
         return report
-    report.sample = str(sample["case"])
-    inputs = [inside_bundle(root, f"sample/{name}") for name in sample["inputs"]]
-    expected = inside_bundle(root, sample["expected"])
+    report.sample = sample.case
+    inputs = [inside_bundle(root, f"sample/{name}") for name in sample.inputs]
+    expected = inside_bundle(root, sample.expected)
     with tempfile.TemporaryDirectory(prefix="autoseg-verify-") as tmp:
         out = Path(tmp) / expected.name
         predict_files(inputs, out, root, InferenceSettings.create(VERIFY, progress=progress))
         got = read_label(out).array
-    report.identical = labels_hash(got) == sample["labels_sha256"]
+    report.identical = labels_hash(got) == sample.labels_sha256
     ref = read_label(expected).array
     report.agreement = float((got == ref).mean()) if got.shape == ref.shape else 0.0
     return report

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autoseg.device import Runtime, barrier
 from autoseg.errors import TrainingError
@@ -20,6 +20,9 @@ from autoseg.training.progress import TrainingLog
 from autoseg.training.settings import TrainSettings
 from autoseg.training.transfer import TransferReport
 
+if TYPE_CHECKING:
+    from autoseg.training.validation import ValidationSummary
+
 
 @dataclass(frozen=True)
 class FoldResult:
@@ -27,7 +30,7 @@ class FoldResult:
 
     folder: Path
     epochs: int
-    validation: dict[str, Any] | None  # the summary of the final validation, if it ran
+    validation: ValidationSummary | None  # the summary of the final validation, if it ran
     transfer: TransferReport | None = None  # what --init-from copied, when this run started from another model
     main_process: bool = True  # False in the torchrun processes other than rank 0, which report nothing
 
@@ -80,14 +83,13 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
                 stream.close()
     summary = None
     if settings.validate and runtime.is_main:
-        from autoseg.training.validation import validate_fold
+        from autoseg.training.validation import ValidationInputs, validate_fold
 
         net = getattr(parts.network, "module", parts.network)
-        summary = validate_fold(net, dataset, plans, run.config, run.layout, run.split.val, workdir, run.folder / "val",
-                                mirror_axes=parts.aug.mirror_axes, device=runtime.device, amp=runtime.amp,
-                                step_size=settings.step_size, save_probabilities=settings.save_probabilities,
-                                prev_folder=run.prev_folder, prev_labels=run.prev_labels,
-                                extra_folders=run.extra_folders, progress=settings.progress)
+        inputs = ValidationInputs(run.config, run.layout, tuple(run.split.val), run.prev_folder, run.prev_labels,
+                                  run.extra_folders)
+        summary = validate_fold(net, dataset, plans, inputs, workdir, run.folder / "val",
+                                mirror_axes=parts.aug.mirror_axes, runtime=runtime, settings=settings)
     barrier()
     return FoldResult(run.folder, run.epochs, summary, parts.transfer, runtime.is_main)
 
