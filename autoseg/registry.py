@@ -216,7 +216,9 @@ def _from_entry_point(ep: EntryPoint) -> PluginInfo:
     if info.name != ep.name:
         raise PluginError(f"the {GROUP} entry point {ep.name!r} = {ep.value!r} declares a plugin named "
                           f"{info.name!r}; the entry point and the plugin must have the same name ({fix}).")
-    return dataclasses.replace(info, origin=f"entry point {ep.value}")
+    dist = getattr(ep, "dist", None)
+    package = f" of package {dist.name}" if dist is not None and getattr(dist, "name", None) else ""
+    return dataclasses.replace(info, origin=f"entry point {ep.value}{package}")
 
 
 def entry_point_parts(kinds: Iterable[str]) -> list[PluginInfo]:

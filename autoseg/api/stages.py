@@ -26,7 +26,7 @@ from autoseg.planner.recipe import Recipe, default_recipe, parse_recipe
 from autoseg.plugins.channels import prepare_channels
 from autoseg.plugins.planning import resolve_plugins, with_plugins
 from autoseg.preprocessing.preprocess import PreprocessSummary, preprocess_dataset
-from autoseg.training.parts import resolve_recipe
+from autoseg.training.parts import check_recipe_builds, resolve_recipe
 from autoseg.training.settings import TrainSettings
 
 if TYPE_CHECKING:
@@ -98,11 +98,11 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
 
 def _recipe(recipe: Sequence[str] | str | Recipe | None, preset: str, ds: Dataset) -> Recipe:
     """The recipe to plan with, every part checked: the preset's default with the given overrides."""
-    if isinstance(recipe, Recipe):
-        return resolve_recipe(recipe)
     regions = any(isinstance(v, (list, tuple)) for k, v in ds.spec.labels.items() if k != "ignore")
     base = default_recipe(block=get_preset(preset).block, regions=regions)
-    return resolve_recipe(base.with_overrides(parse_recipe(recipe)))
+    chosen = resolve_recipe(recipe if isinstance(recipe, Recipe) else base.with_overrides(parse_recipe(recipe)))
+    check_recipe_builds(chosen, regions=regions, ignore_label=ds.spec.ignore_label)
+    return chosen
 
 
 def _load_plans(wd: Path) -> Plans:

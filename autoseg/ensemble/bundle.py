@@ -46,6 +46,7 @@ from autoseg.io.model_folder import (
     MANIFEST,
     check_bundle_files,
     configuration_folder,
+    fold_folder,
     inside_bundle,
     sha256,
     trained_configurations,
@@ -83,7 +84,7 @@ def _members(wd: Path, configurations: Sequence[str] | None, folds: Sequence[str
     for m in members:
         if folds is not None:
             m["folds"] = [str(f) for f in folds]
-        have = trained_folds(wd / "models" / m["configuration"])
+        have = trained_folds(configuration_folder(wd, m["configuration"]))
         missing = [f for f in m["folds"] if f not in have]
         if not m["folds"] or missing:
             raise ModelNotFoundError(f"{wd / 'models' / m['configuration']}: fold(s) {', '.join(missing) or '(none)'} "
@@ -264,7 +265,7 @@ def _manifest(bundle: Path, plans: Plans, members: list[dict[str, Any]], best: B
 
 def _recipe(wd: Path, member: dict[str, Any]) -> dict[str, Any] | None:
     """The training recipe a member's first fold recorded (None for checkpoints from before recipes)."""
-    ckpt = load_checkpoint(configuration_folder(wd, member["configuration"]) / f"fold_{member['folds'][0]}" / FINAL)
+    ckpt = load_checkpoint(fold_folder(wd, member["configuration"], member["folds"][0]) / FINAL)
     return CheckpointMeta.from_json(ckpt).recipe
 
 

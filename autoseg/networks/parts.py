@@ -52,7 +52,11 @@ class NetworkPart:
               deep_supervision: bool = True) -> nn.Module:
         """The freshly initialised network. Its forward returns a list of logits (highest resolution first) when
         ``deep_supervision`` is on, else the full-resolution logits; it has ``in_channels``, ``num_classes``,
-        a settable ``deep_supervision`` attribute and ``check_input(x)``."""
+        a settable ``deep_supervision`` attribute and ``check_input(x)``.
+
+        With deep supervision the trainer expects ``max(1, topology.n_stages - 1)`` outputs, output ``i`` at the
+        resolution of ``1 / prod(strides[:i + 1])`` (as the U-Net's decoder stages give them); a network with fewer
+        natural outputs pools its coarsest one to fill the list."""
         raise NotImplementedError
 
     def topology(self, planned: UNetTopology) -> UNetTopology:

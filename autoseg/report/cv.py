@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.evaluation.summary import EvaluationSummary
+from autoseg.io.model_folder import configuration_folder
 from autoseg.report.collect import FoldRun, load, number, rel, safe_case_id
 
 
@@ -127,7 +128,7 @@ def from_selection(workdir: Path, best: dict[str, Any] | None) -> CVResults | No
             continue
         members, configs = members_text(cand.get("members"))
         label = " + ".join(configs) if len(configs) > 1 else name
-        folders = [sel / "cv" / name] + ([workdir / "models" / configs[0]]
+        folders = [sel / "cv" / name] + ([configuration_folder(workdir, configs[0])]
                                          if len(configs) == 1 and safe_case_id(configs[0]) else [])
         names = [(name, label, folders, chosen == name and not post_kept)]
         if chosen == name and post_kept:

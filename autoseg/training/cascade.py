@@ -14,6 +14,7 @@ from autoseg.errors import CascadeInputError
 from autoseg.io.atomic import atomic_path
 from autoseg.io.dataset import Dataset
 from autoseg.io.image import read_label
+from autoseg.io.model_folder import configuration_folder
 from autoseg.planner.plans import Plans
 from autoseg.preprocessing.cascade import previous_stage_to_grid
 from autoseg.preprocessing.properties import CaseProperties
@@ -37,7 +38,7 @@ def prepare_cascade_inputs(dataset: Dataset, plans: Plans, config_name: str, wor
     prev = config.previous_stage
     ending = dataset.spec.file_ending
     preds: dict[str, Path] = {}
-    for val_dir in sorted((workdir / "models" / str(prev)).glob("fold_*/val")):
+    for val_dir in sorted(configuration_folder(workdir, str(prev)).glob("fold_*/val")):
         if val_dir.parent.name == "fold_all":
             continue  # a model trained on every case has no held-out predictions
         for p in val_dir.glob(f"*{ending}"):

@@ -38,7 +38,7 @@ from autoseg.training.cascade import cascade_input_folder, prepare_cascade_input
 from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.losses import DeepSupervisionLoss, build_loss
-from autoseg.training.parts import build_part, resolve_recipe
+from autoseg.training.parts import build_part, check_recipe_builds, resolve_recipe
 from autoseg.training.settings import TrainSettings
 from autoseg.training.splits import Fold, fold_cases, get_splits
 from autoseg.training.transfer import TransferReport, load_matching_weights
@@ -93,6 +93,8 @@ def prepare_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | s
     """
     config = plans.configuration(config_name)
     recipe = resolve_recipe(plans.recipe(config_name).with_overrides(parse_recipe(settings.recipe)))
+    if settings.recipe:  # this run's overrides: refused before any folder is made
+        check_recipe_builds(recipe, regions=plans.has_regions, ignore_label=plans.labels.get("ignore"))
     folder = fold_folder(workdir, config_name, fold)
     folder.mkdir(parents=True, exist_ok=True)
     return PreparedFold(config, fold, folder, epochs=settings.epochs or config.num_epochs,

@@ -100,3 +100,20 @@ def build_part(kind: str, choice: PartChoice, tables: Mapping[str, Mapping[str, 
     tables = part_tables() if tables is None else tables
     resolved = _resolve(kind, choice, tables[kind])
     return tables[kind][resolved.name].create(resolved.params)
+
+
+def check_recipe_builds(recipe: Recipe, *, regions: bool, ignore_label: int | None,
+                        tables: Mapping[str, Mapping[str, PluginInfo]] | None = None) -> None:
+    """Build the recipe's loss, optimiser, schedule and augmentation once on stand-ins, so a value a factory refuses
+    (``loss=dice_topk:k=300``) stops planning rather than the training it would have started.
+
+    Raises:
+        TrainingConfigError, PluginError: a part refuses its parameters (the part's own message).
+    """
+    import torch
+
+    tables = part_tables() if tables is None else tables
+    build_part("loss", recipe.loss, tables)(regions=regions, batch_dice=True, ignore_label=ignore_label)
+    build_part("optimizer", recipe.optimizer, tables)([torch.nn.Parameter(torch.zeros(1))], None)
+    build_part("schedule", recipe.schedule, tables)()
+    build_part("augmentation", recipe.augmentation, tables)()
