@@ -47,7 +47,7 @@ from autoseg.io.model_folder import (
     trained_configurations,
     trained_folds,
 )
-from autoseg.networks.checkpoint import FINAL, load_checkpoint
+from autoseg.networks.checkpoint import FINAL, CheckpointMeta, load_checkpoint
 from autoseg.planner.plans import Plans
 
 #: file name of a fold's ONNX network, next to its checkpoint
@@ -221,9 +221,14 @@ def compare_with_torch(model: bytes | str | os.PathLike[str] | OnnxNetwork, netw
 
 def _fold_onnx(fold_dir: Path, config: Any, exporter: str, verify: bool) -> bytes:
     """Export the final checkpoint of one fold folder (its hash goes into the model's metadata)."""
-    from autoseg.inference.model import network_from_checkpoint
+    from autoseg.inference.model import network_from_checkpoint, network_part
 
-    net, meta = network_from_checkpoint(load_checkpoint(fold_dir / FINAL, map_location="cpu"), config, fold_dir / FINAL)
+    ckpt = load_checkpoint(fold_dir / FINAL, map_location="cpu")
+    part = network_part(CheckpointMeta.from_json(ckpt, fold_dir / FINAL))
+    if not part.exports_onnx:
+        raise OnnxBackendError(f"{fold_dir / FINAL}: this network ({type(part).__name__}) cannot be exported to ONNX; "
+                               "predict with --backend torch and export the bundle without --onnx.")
+    net, meta = network_from_checkpoint(ckpt, config, fold_dir / FINAL)
     in_channels = meta.in_channels
     data = network_to_onnx(net, in_channels=in_channels, patch_size=config.patch_size, exporter=exporter,
                            metadata={_META_CHECKPOINT: sha256(fold_dir / FINAL), "autoseg.configuration": config.name,

@@ -43,10 +43,13 @@ class NetworkPart:
     Attributes:
         block: the encoder block type the planner must use (``plain``/``residual``), or None for the plan's.
         exports_onnx: the network can be exported to ONNX (checked by the contract suite).
+        deep_supervision_heads: with deep supervision the network returns one output per decoder stage of the
+            topology; False: a one-element list (full resolution), and the trainer supervises only that.
     """
 
     block: str | None = None
     exports_onnx: bool = True
+    deep_supervision_heads: bool = True
 
     def build(self, topology: UNetTopology, *, in_channels: int, num_classes: int,
               deep_supervision: bool = True) -> nn.Module:
@@ -55,8 +58,20 @@ class NetworkPart:
         a settable ``deep_supervision`` attribute and ``check_input(x)``.
 
         With deep supervision the trainer expects ``max(1, topology.n_stages - 1)`` outputs, output ``i`` at the
-        resolution of ``1 / prod(strides[:i + 1])`` (as the U-Net's decoder stages give them); a network with fewer
-        natural outputs pools its coarsest one to fill the list."""
+        resolution of ``1 / prod(strides[:i + 1])`` (as the U-Net's decoder stages give them), or a one-element
+        list when :attr:`deep_supervision_heads` is False."""
+
+    def supervised_scales(self, topology: UNetTopology) -> list[tuple[float, ...]]:
+        """Relative resolution of each output the trainer supervises (highest first): ``1 / cumprod(strides)``
+        per decoder stage, or full resolution alone without deep-supervision heads."""
+        if not self.deep_supervision_heads:
+            return [(1.0,) * topology.ndim]
+        scales, cum = [], [1] * topology.ndim
+        strides = topology.strides[:-1] if topology.n_stages > 1 else topology.strides
+        for stride in strides:
+            cum = [c * s for c, s in zip(cum, stride, strict=True)]
+            scales.append(tuple(1.0 / c for c in cum))
+        return scales
         raise NotImplementedError
 
     def topology(self, planned: UNetTopology) -> UNetTopology:
@@ -120,7 +135,14 @@ class AttentionUNetPart(NetworkPart):
 
 
 class SwinUNETRPart(NetworkPart):
-    """MONAI's SwinUNETR (a Swin-transformer encoder with a CNN decoder); patches are multiples of 32."""
+    """MONAI's SwinUNETR (a Swin-transformer encoder with a CNN decoder); patches are multiples of 32.
+
+    No deep-supervision heads (it is trained on its full-resolution output), and no ONNX export (torch's
+    TorchScript exporter cannot export MONAI's instance norm of unknown channel size): predict with the torch backend.
+    """
+
+    exports_onnx = False
+    deep_supervision_heads = False
 
     def __init__(self, feature_size: int | None = None, window_size: int = swin_unetr.DEFAULT_WINDOW_SIZE) -> None:
         self.kw: dict[str, Any] = {"feature_size": feature_size, "window_size": window_size}

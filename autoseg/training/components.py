@@ -25,6 +25,7 @@ from autoseg.io.atomic import remove_stale_temporaries
 from autoseg.io.dataset import Dataset
 from autoseg.io.model_folder import FINAL, LATEST, fold_folder
 from autoseg.networks.checkpoint import CheckpointMeta
+from autoseg.networks.parts import UNetPart
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.planner.recipe import Recipe, parse_recipe
 from autoseg.plugins.channels import training_channels
@@ -50,12 +51,9 @@ def derived_seed(*parts: Any) -> int:
 
 
 def deep_supervision_scales(config: ConfigurationPlan) -> list[tuple[float, ...]]:
-    """Relative resolution of each deep-supervision output (highest first): ``1 / cumprod(strides)``."""
-    scales, cum = [], np.ones(config.ndim)
-    for stride in config.topology.strides[:-1] if config.topology.n_stages > 1 else config.topology.strides:
-        cum = cum * np.asarray(stride)
-        scales.append(tuple(float(v) for v in 1.0 / cum))
-    return scales
+    """Relative resolution of each deep-supervision output of the plan's U-Net (highest first): ``1 / cumprod(strides)``
+    (:meth:`~autoseg.networks.parts.NetworkPart.supervised_scales`)."""
+    return UNetPart().supervised_scales(config.topology)
 
 
 @dataclass(frozen=True)
@@ -149,12 +147,12 @@ def build_components(run: PreparedFold, plans: Plans, ignore_label: int | None, 
     # the global generators too, so the RNG states a checkpoint stores depend on the seed alone
     np.random.seed(derived_seed(plans.seed, config.name, run.fold_key, "numpy"))
     random.seed(derived_seed(plans.seed, config.name, run.fold_key, "python"))
-    network = build_part("network", recipe.network).build(config.topology, in_channels=run.in_channels,
-                                                          num_classes=run.layout.num_outputs).to(device)
+    part = build_part("network", recipe.network)
+    network = part.build(config.topology, in_channels=run.in_channels, num_classes=run.layout.num_outputs).to(device)
     transfer = None
     if settings.init_from and fine_tune:  # fine-tuning starts a new run; a resumed one has its own weights
         transfer = load_matching_weights(network, settings.init_from, configuration=config.name)
-    ds_scales = deep_supervision_scales(config)
+    ds_scales = part.supervised_scales(config.topology)
     loss = build_loss(regions=run.layout.regions is not None, batch_dice=config.batch_dice, ignore_label=ignore_label,
                       n_outputs=len(ds_scales), unused_weight=1e-6 if runtime.distributed else 0.0,
                       factory=build_part("loss", recipe.loss))

@@ -24,12 +24,7 @@ from autoseg.training.parts import augmentation_part, loss_part, part_tables
 #: network checks that take ~10 s or more on 2 CPU cores (SwinUNETR's smallest patches are 64 x 32 (x 32))
 SLOW = {("swin_unetr", check) for check in ("outputs", "gradients", "determinism", "state_dict", "onnx")}
 #: contract failures of built-in parts, reported and left to their owners; strict, so a fix shows as XPASS
-KNOWN_FAILURES = {
-    ("swin_unetr", "outputs"): "SwinUNETR returns one deep-supervision output, the trainer supervises one per "
-                               "decoder stage of the plan's topology (n_stages - 1)",
-    ("swin_unetr", "onnx"): "exports_onnx is True, but the TorchScript ONNX export of MONAI's SwinUNETR fails "
-                            "(instance_norm for unknown channel size)",
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def network_params(tables):
