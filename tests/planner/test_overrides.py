@@ -10,6 +10,7 @@ import pytest
 from planner_fixtures import brats_like, ct_like, make_fingerprint, rgb_2d
 
 from autoseg.errors import PlanningError
+from autoseg.fingerprint.model import load_fingerprint
 from autoseg.planner.overrides import apply_overrides, override_warnings, parse_overrides
 from autoseg.planner.planner import plan_experiment
 from autoseg.planner.plans import Plans
@@ -238,3 +239,25 @@ def test_network_input_constraint_is_checked(brats):
     ok = apply_overrides(plans, fp, ["3d_fullres.patch_size=64,160,160"]).configuration("3d_fullres")
     assert ok.patch_size == (64, 160, 160) and _divisible(ok)
 
+
+def test_cli_set_writes_the_overrides_and_warns(tmp_path, capsys):
+    from autoseg.cli import main
+    from autoseg.data.synthetic import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(tmp_path / "Dataset012_Set", n_cases=3, shape=(16, 16, 16), seed=2)
+    plain, work = tmp_path / "plain", tmp_path / "work"
+    assert main(["-q", "plan", str(ds), "--workdir", str(plain), "--preset", "cpu", "--preprocess", "none"]) == 0
+    fp = load_fingerprint(plain / "fingerprint.json")
+    saved = Plans.load(plain / "plans.json")  # no --set: what planning makes, with the resolved recipe
+    assert saved == plan_experiment(fp, preset="cpu", recipe=saved.recipe("3d_fullres"))
+    capsys.readouterr()
+    assert main(["-q", "plan", str(ds), "--workdir", str(work), "--preset", "cpu", "--preprocess", "none",
+                 "--explain", "--set", "3d_fullres.batch_size=400", "--set", "2d.num_epochs=5"]) == 0
+    out, err = capsys.readouterr()
+    saved = json.loads((work / "plans.json").read_text())["configurations"]
+    assert saved["3d_fullres"]["overrides"] == {"batch_size": 400} and saved["2d"]["overrides"] == {"num_epochs": 5}
+    assert "override: batch size 400 instead of" in out
+    assert "autoseg plan: warning: 3d_fullres: patch" in err and "x the memory budget of 8 GB" in err
+    assert main(["-q", "plan", str(ds), "--workdir", str(tmp_path / "bad"), "--set", "3d_fullres.batch_size=0"]) == 2
+    assert "override 3d_fullres.batch_size=0: batch_size must be" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "fingerprint.json").exists()  # refused before any work
