@@ -19,6 +19,7 @@ from autoseg.io.check import CheckReport, check_dataset
 from autoseg.io.dataset import Dataset, record_dataset_source
 from autoseg.io.model_folder import configuration_folder
 from autoseg.io.workdir import DatasetLike, as_dataset, workdir_for
+from autoseg.planner.overrides import OverrideInput, apply_overrides, parse_overrides
 from autoseg.planner.planner import plan_experiment
 from autoseg.planner.plans import Plans
 from autoseg.planner.presets import get_preset
@@ -54,7 +55,7 @@ def check(dataset: DatasetLike, *, jobs: int = 1, progress: bool = True,
 def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None, gpu_memory_gb: float = 8.0,
          preset: str = "default", jobs: int = 1, progress: bool = True, strict_geometry: bool = False,
          reuse_fingerprint: bool = True, seed: int = 12345, plugins: Sequence[str | dict[str, Any]] = (),
-         recipe: Sequence[str] | str | Recipe | None = None,
+         recipe: Sequence[str] | str | Recipe | None = None, overrides: OverrideInput = None,
          on_report: Callable[[CheckReport], None] | None = None) -> Plans:
     """Check, fingerprint and plan a dataset; saves ``fingerprint.json``, ``plans.json`` and a copy of
     ``dataset.json`` in the work folder.
@@ -74,6 +75,11 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
         recipe: the training recipe, as overrides of the default (``["network=attention_unet",
             "loss=dice_focal:gamma=2"]``, :mod:`autoseg.planner.recipe`) or a whole :class:`Recipe`; recorded
             in every configuration of the plans. Its network's cost model sizes the patches and batches.
+        overrides: values set by hand after planning, e.g. ``["3d_fullres.patch_size=96,160,160",
+            "3d_fullres.batch_size=4"]`` or ``{"3d_fullres": {"spacing": (1, 1, 1)}}`` (keys ``spacing``,
+            ``patch_size``, ``batch_size``, ``num_epochs``, ``iterations_per_epoch``, ``val_iterations``); what depends
+            on them is derived again with the planner's rules and each configuration records them
+            (:mod:`autoseg.planner.overrides`).
         on_report: called with the integrity report (e.g. to print its warnings).
 
     Returns:
@@ -85,11 +91,12 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
     """
     ds, chosen = as_dataset(dataset), resolve_plugins(plugins)  # a bad plugin choice fails before any work
     chosen_recipe = _recipe(recipe, preset, ds)  # and so does a bad recipe
+    chosen_overrides = parse_overrides(overrides)  # and a malformed override
     wd = workdir_for(ds, workdir)
     fp = fingerprint(ds, workdir=wd, jobs=jobs, progress=progress, strict_geometry=strict_geometry,
                      reuse=reuse_fingerprint, on_report=on_report)
-    plans = with_plugins(plan_experiment(fp, gpu_memory_gb=gpu_memory_gb, preset=preset, seed=seed,
-                                         recipe=chosen_recipe), chosen)
+    planned = plan_experiment(fp, gpu_memory_gb=gpu_memory_gb, preset=preset, seed=seed, recipe=chosen_recipe)
+    plans = with_plugins(apply_overrides(planned, fp, chosen_overrides), chosen)
     plans.save(wd / "plans.json")
     write_text_atomic(wd / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
     record_dataset_source(wd, ds.root)

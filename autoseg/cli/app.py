@@ -67,6 +67,11 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                     help="training recipe, e.g. network=attention_unet loss=dice_focal:gamma=2 mirror_axes=1,2 (kinds: "
                          "network, loss, optimizer, schedule, augmentation, mirror_axes; `autoseg plugins` lists "
                          "the parts and their parameters)")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="CONFIG.KEY=VALUE",
+                    help="set a planned value by hand (repeatable), e.g. --set 3d_fullres.patch_size=96,160,160 "
+                         "--set 3d_fullres.batch_size=4 --set 3d_fullres.spacing=1,1,1 (keys: spacing, "
+                         "patch_size, batch_size, num_epochs, iterations_per_epoch, val_iterations); what depends on "
+                         "it is derived again and the plans record it")
     pl.add_argument("--plugin", action="append", default=[], metavar="PLUGIN",
                     help="add a plugin (repeatable): NAME or NAME:KEY=VALUE[:KEY=VALUE...], e.g. kle_residual or "
                          "peritumoral_zones:widths_mm=5,10:labels=1; `autoseg plugins` lists them")
@@ -199,13 +204,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from autoseg.api import plan, workdir_for
     from autoseg.io.dataset import load_dataset
+    from autoseg.planner.overrides import override_warnings
 
     dataset = load_dataset(args.dataset)  # a wrong path fails before any work folder is made
     workdir = workdir_for(dataset, args.workdir)
     plans = plan(dataset, workdir=workdir, gpu_memory_gb=args.gpu_memory, preset=args.preset,
                  jobs=args.jobs, progress=not args.quiet, strict_geometry=args.strict_geometry,
                  reuse_fingerprint=not args.force, seed=args.seed, plugins=args.plugin, recipe=args.recipe,
-                 on_report=_print_warnings)
+                 overrides=args.overrides, on_report=_print_warnings)
+    for warning in override_warnings(plans):
+        print(f"autoseg plan: warning: {warning}", file=sys.stderr)
     if args.explain:
         print("\n".join(plans.explain()))
         print()

@@ -47,6 +47,9 @@ class ConfigurationPlan:
         val_iterations: default online-validation iterations per epoch.
         recipe: the training recipe (network, loss, optimiser, schedule, augmentation, mirror axes); None in plans
             written before recipes existed, which train with :func:`~autoseg.planner.recipe.default_recipe`.
+        overrides: what was set by hand after planning (``autoseg plan --set``), key -> value as given (e.g.
+            ``{"patch_size": [96, 160, 160], "batch_size": 4}``; see :mod:`autoseg.planner.overrides`); empty when
+            nothing was, and then absent from the JSON.
     """
 
     name: str
@@ -68,6 +71,7 @@ class ConfigurationPlan:
     iterations_per_epoch: int = 250
     val_iterations: int = 50
     recipe: Recipe | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ndim(self) -> int:
@@ -87,6 +91,7 @@ class ConfigurationPlan:
             "num_epochs": self.num_epochs, "iterations_per_epoch": self.iterations_per_epoch,
             "val_iterations": self.val_iterations,
             **({"recipe": self.recipe.to_json()} if self.recipe is not None else {}),
+            **({"overrides": dict(self.overrides)} if self.overrides else {}),  # absent: plans as before
         }
 
     @classmethod
@@ -105,6 +110,7 @@ class ConfigurationPlan:
             num_epochs=int(d.get("num_epochs", 1000)), iterations_per_epoch=int(d.get("iterations_per_epoch", 250)),
             val_iterations=int(d.get("val_iterations", 50)),
             recipe=Recipe.from_json(d["recipe"]) if d.get("recipe") is not None else None,
+            overrides=dict(d.get("overrides") or {}),
         )
 
 
