@@ -149,7 +149,7 @@ def plan_experiment(fingerprint: DatasetFingerprint, *, gpu_memory_gb: float = 8
     decisions = _dataset_decisions(pr, target, tr, median_t, norm, fingerprint.median_relative_size_after_cropping)
     if recipe != default_recipe(block=pr.block, regions=regions):
         decisions.append(f"recipe {recipe.describe()}")
-    configs, decisions_3d = _plan_3d(spacing_t, median_t, norm, kw, n_vox=n_vox,
+    configs, decisions_3d = plan_3d(spacing_t, median_t, norm, kw, n_vox=n_vox,
                                      num_training=fingerprint.num_training)
     decisions += decisions_3d
     fit2d = fit_patch(spacing_t[1:], median_t[1:], dataset_voxels=n_vox, **kw)
@@ -184,7 +184,7 @@ def _dataset_decisions(pr: PlannerPreset, target: TargetSpacing, tr: Transpose, 
     return decisions
 
 
-def _plan_3d(spacing_t: np.ndarray, median_t: np.ndarray, norm: tuple[ChannelNormalization, ...],
+def plan_3d(spacing_t: np.ndarray, median_t: np.ndarray, norm: tuple[ChannelNormalization, ...],
              kw: dict[str, Any], *, n_vox: float, num_training: int
              ) -> tuple[dict[str, ConfigurationPlan], list[str]]:
     """The 3D configurations (``3d_fullres``, plus ``3d_lowres`` and ``3d_cascade_fullres`` when a lowres
