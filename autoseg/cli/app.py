@@ -90,9 +90,9 @@ def _add_preprocess_parser(sub: argparse._SubParsersAction) -> None:  # type: ig
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """``autoseg train``: train folds of a configuration, fine-tune or re-validate."""
     t = sub.add_parser("train", help="train a configuration with cross-validation (resumable)",
-                       epilog="Preemption (e.g. SLURM): on SIGTERM or SIGUSR1 training finishes the iteration under way, "
-                              "saves checkpoint_latest.pt and exits with status 75 (EX_TEMPFAIL: requeue the job); "
-                              "rerun the same command with --resume to continue exactly where it stopped.")
+                       epilog="Preemption (e.g. SLURM): on SIGTERM or SIGUSR1 training finishes the iteration under "
+                              "way, saves checkpoint_latest.pt and exits with status 75 (EX_TEMPFAIL: requeue the "
+                              "job); rerun the same command with --resume to continue exactly where it stopped.")
     t.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
     t.add_argument("configuration", help="2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres")
     t.add_argument("fold", help="fold number, a list like 0,2, 'cv' (every fold in turn) or 'all' (one model on "

@@ -118,8 +118,9 @@ def _open_trackers(dataset: Dataset, run: PreparedFold, parts: Components, setti
               "iters_per_epoch": run.iters, "val_iters": run.val_iters, "recipe_overrides": list(settings.recipe),
               "recipe": run.recipe.to_json() if run.recipe is not None else None}
     return open_trackers(settings.log_to, folder=run.folder, workdir=workdir, first_epoch=parts.loop.state.epoch,
-                         history=log.records if log is not None else None, params=params, experiment=f"autoseg/{dataset.root.name}/{run.config.name}",
-                         run_name=f"fold_{run.fold}", extra=extra)
+                         history=log.records if log is not None else None, params=params,
+                         experiment=f"autoseg/{dataset.root.name}/{run.config.name}", run_name=f"fold_{run.fold}",
+                         extra=extra)
 
 
 def _train(run: PreparedFold, plans: Plans, parts: Components, ignore_label: int | None, settings: TrainSettings,
@@ -129,8 +130,7 @@ def _train(run: PreparedFold, plans: Plans, parts: Components, ignore_label: int
     try:
         _skip_batches(train_streams[0], parts.loop.state.iteration)  # a preempted epoch goes on from there
         parts.loop.run(*train_streams, epochs=run.epochs, iters_per_epoch=run.iters, val_iters=run.val_iters,
-                       save_every=max(1, settings.save_every), log=log,
-                       progress=settings.progress, tracker=tracker)
+                       save_every=max(1, settings.save_every), log=log, progress=settings.progress, tracker=tracker)
     finally:
         for stream in train_streams:
             stream.close()

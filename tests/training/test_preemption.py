@@ -121,6 +121,36 @@ def test_a_signal_stops_inside_the_epoch_and_resume_continues_exactly(planned, t
     assert not (_fold(work) / LATEST).exists()
 
 
+@posix
+def test_a_signal_after_the_last_training_step_keeps_the_final_checkpoint(planned, tmp_path, monkeypatch):
+    ds, wd, ref = planned
+    work = Path(shutil.copytree(wd, tmp_path / "work"))
+    real = run_module.batch_streams
+    last_val_batch = FAST["epochs"] * FAST["val_iters"] - 1
+
+    def streams(*args, **kwargs):  # SIGTERM during the last epoch's last validation batch
+        train_stream, val_stream = real(*args, **kwargs)
+        return train_stream, _SignalAt(val_stream, last_val_batch, signal.SIGTERM)
+
+    monkeypatch.setattr(run_module, "batch_streams", streams)
+    with pytest.raises(TrainingInterrupted, match="after its last epoch, before the final validation") as got:
+        train(ds.root, "3d_fullres", 0, workdir=work, **{**FAST, "validate": True})
+    assert got.value.checkpoint == _fold(work) / FINAL and not (_fold(work) / LATEST).exists()
+    assert _records(_fold(work)) == _records(ref) and _same_weights(_fold(work), ref)
+    assert not (_fold(work) / "val" / "summary.json").exists(), "the final validation ran after the signal"
+
+
+def test_resume_takes_the_furthest_checkpoint(tmp_path):
+    """A preempted extension of a finished run: checkpoint_latest.pt lies inside the final checkpoint's last epoch."""
+    folder = tmp_path / "fold_0"
+    folder.mkdir()
+    torch.save({"network": {}, "epoch": 3}, folder / FINAL)
+    torch.save({"network": {}, "epoch": 3, "iteration": 2, "train_losses": [0.5, 0.25]}, folder / LATEST)
+    assert run_module._checkpoint_to_resume(folder, True)["iteration"] == 2
+    torch.save({"network": {}, "epoch": 2, "iteration": 7, "train_losses": [0.5] * 7}, folder / LATEST)
+    assert "iteration" not in run_module._checkpoint_to_resume(folder, True)
+
+
 def test_handlers_are_installed_only_inside_and_restored():
     seen = []
     previous = signal.signal(signal.SIGTERM, lambda *a: seen.append(a[0]))
