@@ -73,6 +73,29 @@ class TrainingError(AutosegError, RuntimeError):
     """Training cannot start or continue (the message says why and what to do)."""
 
 
+class TrainingInterrupted(AutosegError, RuntimeError):
+    """Training stopped on a preemption signal (SIGTERM, or SIGUSR1 as SLURM's ``--signal`` sends) after saving
+    its full state in ``checkpoint_latest.pt``; rerunning with ``--resume`` continues exactly where it stopped.
+
+    The CLI exits with :attr:`exit_code` (75, ``EX_TEMPFAIL`` of sysexits.h: "temporary failure, retry"), so a job
+    script can tell "requeue me" apart from a failure.
+
+    Attributes:
+        signal: the number of the signal received (None on a DDP process that stopped because another one was
+            signalled).
+        checkpoint: the checkpoint written (None on processes other than rank 0, which write nothing).
+        epoch: the epoch the run will continue.
+        iteration: the training iterations of that epoch already done.
+    """
+
+    exit_code = 75
+
+    def __init__(self, message: str, *, signal: int | None = None, checkpoint: object = None, epoch: int = 0,
+                 iteration: int = 0) -> None:
+        super().__init__(message)
+        self.signal, self.checkpoint, self.epoch, self.iteration = signal, checkpoint, epoch, iteration
+
+
 class ReportError(AutosegError, ValueError):
     """The report cannot be made (no such work folder, a bad option)."""
 

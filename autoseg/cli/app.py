@@ -94,7 +94,10 @@ def _add_preprocess_parser(sub: argparse._SubParsersAction) -> None:  # type: ig
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """``autoseg train``: train folds of a configuration, fine-tune or re-validate."""
-    t = sub.add_parser("train", help="train a configuration with cross-validation (resumable)")
+    t = sub.add_parser("train", help="train a configuration with cross-validation (resumable)",
+                       epilog="Preemption (e.g. SLURM): on SIGTERM or SIGUSR1 training finishes the iteration under "
+                              "way, saves checkpoint_latest.pt and exits with status 75 (EX_TEMPFAIL: requeue the "
+                              "job); rerun the same command with --resume to continue exactly where it stopped.")
     t.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
     t.add_argument("configuration", help="2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres")
     t.add_argument("fold", help="fold number, a list like 0,2, 'cv' (every fold in turn) or 'all' (one model on "
@@ -128,6 +131,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                         "checkpoint (layers that do not match, e.g. other classes, are listed and trained afresh)")
     t.add_argument("--groups", type=Path, metavar="CSV",
                    help="CSV/TSV with case,group columns (e.g. patient ids): splits keep each group in one fold")
+    t.add_argument("--log-to", default="", metavar="TRACKERS",
+                   help="also log each epoch to experiment trackers, comma-separated: csv (log.csv next to log.jsonl), "
+                        "tensorboard (<fold>/tensorboard/; pip install \"autoseg[tensorboard]\"), mlflow "
+                        "(MLFLOW_TRACKING_URI, else <workdir>/mlruns; pip install \"autoseg[mlflow]\")")
     add_jobs(t)
 
 
@@ -241,8 +248,11 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """Train; exit status 75 (:attr:`TrainingInterrupted.exit_code`) when a preemption signal stopped training."""
     from autoseg.api import train
+    from autoseg.errors import TrainingInterrupted
     from autoseg.training.settings import TrainSettings
+    from autoseg.training.tracking import check_trackers
 
     settings = TrainSettings(epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, val_iters=args.val_iters,
                              initial_lr=args.lr, save_every=args.save_every, workers=args.workers,
@@ -250,9 +260,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              amp=False if args.no_amp else None, save_probabilities=args.save_probabilities,
                              validate=not args.no_validation, progress=not args.quiet,
                              modality_dropout=args.modality_dropout, init_from=args.init_from,
-                             recipe=tuple(args.recipe))
-    for result in train(args.dataset, args.configuration, args.fold, workdir=args.workdir, settings=settings,
-                        resume=args.resume, jobs=args.jobs, groups=args.groups, validate_only=args.validate_only):
+                             recipe=tuple(args.recipe), log_to=args.log_to)
+    check_trackers(settings.log_to)  # a missing package is named before any preprocessing or training
+    try:
+        results = train(args.dataset, args.configuration, args.fold, workdir=args.workdir, settings=settings,
+                        resume=args.resume, jobs=args.jobs, groups=args.groups, validate_only=args.validate_only)
+    except TrainingInterrupted as err:
+        print(f"autoseg train: {err}", file=sys.stderr)
+        return err.exit_code
+    for result in results:
         if not result.main_process:  # under torchrun only rank 0 reports
             continue
         if result.transfer is not None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from autoseg.device import Runtime
 from autoseg.training.modality_dropout import check_modality_dropout
+from autoseg.training.tracking import parse_trackers
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,11 @@ class TrainSettings:
             folder or bundle (see :mod:`autoseg.training.transfer`); ignored when resuming.
         recipe: recipe overrides for this run, e.g. ``("optimizer=adamw:lr=3e-4", "schedule=cosine:warmup=50")``
             (:mod:`autoseg.planner.recipe`), applied on top of the configuration's planned recipe.
+        log_to: experiment trackers, from ``csv``, ``tensorboard`` and ``mlflow`` (a comma-separated string is
+            accepted too); see :mod:`autoseg.training.tracking`. Their packages are checked when training starts.
 
     Raises:
-        TrainingConfigError: ``modality_dropout`` is not in [0, 1).
+        TrainingConfigError: ``modality_dropout`` is not in [0, 1), or ``log_to`` names an unknown tracker.
     """
 
     epochs: int | None = None
@@ -62,12 +65,14 @@ class TrainSettings:
     modality_dropout: float = 0.0
     init_from: str | None = None
     recipe: tuple[str, ...] = ()
+    log_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modality_dropout", check_modality_dropout(self.modality_dropout))
         if self.init_from is not None:  # a Path would make the checkpoint unloadable with weights_only=True
             object.__setattr__(self, "init_from", os.fspath(self.init_from))
         object.__setattr__(self, "recipe", (self.recipe,) if isinstance(self.recipe, str) else tuple(self.recipe))
+        object.__setattr__(self, "log_to", parse_trackers(self.log_to))
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form."""
