@@ -179,7 +179,8 @@ def build_components(run: PreparedFold, plans: Plans, ignore_label: int | None, 
 
 def batch_streams(run: PreparedFold, plans: Plans, parts: Components, ignore_label: int | None,
                   settings: TrainSettings, runtime: Runtime, workdir: Path) -> tuple[BatchStream, BatchStream]:
-    """The training and online-validation batch streams, positioned at the loop's epoch (exact resume).
+    """The training and online-validation batch streams, positioned at the loop's epoch and, for a run preempted
+    mid-epoch, at its iteration (batch ``k`` is a function of ``(seed, k)`` alone, so this is exact resume).
 
     Raises:
         TrainingError: the plan's batch cannot be split over the DDP processes.
@@ -203,7 +204,7 @@ def batch_streams(run: PreparedFold, plans: Plans, parts: Components, ignore_lab
     workers = settings.resolved_workers(runtime.device.type)
     train = BatchStream(PatchLoader(store_train, patch_size=parts.aug.initial_patch_size,
                                     final_patch_size=config.patch_size, batch_size=batch, seed=seed,
-                                    start=epoch * run.iters), t_train, workers=workers,
+                                    start=epoch * run.iters + parts.loop.state.iteration), t_train, workers=workers,
                         pin_memory=runtime.device.type == "cuda")
     val = BatchStream(PatchLoader(store_val, patch_size=config.patch_size, final_patch_size=config.patch_size,
                                   batch_size=batch, seed=seed + 1, start=epoch * run.val_iters), t_val,

@@ -4,7 +4,7 @@ streams, resume rules, DDP under ``torchrun``, the final full-volume validation)
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +13,7 @@ from autoseg.device import Runtime, barrier
 from autoseg.errors import TrainingError
 from autoseg.io.dataset import Dataset
 from autoseg.io.model_folder import fold_folder
-from autoseg.networks.checkpoint import FINAL, LATEST, load_checkpoint, rng_state, set_rng_state
+from autoseg.networks.checkpoint import FINAL, LATEST, load_checkpoint
 from autoseg.planner.plans import Plans
 from autoseg.training.components import (
     Components,
@@ -128,28 +128,11 @@ def _train(run: PreparedFold, plans: Plans, parts: Components, ignore_label: int
     """Run the loop on the fold's batch streams, positioned where the loop's state is (exact resume)."""
     train_streams = batch_streams(run, plans, parts, ignore_label, settings, runtime, workdir)
     try:
-        _skip_batches(train_streams[0], parts.loop.state.iteration)  # a preempted epoch goes on from there
         parts.loop.run(*train_streams, epochs=run.epochs, iters_per_epoch=run.iters, val_iters=run.val_iters,
                        save_every=max(1, settings.save_every), log=log, progress=settings.progress, tracker=tracker)
     finally:
         for stream in train_streams:
             stream.close()
-
-
-def _skip_batches(stream: Iterator[dict[str, Any]], n: int) -> None:
-    """Move a batch stream that has not started ``n`` batches on: batch ``k`` is a function of ``(seed, k)`` alone,
-    so a :class:`~autoseg.training.dataloader.BatchStream` only needs its loader's first index moved (no batch is
-    built). Another iterator is advanced by drawing ``n`` batches, with the RNG states kept as they were."""
-    if n <= 0:
-        return
-    loader = getattr(stream, "_loader", None)
-    if loader is not None and isinstance(getattr(loader, "start", None), int) and not getattr(stream, "_procs", ()):
-        loader.start += n
-        return
-    state = rng_state()
-    for _ in range(n):
-        next(stream)
-    set_rng_state(state)
 
 
 def revalidate_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str, workdir: Path, *,
