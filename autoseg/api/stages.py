@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from autoseg.planner.recipe import Recipe, default_recipe, parse_recipe
 from autoseg.plugins.channels import prepare_channels
 from autoseg.plugins.planning import resolve_plugins, with_plugins
 from autoseg.preprocessing.preprocess import PreprocessSummary, preprocess_dataset
+from autoseg.preprocessing.storage import DEFAULT_STORAGE, check_storage
 from autoseg.training.parts import resolve_recipe
 from autoseg.training.settings import TrainSettings
 
@@ -54,7 +56,7 @@ def check(dataset: DatasetLike, *, jobs: int = 1, progress: bool = True,
 def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None, gpu_memory_gb: float = 8.0,
          preset: str = "default", jobs: int = 1, progress: bool = True, strict_geometry: bool = False,
          reuse_fingerprint: bool = True, seed: int = 12345, plugins: Sequence[str | dict[str, Any]] = (),
-         recipe: Sequence[str] | str | Recipe | None = None,
+         recipe: Sequence[str] | str | Recipe | None = None, storage: str | None = None,
          on_report: Callable[[CheckReport], None] | None = None) -> Plans:
     """Check, fingerprint and plan a dataset; saves ``fingerprint.json``, ``plans.json`` and a copy of
     ``dataset.json`` in the work folder.
@@ -74,6 +76,9 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
         recipe: the training recipe, as overrides of the default (``["network=attention_unet",
             "loss=dice_focal:gamma=2"]``, :mod:`autoseg.planner.recipe`) or a whole :class:`Recipe`; recorded
             in every configuration of the plans. Its network's cost model sizes the patches and batches.
+        storage: how the preprocessed cases are stored, ``npy`` or ``blosc2`` (compressed; needs
+            ``pip install "autoseg[blosc2]"``); None: ``npy`` (:mod:`autoseg.preprocessing.storage` says why).
+            Recorded in the plans; changing it re-preprocesses.
         on_report: called with the integrity report (e.g. to print its warnings).
 
     Returns:
@@ -82,7 +87,9 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
     Raises:
         DatasetError, DatasetIntegrityError: the dataset is unusable (the message says why and how to fix).
         PlanningError, PluginError: an option is invalid (e.g. an unknown preset, plugin, recipe part or parameter).
+        MissingDependencyError: ``storage="blosc2"`` without the blosc2 package.
     """
+    storage = check_storage(storage or DEFAULT_STORAGE)  # an unknown format or a missing package fails first
     ds, chosen = as_dataset(dataset), resolve_plugins(plugins)  # a bad plugin choice fails before any work
     chosen_recipe = _recipe(recipe, preset, ds)  # and so does a bad recipe
     wd = workdir_for(ds, workdir)
@@ -90,6 +97,7 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
                      reuse=reuse_fingerprint, on_report=on_report)
     plans = with_plugins(plan_experiment(fp, gpu_memory_gb=gpu_memory_gb, preset=preset, seed=seed,
                                          recipe=chosen_recipe), chosen)
+    plans = dataclasses.replace(plans, storage=storage)
     plans.save(wd / "plans.json")
     write_text_atomic(wd / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
     record_dataset_source(wd, ds.root)
