@@ -72,7 +72,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                          "peritumoral_zones:widths_mm=5,10:labels=1; `autoseg plugins` lists them")
     pl.add_argument("--storage", choices=("npy", "blosc2"), default=None,
                     help="how preprocessed cases are stored: npy (memory-mapped, fastest patch reads; default) or "
-                         "blosc2 (compressed, ~4x smaller on disk for BraTS-like data, slower reads; needs "
+                         "blosc2 (compressed, 2-4x smaller on disk, ~1.4x slower patch reads; needs "
                          "pip install \"autoseg[blosc2]\"); changing it re-preprocesses")
     pl.add_argument("--preprocess", nargs="+", metavar="CONFIG", default=None,
                     help="configurations to preprocess after planning (default: 3d_fullres, or 2d for 2D data; "
