@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from autoseg.planner.recipe import Recipe, default_recipe, parse_recipe
 from autoseg.plugins.channels import prepare_channels
 from autoseg.plugins.planning import resolve_plugins, with_plugins
 from autoseg.preprocessing.preprocess import PreprocessSummary, preprocess_dataset
+from autoseg.preprocessing.storage import DEFAULT_STORAGE, check_storage
 from autoseg.training.parts import check_recipe_builds, resolve_recipe
 from autoseg.training.settings import TrainSettings
 
@@ -56,6 +58,7 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
          preset: str = "default", jobs: int = 1, progress: bool = True, strict_geometry: bool = False,
          reuse_fingerprint: bool = True, seed: int = 12345, plugins: Sequence[str | dict[str, Any]] = (),
          recipe: Sequence[str] | str | Recipe | None = None, overrides: OverrideInput = None,
+         storage: str | None = None,
          on_report: Callable[[CheckReport], None] | None = None) -> Plans:
     """Check, fingerprint and plan a dataset; saves ``fingerprint.json``, ``plans.json`` and a copy of
     ``dataset.json`` in the work folder.
@@ -80,6 +83,9 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
             ``patch_size``, ``batch_size``, ``num_epochs``, ``iterations_per_epoch``, ``val_iterations``); what depends
             on them is derived again with the planner's rules and each configuration records them
             (:mod:`autoseg.planner.overrides`).
+        storage: how the preprocessed cases are stored, ``npy`` or ``blosc2`` (compressed; needs
+            ``pip install "autoseg[blosc2]"``); None: ``npy`` (:mod:`autoseg.preprocessing.storage` says why).
+            Recorded in the plans; changing it re-preprocesses.
         on_report: called with the integrity report (e.g. to print its warnings).
 
     Returns:
@@ -88,7 +94,9 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
     Raises:
         DatasetError, DatasetIntegrityError: the dataset is unusable (the message says why and how to fix).
         PlanningError, PluginError: an option is invalid (e.g. an unknown preset, plugin, recipe part or parameter).
+        MissingDependencyError: ``storage="blosc2"`` without the blosc2 package.
     """
+    storage = check_storage(storage or DEFAULT_STORAGE)  # an unknown format or a missing package fails first
     ds, chosen = as_dataset(dataset), resolve_plugins(plugins)  # a bad plugin choice fails before any work
     chosen_recipe = _recipe(recipe, preset, ds)  # and so does a bad recipe
     chosen_overrides = parse_overrides(overrides)  # and a malformed override
@@ -97,6 +105,7 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
                      reuse=reuse_fingerprint, on_report=on_report)
     planned = plan_experiment(fp, gpu_memory_gb=gpu_memory_gb, preset=preset, seed=seed, recipe=chosen_recipe)
     plans = with_plugins(apply_overrides(planned, fp, chosen_overrides), chosen)
+    plans = dataclasses.replace(plans, storage=storage)
     plans.save(wd / "plans.json")
     write_text_atomic(wd / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
     record_dataset_source(wd, ds.root)

@@ -20,6 +20,8 @@ from autoseg.planner.recipe import Recipe, default_recipe
 from autoseg.planner.resampling import ResamplingPlan
 
 PLANS_VERSION = 1
+#: formats of the preprocessed cases (``Plans.storage``; :mod:`autoseg.preprocessing.storage` reads and writes them)
+STORAGES = ("npy", "blosc2")
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ class Plans:
         dataset_signature: signature of the files the fingerprint was computed from.
         plugins: chosen plugins (extra input channels, derived labels), each ``{"name", "kind", "params"}`` with
             every parameter filled in (see :mod:`autoseg.plugins`); empty in plans written before plugins existed.
+        storage: how preprocessed cases are stored: ``npy`` (memory-mapped, the default) or ``blosc2``
+            (compressed; :mod:`autoseg.preprocessing.storage`); plans written before the choice existed are ``npy``.
         version: plans format version.
     """
 
@@ -153,7 +157,12 @@ class Plans:
     decisions: tuple[str, ...] = ()
     dataset_signature: str = ""
     plugins: tuple[dict[str, Any], ...] = ()
+    storage: str = "npy"
     version: int = PLANS_VERSION
+
+    def __post_init__(self) -> None:
+        if self.storage not in STORAGES:
+            raise PlanningError(f"storage {self.storage!r} is not one of {', '.join(STORAGES)}.")
 
     @property
     def label_values(self) -> tuple[int, ...]:
@@ -223,6 +232,7 @@ class Plans:
             "decisions": list(self.decisions), "dataset_signature": self.dataset_signature,
             "configurations": {k: v.to_json() for k, v in self.configurations.items()},
             **({"plugins": [dict(p) for p in self.plugins]} if self.plugins else {}),  # absent: plans as before
+            "storage": self.storage,
         }
 
     @classmethod
@@ -246,6 +256,7 @@ class Plans:
                 configurations={k: ConfigurationPlan.from_json(v) for k, v in d["configurations"].items()},
                 decisions=tuple(d.get("decisions", ())), dataset_signature=str(d.get("dataset_signature", "")),
                 plugins=tuple(_plugin_entry(p) for p in d.get("plugins", ())),
+                storage=str(d.get("storage", "npy")),
             )
         except (KeyError, TypeError, ValueError, PlanningError) as err:
             raise FileFormatError(f"plans JSON is missing or has a malformed field ({err!r}); rerun `autoseg plan` "

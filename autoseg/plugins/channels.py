@@ -34,6 +34,7 @@ from autoseg.plugins.base import CHANNEL, ChannelPlugin, PluginError
 from autoseg.plugins.planning import chosen_plugins
 from autoseg.preprocessing.preprocess import case_paths
 from autoseg.preprocessing.properties import CaseProperties
+from autoseg.preprocessing.storage import load_case_array
 
 #: subfolder (of a preprocessed folder and of a model folder) holding plugin files
 PLUGINS_DIR = "plugins"
@@ -125,7 +126,7 @@ def prepare_channels(dataset: Dataset, plans: Plans, config_name: str, workdir: 
             continue
         (folder / FIT).unlink(missing_ok=True)  # the marker goes first: a crash below means "not fitted"
         remove_stale_temporaries(folder / STATE, *(folder / f"{cid}.npy" for cid in case_ids))  # a killed run's
-        cases = [np.load(case_paths(data_folder, cid)["data"], mmap_mode="r") for cid in case_ids]
+        cases = [load_case_array(case_paths(data_folder, cid)["data"]) for cid in case_ids]
         state = plugin.fit(cases, config.ndim)
         save_state(folder / STATE, state, {"plugin": info.name, "params": spec["params"], "signature": signature,
                                            "configuration": config.data_identifier, "ndim": config.ndim})

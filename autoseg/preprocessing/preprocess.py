@@ -4,7 +4,8 @@ Order (as nnU-Net): transpose -> crop -> normalise -> resample, then foreground 
 oversampling. Each case is stored in ``<workdir>/preprocessed/<data_identifier>/`` as
 
 * ``<case>.npy``      float32 ``(C, *spatial)`` (read memory-mapped: a patch is read without the whole case);
-* ``<case>_seg.npy``  int8/int16 ``(1, *spatial)``, ``-1`` outside the imaged region;
+  ``<case>.b2nd`` instead with ``Plans.storage == "blosc2"`` (compressed; see :mod:`.storage`);
+* ``<case>_seg.npy``  int8/int16 ``(1, *spatial)``, ``-1`` outside the imaged region (``_seg.b2nd`` likewise);
 * ``<case>_fg.npy``   int32 ``(N, 2 + ndim)`` foreground locations: label, connected component, coordinates;
 * ``<case>.json``     :class:`CaseProperties`, written last: a case without it (or with another plan hash)
   is incomplete or stale and is redone, so an interrupted run resumes where it stopped.
@@ -27,7 +28,7 @@ from scipy import ndimage
 from autoseg.errors import MissingChannelError
 from autoseg.fingerprint.extract import bincount_chunked, nonzero_bbox
 from autoseg.fingerprint.model import DUMMY_2D_SPACING
-from autoseg.io.atomic import atomic_path, ensure_writable, remove_stale_temporaries
+from autoseg.io.atomic import ensure_writable, remove_stale_temporaries
 from autoseg.io.dataset import CaseFiles, Dataset
 from autoseg.io.image import Geometry, compact_dtype, read_image, read_label
 from autoseg.parallel import imap_ordered
@@ -36,6 +37,7 @@ from autoseg.preprocessing.cropping import crop_to_nonzero
 from autoseg.preprocessing.normalize import channel_normalizer
 from autoseg.preprocessing.properties import CaseProperties
 from autoseg.preprocessing.resample import case_resampling, new_shape_for, present_values, resample_filled, resample_seg
+from autoseg.preprocessing.storage import SUFFIXES, check_storage, load_case_array, save_case_array
 
 #: foreground locations kept per class: min(MAX, n), at least 1 % of the class's voxels
 MAX_LOCATIONS = 10_000
@@ -240,31 +242,37 @@ def plan_hash(plans: Plans, config: ConfigurationPlan, case: CaseFiles) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def case_paths(folder: Path, case_id: str) -> dict[str, Path]:
-    """Paths of a stored case's files."""
-    return {"data": folder / f"{case_id}.npy", "seg": folder / f"{case_id}_seg.npy",
+def case_paths(folder: Path, case_id: str, storage: str | None = None) -> dict[str, Path]:
+    """Paths of a stored case's files.
+
+    Args:
+        folder: the configuration's preprocessed folder.
+        case_id: the case.
+        storage: ``npy`` or ``blosc2`` (the suffix of ``data`` and ``seg``); None: the format the case is stored
+            in (blosc2 when its ``.b2nd`` file exists, else npy), for readers that do not hold the plans.
+    """
+    if storage is None:
+        storage = "blosc2" if (folder / f"{case_id}{SUFFIXES['blosc2']}").is_file() else "npy"
+    suffix = SUFFIXES[storage]
+    return {"data": folder / f"{case_id}{suffix}", "seg": folder / f"{case_id}_seg{suffix}",
             "fg": folder / f"{case_id}_fg.npy", "props": folder / f"{case_id}.json"}
 
 
-def is_complete(folder: Path, case_id: str, expected_hash: str) -> bool:
-    """True when the case was stored completely with the expected plan hash."""
-    paths = case_paths(folder, case_id)
+def is_complete(folder: Path, case_id: str, expected_hash: str, storage: str = "npy") -> bool:
+    """True when the case was stored completely with the expected plan hash in the expected format (a case
+    stored in the other format is redone: switching ``--storage`` re-preprocesses)."""
+    paths = case_paths(folder, case_id, storage)
     try:
         props = CaseProperties.load(paths["props"])
         if props.plan_hash != expected_hash:
             return False
-        data = np.load(paths["data"], mmap_mode="r")
-        seg = np.load(paths["seg"], mmap_mode="r")
+        data = load_case_array(paths["data"])
+        seg = load_case_array(paths["seg"])
         np.load(paths["fg"], mmap_mode="r")
     except Exception:  # noqa: BLE001 - anything unreadable is simply redone
         return False
     shape = props.shape_after_resampling_t
     return tuple(data.shape[1:]) == shape and tuple(seg.shape[1:]) == shape
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, array)
 
 
 def _seed_of(case_id: str, seed: int) -> int:
@@ -279,11 +287,15 @@ def _job(args: tuple[CaseFiles, Plans, str, Path, tuple[int, ...]]) -> str:
     out = preprocess_arrays(images, seg, geometry, plans, config, case_id=case.case_id)
     del images, seg
     seg_store = out.seg.astype(np.int8 if max(labels, default=0) <= 127 else np.int16)[None]
-    paths = case_paths(folder, case.case_id)
+    paths = case_paths(folder, case.case_id, plans.storage)
     paths["props"].unlink(missing_ok=True)  # the marker goes first, so a crash below leaves the case "incomplete"
-    _save_npy(paths["data"], out.data)
-    _save_npy(paths["seg"], seg_store)
-    _save_npy(paths["fg"], foreground_locations(out.seg, labels, seed=_seed_of(case.case_id, plans.seed)))
+    for other in (s for s in SUFFIXES if s != plans.storage):  # arrays stored in another format before go
+        for key in ("data", "seg"):
+            case_paths(folder, case.case_id, other)[key].unlink(missing_ok=True)
+    patch = config.patch_size  # Blosc2 chunks are laid out for the training patch
+    save_case_array(paths["data"], out.data, patch_size=patch)
+    save_case_array(paths["seg"], seg_store, patch_size=patch)
+    save_case_array(paths["fg"], foreground_locations(out.seg, labels, seed=_seed_of(case.case_id, plans.seed)))
     dataclasses.replace(out.properties, plan_hash=h).save(paths["props"])
     return case.case_id
 
@@ -322,17 +334,19 @@ def preprocess_dataset(dataset: Dataset, plans: Plans, config_name: str, workdir
         WorkerError, ImageReadError: a case failed (the message names it).
     """
     config = plans.configuration(config_name)
+    check_storage(plans.storage)  # blosc2 without its package fails here, in one line, before any work
     folder = Path(workdir) / "preprocessed" / config.data_identifier
     folder.mkdir(parents=True, exist_ok=True)
     labels = tuple(v for v in plans.label_values if v != 0)
     todo, reused = [], []
     for case in dataset.cases:
-        if not overwrite and is_complete(folder, case.case_id, plan_hash(plans, config, case)):
+        if not overwrite and is_complete(folder, case.case_id, plan_hash(plans, config, case), plans.storage):
             reused.append(case.case_id)
         else:
             todo.append(case)
     # what a killed run was writing (a crash leaves only hidden temporaries; live writers' are locked and kept)
-    remove_stale_temporaries(*(p for c in dataset.cases for p in case_paths(folder, c.case_id).values()))
+    remove_stale_temporaries(*(p for c in dataset.cases for st in SUFFIXES
+                               for p in case_paths(folder, c.case_id, st).values()))
     if todo:
         ensure_writable(folder)  # a read-only or full disk fails now, not after the first case's work
     jobs_args = [(c, plans, config_name, folder, labels) for c in todo]

@@ -36,6 +36,7 @@ from autoseg.parallel import WorkerError, describe_exit
 from autoseg.plugins.channels import ChannelStack
 from autoseg.preprocessing.cropping import OUTSIDE
 from autoseg.preprocessing.preprocess import case_paths
+from autoseg.preprocessing.storage import load_case_array, set_read_threads
 
 OVERSAMPLE_FOREGROUND = 0.33
 ERROR_KEY = "__worker_error__"
@@ -43,7 +44,12 @@ ERROR_KEY = "__worker_error__"
 
 class CaseStore:
     """Memory-mapped access to preprocessed cases (opened lazily, once per process); ``extra_folders`` hold
-    channel plugins' ``<case>.npy``, appended after the image channels."""
+    channel plugins' ``<case>.npy``, appended after the image channels.
+
+    Each case is opened in the format it is stored in (``.npy`` memory maps, or Blosc2 NDArrays whose slices
+    decompress only the blocks a patch touches; :func:`~autoseg.preprocessing.storage.load_case_array`): both give
+    the same arrays, so a dataset trains identically from either.
+    """
 
     def __init__(self, folder: str | Path, case_ids: Sequence[str], *, prev_folder: str | Path | None = None,
                  extra_folders: Sequence[str | Path] = ()) -> None:
@@ -54,16 +60,16 @@ class CaseStore:
         self._open: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
     def get(self, case_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        """``(data, seg, fg_locations, prev_seg or None)`` of a case, memory-mapped."""
+        """``(data, seg, fg_locations, prev_seg or None)`` of a case; data and seg are sliced lazily."""
         if case_id not in self._open:
-            p = case_paths(self.folder, case_id)
+            p = case_paths(self.folder, case_id)  # the format the case is stored in
             prev = None
             if self.prev_folder is not None:
-                prev = np.load(self.prev_folder / f"{case_id}_prev.npy", mmap_mode="r")
-            data = np.load(p["data"], mmap_mode="r")
+                prev = load_case_array(self.prev_folder / f"{case_id}_prev.npy")
+            data = load_case_array(p["data"])
             if self.extra_folders:
-                data = ChannelStack([data, *(np.load(f / f"{case_id}.npy", mmap_mode="r") for f in self.extra_folders)])
-            self._open[case_id] = (data, np.load(p["seg"], mmap_mode="r"), np.load(p["fg"]), prev)
+                data = ChannelStack([data, *(load_case_array(f / f"{case_id}.npy") for f in self.extra_folders)])
+            self._open[case_id] = (data, load_case_array(p["seg"]), load_case_array(p["fg"], mmap=False), prev)
         return self._open[case_id]
 
     def __getstate__(self) -> dict[str, Any]:  # memmaps are reopened in each worker
@@ -195,6 +201,7 @@ def _produce(loader: PatchLoader, transform: GuardedTransform, worker: int, conn
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)  # one BLAS thread per worker, as in batchgenerators
+    set_read_threads(1)  # and one Blosc2 decompression thread
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
     loader.set_thread_id(worker)

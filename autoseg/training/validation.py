@@ -29,7 +29,9 @@ from autoseg.io.image import read_label, write_label
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.plugins.channels import with_case_channels
 from autoseg.preprocessing.cascade import one_hot
+from autoseg.preprocessing.preprocess import case_paths
 from autoseg.preprocessing.properties import CaseProperties
+from autoseg.preprocessing.storage import load_case_array
 from autoseg.training.settings import TrainSettings
 
 #: per-case quality scores of the validation cases, next to summary.json
@@ -177,7 +179,8 @@ def _validate_case(run: Any, cid: str, plans: Plans, inputs: ValidationInputs, w
     """Predict one preprocessed case, write its segmentation (and probabilities), return it and its quality."""
     config, layout = inputs.config, inputs.layout
     folder = Path(workdir) / "preprocessed" / config.data_identifier
-    data = with_case_channels(np.load(folder / f"{cid}.npy"), cid, inputs.extra_folders)
+    data = with_case_channels(np.asarray(load_case_array(case_paths(folder, cid)["data"], mmap=False)), cid,
+                              inputs.extra_folders)
     if inputs.prev_folder is not None:
         data = np.concatenate([data, one_hot(np.load(inputs.prev_folder / f"{cid}_prev.npy"), inputs.prev_labels)])
     props = CaseProperties.load(folder / f"{cid}.json")
