@@ -15,6 +15,7 @@ from autoseg.cli import report, selection, trust
 from autoseg.cli.selection import add_jobs, add_label_map
 
 if TYPE_CHECKING:
+    from autoseg.ensemble.cases import PredictionSummary
     from autoseg.training.validation import ValidationSummary
 from autoseg.errors import AutosegError, describe_os_error
 
@@ -186,6 +187,24 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
                          "network.onnx files (export --onnx), or exported next to a work folder's checkpoints")
     pr.add_argument("--tables", action="store_true",
                     help="also write OUT/volumes.csv and OUT/lesions.csv (volume per class, per-lesion list)")
+    _add_sharing_arguments(pr)
+
+
+def _add_sharing_arguments(pr: argparse.ArgumentParser) -> None:
+    """``predict``'s options for many processes writing to one output folder (a cluster)."""
+    share = pr.add_argument_group("several processes, one output folder (e.g. a SLURM array job)")
+    share.add_argument("--num-parts", type=int, default=1, metavar="N",
+                       help="split the cases into N parts (sorted by id, case i in part i %% N) and predict only "
+                            "part --part-id")
+    share.add_argument("--part-id", type=int, default=0, metavar="K",
+                       help="the part this process predicts, 0 to N-1 (e.g. $SLURM_ARRAY_TASK_ID)")
+    share.add_argument("--claim", action="store_true",
+                       help="share the cases (of the part) with every other --claim process writing to OUT, on any "
+                            "machine: each case is claimed in OUT/.claims/ first; cases of dead processes are "
+                            "taken over")
+    share.add_argument("--claim-timeout", type=float, default=600.0, metavar="S",
+                       help="seconds without a heartbeat after which a claim is taken over (default 600); a claim "
+                            "of a process gone from this host is taken over at once")
 
 
 def _add_convert_msd_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -306,24 +325,39 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                       label_map=args.map_labels, deterministic=args.deterministic, uncertainty=args.uncertainty,
                       missing=[m for item in args.missing for m in item.split(",") if m],
                       drift=not args.no_drift_check,
-                      backend=args.backend,
+                      backend=args.backend, num_parts=args.num_parts, part_id=args.part_id, claim=args.claim,
+                      claim_timeout=args.claim_timeout,
                       on_warning=lambda m: print(f"autoseg predict: warning: {m}", file=sys.stderr))
     if summary.skipped:
-        print(f"{len(summary.skipped)} case(s) already predicted, skipped (--overwrite redoes them)")
+        why = "before, or by other --claim processes meanwhile" if args.claim else "--overwrite redoes them"
+        print(f"{len(summary.skipped)} case(s) already predicted, skipped ({why})")
     for cid in summary.written:
         t = summary.seconds[cid]
         print(f"{summary.outputs[cid]}  ({t['read']:.1f} s read, {t['predict']:.1f} s predict, "
               f"{t['export']:.1f} s export)")
     print(f"{len(summary.written)} case(s) predicted -> {args.output}")
+    _print_sharing(summary, args)
     if summary.quality_table is not None:
         flagged = f"; flagged: {', '.join(summary.flagged)}" if summary.flagged else "; none flagged"
         print(f"quality table: {summary.quality_table}{flagged}")
-    if args.tables:
+    if args.tables and (summary.merged is not None or not (args.num_parts > 1 or args.claim)):
         from autoseg.api.trust import measure
 
         paths = measure(args.output, workdir=args.bundle or args.workdir, progress=not args.quiet)
         print(f"wrote {paths.volumes} and {paths.lesions}")
     return 0
+
+
+def _print_sharing(summary: PredictionSummary, args: argparse.Namespace) -> None:
+    """With --num-parts or --claim: cases left to others, and who writes the merged prediction.json."""
+    if summary.busy:
+        listed = ", ".join(summary.busy[:10]) + (", ..." if len(summary.busy) > 10 else "")
+        print(f"{len(summary.busy)} case(s) being predicted by other --claim processes: {listed}")
+    if summary.merged is not None:
+        print(f"every case is finished; merged the processes' records into {summary.merged}")
+    elif args.num_parts > 1 or args.claim:
+        tables = " (and, with --tables, the tables)" if args.tables else ""
+        print(f"other parts or processes are not finished; the last to finish writes prediction.json{tables}")
 
 
 def _cmd_convert_msd(args: argparse.Namespace) -> int:

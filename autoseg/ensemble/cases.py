@@ -7,14 +7,18 @@ however many are predicted: one preprocessed input, one set of logits on the pre
 export of one case (about two full-resolution volumes, see :func:`export_segmentation`). Every file is
 written under a temporary name and renamed when complete, so an interrupted run leaves only finished
 outputs, and a rerun skips them (``overwrite`` redoes them).
+
+Several processes may share one output folder (parts and claims, :mod:`autoseg.ensemble.sharding`): each then keeps
+its own record, and the one that finds every case finished merges them into ``prediction.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg.ensemble.models import ModelEnsemble, map_path
+from autoseg.ensemble.sharding import ClaimBoard, Holder, RunRecord, Sharing, claimed_cases, merge_records
 from autoseg.evaluation.quality_rule import QualityRule, quality_row, write_quality_table
 from autoseg.inference.export import probabilities_path
 from autoseg.inference.inputs import InputCase, PredictionInputError
@@ -53,6 +58,9 @@ class PredictionSummary:
         seconds: per written case, seconds spent reading, predicting and exporting.
         quality_table: the quality table written (with uncertainty or drift checks), else None.
         flagged: cases of this run flagged in the quality table.
+        busy: with claims, cases other live processes were predicting when this one stopped looking.
+        merged: with parts or claims, ``prediction.json`` when this process found every case finished and merged
+            the processes' records into it; else None.
     """
 
     outputs: dict[str, Path] = field(default_factory=dict)
@@ -62,6 +70,8 @@ class PredictionSummary:
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     quality_table: Path | None = None
     flagged: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+    merged: Path | None = None
 
 
 def output_paths(cases: Sequence[InputCase], output: str | os.PathLike[str]) -> dict[str, Path]:
@@ -89,7 +99,8 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
                   overwrite: bool = False, save_probabilities: bool = False, progress: bool = True,
                   record: dict[str, Any] | None = None, uncertainty: bool = False,
                   drift_check: DriftCheck | None = None, quality_rule: QualityRule | None = None,
-                  on_warning: Callable[[str], None] | None = None) -> PredictionSummary:
+                  on_warning: Callable[[str], None] | None = None, sharing: Sharing | None = None
+                  ) -> PredictionSummary:
     """Predict ``cases`` and write one segmentation per case in its input's format and geometry.
 
     Args:
@@ -106,6 +117,9 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
             findings become warnings and flags in the quality table.
         quality_rule: the threshold learnt by ``find-best``; cases at or below it are flagged.
         on_warning: called with each drift finding as it is found (they are also in ``summary.warnings``).
+        sharing: other processes write to the same output folder (``cases`` are this process's part, claimed one by
+            one with ``sharing.claim``): this process's record goes to ``prediction.runs/``, and ``prediction.json``
+            and the quality table are written by whichever process finds every case finished.
 
     The quality table (``quality.csv``/``quality.json``) is written when ``uncertainty`` or ``drift_check`` is on.
 
@@ -113,11 +127,15 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
         The summary; errors propagate (a failed case stops the run, finished files are kept).
     """
     model = model if isinstance(model, ModelEnsemble) else ModelEnsemble([model])
-    paths = output_paths(cases, output)
-    summary, todo = _prepare_outputs(cases, paths, overwrite, save_probabilities, uncertainty)
+    paths = output_paths(sharing.everyone if sharing is not None else cases, output)
+    summary, todo = _prepare_outputs(cases, paths, overwrite, save_probabilities, uncertainty, clean=sharing is None)
     stages = _Stages(model, paths, save_probabilities, uncertainty, drift_check, quality_rule)
-    _run_stages(stages, todo, summary, progress, on_warning)
     single_file = len(paths) == 1 and file_ending(Path(output)) in SUPPORTED_ENDINGS
+    if sharing is not None:
+        _run_shared(stages, todo, summary, sharing, Path(output).parent if single_file else Path(output),
+                    record or {}, progress, on_warning)
+        return summary
+    _run_stages(stages, todo, len(todo), summary, progress, on_warning)
     if stages.rows:
         table = write_quality_table(Path(output).parent if single_file else Path(output), list(stages.rows.values()))
         summary.quality_table = table
@@ -128,10 +146,12 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
 
 
 def _prepare_outputs(cases: Sequence[InputCase], paths: dict[str, Path], overwrite: bool, save_probabilities: bool,
-                     uncertainty: bool) -> tuple[PredictionSummary, list[InputCase]]:
-    """The summary with the finished cases skipped, and the cases to predict. Creates the output folders and
-    removes what a killed run was writing (hidden temporaries; a live writer's are locked and kept)."""
-    summary = PredictionSummary(outputs=dict(paths))
+                     uncertainty: bool, clean: bool = True) -> tuple[PredictionSummary, list[InputCase]]:
+    """The summary with the finished cases skipped, and the cases to predict. Creates the output folders and, with
+    ``clean``, removes what a killed run was writing (hidden temporaries; a live writer's are locked and kept).
+    Processes sharing a folder leave that to the merge (:func:`_run_shared`): on a file system without locks (some
+    cluster mounts) another live process's temporaries would look stale."""
+    summary = PredictionSummary(outputs={c.case_id: paths[c.case_id] for c in cases})
     todo = []
     for c in cases:
         if not overwrite and is_finished(paths[c.case_id], save_probabilities, uncertainty):
@@ -140,8 +160,13 @@ def _prepare_outputs(cases: Sequence[InputCase], paths: dict[str, Path], overwri
             todo.append(c)
     for p in {p.parent for p in paths.values()}:
         p.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(*paths.values(), *(probabilities_path(p) for p in paths.values()))  # one listing/folder
+    if clean:
+        _remove_temporaries(paths)
     return summary, todo
+
+
+def _remove_temporaries(paths: dict[str, Path]) -> None:
+    remove_stale_temporaries(*paths.values(), *(probabilities_path(p) for p in paths.values()))  # one listing/folder
 
 
 @dataclass
@@ -159,6 +184,8 @@ class _Stages:
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     bodies: dict[str, np.ndarray] = field(default_factory=dict)
     derived: DerivedLabels | None = field(init=False)  # labels plugins: OUTPUT/<output>/<case> per segmentation
+    #: called by the export thread with a case id and its export seconds as soon as its files are complete
+    on_written: Callable[[str, float], None] | None = None
 
     def __post_init__(self) -> None:
         self.derived = DerivedLabels.from_plans(self.model.plans)
@@ -192,22 +219,29 @@ class _Stages:
         if self.uncertainty or self.drift_check is not None:
             self.rows[case.case_id] = quality_row(case.case_id, scores, self.drift.get(case.case_id, []),
                                                   self.quality_rule)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if self.on_written is not None:
+            self.on_written(case.case_id, seconds)
+        return seconds
 
 
-def _run_stages(stages: _Stages, todo: list[InputCase], summary: PredictionSummary, progress: bool,
+def _run_stages(stages: _Stages, todo: Iterable[InputCase], total: int, summary: PredictionSummary, progress: bool,
                 on_warning: Callable[[str], None] | None) -> None:
     """Read case ``i + 1`` and export case ``i - 1`` in threads while case ``i`` is predicted, at most one case
-    waiting per stage; drift findings become warnings as each case comes up for prediction."""
-    bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress or not todo)
+    waiting per stage; drift findings become warnings as each case comes up for prediction. ``todo`` is taken one
+    case at a time, as the reader is ready for it (claims are made then); ``total`` is at most how many it gives."""
+    bar = tqdm(total=total, desc="predict", unit="case", disable=not progress or not total)
     reader, writer = ThreadPoolExecutor(1, "autoseg-read"), ThreadPoolExecutor(1, "autoseg-export")
     exporting: tuple[str, Future[float]] | None = None
+    queue = iter(todo)
     try:
-        upcoming = reader.submit(stages.load, todo[0]) if todo else None
-        for i, case in enumerate(todo):
+        case = next(queue, None)
+        upcoming = reader.submit(stages.load, case) if case is not None else None
+        while case is not None:
             assert upcoming is not None
             pre, t_read = upcoming.result()
-            upcoming = reader.submit(stages.load, todo[i + 1]) if i + 1 < len(todo) else None
+            following = next(queue, None)
+            upcoming = reader.submit(stages.load, following) if following is not None else None
             for note in stages.drift.get(case.case_id, []):
                 summary.warnings.append(note)
                 if on_warning is not None:
@@ -220,6 +254,7 @@ def _run_stages(stages: _Stages, todo: list[InputCase], summary: PredictionSumma
             summary.seconds[case.case_id] = {"read": round(t_read, 3), "predict": round(t_pred, 3)}
             exporting = (case.case_id, writer.submit(stages.write, case, logits, props, outputs))
             del logits, outputs
+            case = following
         if exporting is not None:
             _finish(exporting, summary, bar)
     finally:
@@ -234,6 +269,37 @@ def _finish(exporting: tuple[str, Future[float]], summary: PredictionSummary, ba
     summary.seconds[cid]["export"] = round(fut.result(), 3)
     summary.written.append(cid)
     bar.update()
+
+
+def _run_shared(stages: _Stages, todo: list[InputCase], summary: PredictionSummary, sharing: Sharing, folder: Path,
+                record: dict[str, Any], progress: bool, on_warning: Callable[[str], None] | None) -> None:
+    """Predict this process's share with others writing to ``folder``: claim each case first (``sharing.claim``),
+    note each finished case in this process's record, and merge every record into ``prediction.json`` (and every
+    quality row into the quality table) when every case of every part is finished."""
+    def finished(cid: str) -> bool:
+        return is_finished(stages.paths[cid], stages.save_probabilities, stages.uncertainty)
+
+    holder = Holder.current()
+    log = RunRecord(folder, {**record, **sharing.describe()}, holder)
+    board = ClaimBoard(folder, sharing.claim_timeout, holder) if sharing.claim else None
+
+    def written(cid: str, export: float) -> None:
+        """In the export thread as soon as the files are complete (not after the next case is predicted), so that a
+        process killed meanwhile leaves no claim on a finished case, nor a finished case out of its record."""
+        log.add(cid, {**summary.seconds[cid], "export": round(export, 3)}, stages.rows.get(cid))
+        if board is not None:
+            board.release(cid, finished=True)
+
+    stages.on_written = written
+    with board if board is not None else contextlib.nullcontext():
+        queue = todo if board is None else claimed_cases(todo, board, finished, summary.skipped, summary.busy)
+        _run_stages(stages, queue, len(todo), summary, progress, on_warning)
+    summary.flagged = [cid for cid, r in stages.rows.items() if r["flagged"]]
+    if all(finished(cid) for cid in stages.paths):  # nobody writes any more: what killed processes left can go
+        _remove_temporaries(stages.paths)
+        summary.merged, rows = merge_records(folder, folder / RECORD, list(stages.paths))
+        if rows:
+            summary.quality_table = write_quality_table(folder, rows)
 
 
 def _save_record(path: Path, record: dict[str, Any], summary: PredictionSummary) -> None:

@@ -20,6 +20,7 @@ from autoseg.ensemble.cases import PredictionSummary, predict_cases
 from autoseg.ensemble.choice import POSTPROCESSING, QUALITY_RULE, SELECTION, BestChoice, load_best
 from autoseg.ensemble.models import ModelEnsemble, parse_label_map
 from autoseg.ensemble.postprocessing import PostprocessingRules
+from autoseg.ensemble.sharding import Sharing, select_part
 from autoseg.errors import ModelNotFoundError, PredictionInputError
 from autoseg.evaluation.quality_rule import QualityRule
 from autoseg.fingerprint.drift import check_case, load_drift_reference
@@ -133,7 +134,8 @@ def predict_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     model, chosen = load_ensemble(wd, settings)
     names = model.plans.channel_names
     check_channel_names(ins, names)
-    cases = collect_cases(ins, names, missing=settings.missing)
+    everyone = collect_cases(ins, names, missing=settings.missing)
+    cases = select_part(everyone, settings.num_parts, settings.part_id) if settings.num_parts > 1 else everyone
     volumes = any(c.ndim == 3 for c in model.plans.configurations.values())  # else 2D images (or 1-slice files)
     check_cases(cases, ndim=3 if volumes else None)  # headers readable, one grid, before any prediction
     record = _record(wd, model, chosen, settings, [names[i] for i in sorted({i for c in cases for i in c.missing})])
@@ -144,7 +146,8 @@ def predict_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                              save_probabilities=settings.save_probabilities, progress=settings.progress, record=record,
                              uncertainty=settings.uncertainty, drift_check=_drift_check(wd) if settings.drift else None,
                              quality_rule=load_quality_rule(wd, model.names) if settings.uncertainty else None,
-                             on_warning=on_warning or (lambda m: warnings.warn(m, stacklevel=4)))
+                             on_warning=on_warning or (lambda m: warnings.warn(m, stacklevel=4)),
+                             sharing=Sharing.from_settings(everyone, settings))
     finally:
         torch.use_deterministic_algorithms(before)
 

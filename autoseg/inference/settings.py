@@ -9,11 +9,28 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from autoseg.device import Runtime
+from autoseg.errors import PredictionInputError
 
 #: ``fast=True``: no test-time mirroring and this window step (about 8x and 2-3x fewer network passes in 3D)
 FAST_STEP = 0.75
 #: nnU-Net's window step (a fraction of the patch)
 DEFAULT_STEP = 0.5
+#: seconds without a heartbeat after which a ``--claim`` claim counts as abandoned (its holder is taken for dead)
+DEFAULT_CLAIM_TIMEOUT = 600.0
+
+
+def check_part(num_parts: int, part_id: int) -> None:
+    """Refuse a part that does not exist, in one line naming the flags.
+
+    Raises:
+        PredictionInputError: ``num_parts < 1``, or ``part_id`` outside ``0 .. num_parts - 1``.
+    """
+    if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1:
+        raise PredictionInputError(f"--num-parts {num_parts!r}: give a whole number of parts, 1 or more "
+                                   "(num_parts).")
+    if isinstance(part_id, bool) or not isinstance(part_id, int) or not 0 <= part_id < num_parts:
+        raise PredictionInputError(f"--part-id {part_id!r} does not exist with --num-parts {num_parts}: give "
+                                   f"--part-id 0 to {num_parts - 1} (part_id; parts count from 0).")
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,13 @@ class InferenceSettings:
         uncertainty: also write voxel-wise entropy and disagreement maps and per-case quality scores.
         missing: channels (names or indices) that were not acquired; they are filled as the model saw them blanked.
         drift: compare each input with the training fingerprint (warnings and flags in ``quality.csv``).
+        num_parts: split the cases into this many parts (sorted case ids; case ``i`` goes to part ``i % num_parts``)
+            and predict only part ``part_id``; see :mod:`autoseg.ensemble.sharding`.
+        part_id: which part this process predicts, ``0 .. num_parts - 1``.
+        claim: share the cases (of this part) dynamically with every other ``claim`` process writing to the same
+            output folder, through claim files in ``OUTPUT/.claims/`` (not with ``overwrite``).
+        claim_timeout: seconds without a heartbeat after which another process's claim is taken over (its holder
+            is also taken for dead at once when it ran on this host and its process is gone).
     """
 
     configuration: str | tuple[str, ...] | None = None
@@ -59,8 +83,20 @@ class InferenceSettings:
     uncertainty: bool = False
     missing: tuple[str | int, ...] = ()
     drift: bool = True
+    num_parts: int = 1
+    part_id: int = 0
+    claim: bool = False
+    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT
 
     def __post_init__(self) -> None:
+        check_part(self.num_parts, self.part_id)
+        if not self.claim_timeout > 0:
+            raise PredictionInputError(f"--claim-timeout {self.claim_timeout!r}: give a number of seconds above 0 "
+                                       "(claim_timeout).")
+        if self.claim and self.overwrite:
+            raise PredictionInputError("--claim and --overwrite do not go together: a claim cannot tell an output "
+                                       "another process just wrote from an old one; delete the old outputs (or use "
+                                       "a new output folder) and run with --claim alone.")
         if self.configuration is not None and not isinstance(self.configuration, str):
             object.__setattr__(self, "configuration", tuple(str(c) for c in self.configuration))
         if self.folds is not None:
@@ -80,6 +116,11 @@ class InferenceSettings:
             raise TypeError(f"unknown prediction setting(s) {', '.join(unknown)}; the settings are "
                             f"{', '.join(sorted(names))}.")
         return replace(settings or cls(), **overrides)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may write to the same output folder (parts or claims)."""
+        return self.num_parts > 1 or self.claim
 
     @property
     def window_step(self) -> float:
