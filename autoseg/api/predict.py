@@ -27,7 +27,8 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
         workdir: the work folder the models were trained in, or an exported bundle.
         settings: every prediction knob (:class:`~autoseg.inference.settings.InferenceSettings`: configuration,
             folds, device, tta, step_size, fast, amp, backend, deterministic, save_probabilities, overwrite,
-            progress, postprocessing, label_map, uncertainty, missing, drift); ``overrides`` replace single
+            progress, postprocessing, label_map, uncertainty, missing, drift, num_parts, part_id, claim,
+            claim_timeout); ``overrides`` replace single
             fields, e.g. ``predict(..., device="cpu", uncertainty=True)``. With ``uncertainty``, voxel-wise
             entropy and disagreement maps go to ``OUTPUT/uncertainty/`` and cases at or below the threshold
             ``find-best`` learnt on CV are flagged in ``OUTPUT/quality.csv``.
