@@ -77,8 +77,8 @@ def test_an_installed_part_package_plans_trains_exports_and_predicts_and_is_name
     wd, bundle = tmp_path / "work", tmp_path / "bundle"
 
     listing = _ok(["plugins"], tmp_path, site, timeout=120)
-    assert "tiny_unet (network, entry point tinyparts.parts:TINY_UNET)" in listing
-    assert "soft_dice_l1 (loss, entry point tinyparts.parts:SOFT_DICE_L1)" in listing and "l1_weight=0.5" in listing
+    assert "tiny_unet (network, entry point tinyparts.parts:TINY_UNET of package autoseg-tinyparts)" in listing
+    assert "soft_dice_l1 (loss, entry point tinyparts.parts:SOFT_DICE_L1 of package autoseg-tinyparts)" in listing and "l1_weight=0.5" in listing
 
     _ok(["plan", str(dataset), "--workdir", str(wd), "--preset", "cpu", "-j", "1", "--recipe", *RECIPE], tmp_path, site)
     recipe = Plans.load(wd / "plans.json").recipe("3d_fullres")
@@ -87,15 +87,15 @@ def test_an_installed_part_package_plans_trains_exports_and_predicts_and_is_name
     _ok(["train", str(dataset), "3d_fullres", "0", "--workdir", str(wd), "--epochs", "1", "--iters-per-epoch", "2",
          "--val-iters", "1", "--device", "cpu", "--workers", "0"], tmp_path, site)
     meta = CheckpointMeta.from_json(load_checkpoint(wd / "models" / "3d_fullres" / "fold_0" / FINAL))
-    assert meta.recipe["network"]["origin"] == "entry point tinyparts.parts:TINY_UNET"
+    assert meta.recipe["network"]["origin"] == "entry point tinyparts.parts:TINY_UNET of package autoseg-tinyparts"
 
     _ok(["export", "--workdir", str(wd), "-o", str(bundle), "-c", "3d_fullres", "-f", "0", "--dataset", str(dataset)],
         tmp_path, site)
     recorded = json.loads((bundle / "manifest.json").read_text())["recipes"]["3d_fullres"]
     assert recorded["network"] == {"name": "tiny_unet", "params": {},
-                                   "origin": "entry point tinyparts.parts:TINY_UNET"}
+                                   "origin": "entry point tinyparts.parts:TINY_UNET of package autoseg-tinyparts"}
     assert recorded["loss"] == {"name": "soft_dice_l1", "params": {"l1_weight": 0.25},
-                                "origin": "entry point tinyparts.parts:SOFT_DICE_L1"}
+                                "origin": "entry point tinyparts.parts:SOFT_DICE_L1 of package autoseg-tinyparts"}
     _ok(["verify-bundle", str(bundle)], tmp_path, site)
     predict = ["predict", "-i", str(dataset / "imagesTs"), "--bundle", str(bundle), "--device", "cpu"]
     _ok([*predict, "-o", str(tmp_path / "pred")], tmp_path, site)
@@ -105,7 +105,8 @@ def test_an_installed_part_package_plans_trains_exports_and_predicts_and_is_name
     run = _autoseg([*predict, "-o", str(tmp_path / "pred_missing")], tmp_path, None, timeout=120)
     lines = (run.stdout + run.stderr).strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1, (run.returncode, lines)
-    assert "tiny_unet" in lines[0] and "tinyparts.parts:TINY_UNET" in lines[0] and "Traceback" not in lines[0]
+    assert "tiny_unet" in lines[0] and "tinyparts.parts:TINY_UNET" in lines[0] and "autoseg-tinyparts" in lines[0]
+    assert "Traceback" not in lines[0]
     assert not list((tmp_path / "pred_missing").glob("*.nii.gz"))
 
 
