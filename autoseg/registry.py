@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import numbers
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -297,3 +298,16 @@ def lookup(name: str, table: Mapping[str, PluginInfo], what: str = "plugin") -> 
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise PluginError(f"there is no {what} {name!r}{hint}; available: {', '.join(table) or 'none'} "
                       "(`autoseg plugins` describes them).")
+
+
+def check_number(kind: str, part: str, param: str, value: object, ok: Callable[[float], bool], valid: str) -> float:
+    """``value`` as a float when it is a finite real number passing ``ok``; else a TrainingConfigError naming the
+    part (``loss 'dice_topk'``), the parameter, the value and the valid range ``valid``."""
+    from autoseg.errors import TrainingConfigError
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TrainingConfigError(f"{kind} {part!r}: {param}={value!r} is not a number; valid: {valid}.")
+    number = float(value)
+    if not (math.isfinite(number) and ok(number)):
+        raise TrainingConfigError(f"{kind} {part!r}: {param}={value!r} is out of range; valid: {valid}.")
+    return number

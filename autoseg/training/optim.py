@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from autoseg.errors import TrainingConfigError
+from autoseg.registry import check_number
 from autoseg.training.settings import TrainSettings
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "Constant", "Cosine", "Poly", "Schedule", "adamw", "constant", "cosine",
@@ -48,15 +49,6 @@ __all__ = ["OPTIMIZERS", "SCHEDULES", "Constant", "Cosine", "Poly", "Schedule", 
 Schedule = Callable[[float, int, int], float]
 
 
-def _number(kind: str, part: str, param: str, value: object, ok: Callable[[float], bool], valid: str) -> float:
-    """``value`` as a float when it is a finite real number passing ``ok``, else a TrainingConfigError naming
-    the part, the parameter, the value and the valid range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TrainingConfigError(f"{kind} {part!r}: {param}={value!r} is not a number; valid: {valid}.")
-    number = float(value)
-    if not (math.isfinite(number) and ok(number)):
-        raise TrainingConfigError(f"{kind} {part!r}: {param}={value!r} is out of range; valid: {valid}.")
-    return number
 
 
 def _integer(kind: str, part: str, param: str, value: object, low: int) -> int:
@@ -85,10 +77,10 @@ def sgd(params: Iterable[Any], settings: TrainSettings | None = None, /, *, lr: 
         TrainingConfigError: a parameter out of range.
     """
     s = settings if settings is not None else TrainSettings()
-    lr = _number("optimizer", "sgd", "lr", s.initial_lr if lr is None else lr, lambda v: v > 0, "a number > 0")
-    momentum = _number("optimizer", "sgd", "momentum", s.momentum if momentum is None else momentum,
+    lr = check_number("optimizer", "sgd", "lr", s.initial_lr if lr is None else lr, lambda v: v > 0, "a number > 0")
+    momentum = check_number("optimizer", "sgd", "momentum", s.momentum if momentum is None else momentum,
                        lambda v: 0 <= v < 1, "0 <= momentum < 1")
-    weight_decay = _number("optimizer", "sgd", "weight_decay", s.weight_decay if weight_decay is None else weight_decay,
+    weight_decay = check_number("optimizer", "sgd", "weight_decay", s.weight_decay if weight_decay is None else weight_decay,
                            lambda v: v >= 0, "a number >= 0")
     if _flag("optimizer", "sgd", "nesterov", nesterov) and momentum == 0:
         raise TrainingConfigError("optimizer 'sgd': momentum=0 with nesterov=True is not valid; valid: momentum > 0 "
@@ -107,10 +99,10 @@ def adamw(params: Iterable[Any], settings: TrainSettings | None = None, /, *, lr
         TrainingConfigError: a parameter out of range.
     """
     del settings  # same calling convention as sgd; AdamW's defaults differ from the SGD settings
-    lr = _number("optimizer", "adamw", "lr", lr, lambda v: v > 0, "a number > 0")
-    weight_decay = _number("optimizer", "adamw", "weight_decay", weight_decay, lambda v: v >= 0, "a number >= 0")
-    beta1 = _number("optimizer", "adamw", "beta1", beta1, lambda v: 0 <= v < 1, "0 <= beta1 < 1")
-    beta2 = _number("optimizer", "adamw", "beta2", beta2, lambda v: 0 <= v < 1, "0 <= beta2 < 1")
+    lr = check_number("optimizer", "adamw", "lr", lr, lambda v: v > 0, "a number > 0")
+    weight_decay = check_number("optimizer", "adamw", "weight_decay", weight_decay, lambda v: v >= 0, "a number >= 0")
+    beta1 = check_number("optimizer", "adamw", "beta1", beta1, lambda v: 0 <= v < 1, "0 <= beta1 < 1")
+    beta2 = check_number("optimizer", "adamw", "beta2", beta2, lambda v: 0 <= v < 1, "0 <= beta2 < 1")
     return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
 
 
@@ -172,7 +164,7 @@ def poly(*, exponent: float = 0.9) -> Schedule:
     Raises:
         TrainingConfigError: ``exponent`` out of range.
     """
-    return Poly(_number("schedule", "poly", "exponent", exponent, lambda v: v > 0, "a number > 0"))
+    return Poly(check_number("schedule", "poly", "exponent", exponent, lambda v: v > 0, "a number > 0"))
 
 
 def cosine(*, warmup: int = 0, min_lr: float = 0.0) -> Schedule:
@@ -190,7 +182,7 @@ def cosine(*, warmup: int = 0, min_lr: float = 0.0) -> Schedule:
             when the schedule is first used).
     """
     return Cosine(_integer("schedule", "cosine", "warmup", warmup, 0),
-                  _number("schedule", "cosine", "min_lr", min_lr, lambda v: v >= 0, "a number >= 0"))
+                  check_number("schedule", "cosine", "min_lr", min_lr, lambda v: v >= 0, "a number >= 0"))
 
 
 def constant() -> Schedule:

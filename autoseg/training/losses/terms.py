@@ -3,8 +3,6 @@ checks shared by every loss."""
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Literal
 
@@ -13,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoseg.errors import TrainingConfigError
+from autoseg.registry import check_number
 
 
 def spatial_axes(t: torch.Tensor) -> tuple[int, ...]:
@@ -22,12 +21,7 @@ def spatial_axes(t: torch.Tensor) -> tuple[int, ...]:
 def check_param(loss: str, param: str, value: object, ok: Callable[[float], bool], valid: str) -> float:
     """``value`` as a float when it is a finite real number that passes ``ok``; else a TrainingConfigError
     naming the loss, the parameter, the value and the valid range ``valid``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TrainingConfigError(f"loss {loss!r}: {param}={value!r} is not a number; valid: {valid}.")
-    number = float(value)
-    if not (math.isfinite(number) and ok(number)):
-        raise TrainingConfigError(f"loss {loss!r}: {param}={value!r} is out of range; valid: {valid}.")
-    return number
+    return check_number("loss", loss, param, value, ok, valid)
 
 
 def label_target(target: torch.Tensor, ignore_label: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
