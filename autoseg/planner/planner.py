@@ -22,7 +22,7 @@ from autoseg.planner.normalization import MASK_FOR_NORM_THRESHOLD, ChannelNormal
 from autoseg.planner.patch import PatchPlan, fit_patch
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.planner.presets import PlannerPreset, get_preset
-from autoseg.planner.recipe import Recipe, default_recipe
+from autoseg.planner.recipe import PART_KINDS, Recipe, default_recipe
 from autoseg.planner.resampling import ResamplingPlan
 from autoseg.planner.spacing import (
     TargetSpacing,
@@ -147,7 +147,9 @@ def plan_experiment(fingerprint: DatasetFingerprint, *, gpu_memory_gb: float = 8
           "network_name": recipe.network.name}
 
     decisions = _dataset_decisions(pr, target, tr, median_t, norm, fingerprint.median_relative_size_after_cropping)
-    if recipe != default_recipe(block=pr.block, regions=regions):
+    default = default_recipe(block=pr.block, regions=regions)
+    if recipe.mirror_axes != default.mirror_axes or any(recipe.part(k).name != default.part(k).name
+                                                        for k in PART_KINDS):
         decisions.append(f"recipe {recipe.describe()}")
     configs, decisions_3d = plan_3d(spacing_t, median_t, norm, kw, n_vox=n_vox,
                                      num_training=fingerprint.num_training)

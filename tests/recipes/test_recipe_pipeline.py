@@ -86,6 +86,7 @@ def test_planning_sizes_patches_with_the_recipes_network(tiny_brats):
     same = plan_experiment(fp, preset="default", recipe=resolve_recipe(default_recipe(regions=True)))
     strip = [dataclasses.replace(c, recipe=None) for c in plain.configurations.values()]
     assert strip == [dataclasses.replace(c, recipe=None) for c in same.configurations.values()]
+    assert plain.decisions == same.decisions and not any(d.startswith("recipe") for d in plain.decisions)
     gated = plan_experiment(fp, preset="default", recipe=resolve_recipe(
         default_recipe(regions=True).with_overrides(parse_recipe("network=attention_unet"))))
     a, b = plain.configuration("3d_fullres"), gated.configuration("3d_fullres")
