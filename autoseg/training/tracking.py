@@ -304,15 +304,15 @@ def _mlflow_client(mlflow: Any, uri: str) -> Any:
     the file store unless ``MLFLOW_ALLOW_FILE_STORE`` is set)."""
     if not uri.startswith("file:"):
         return mlflow.MlflowClient(tracking_uri=uri)
-    before = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    flag = "MLFLOW_ALLOW_FILE_STORE"
+    before = os.environ.get(flag)
+    os.environ.update({flag: "true"})  # only while the client is made; nothing asks the user to set it
     try:
         return mlflow.MlflowClient(tracking_uri=uri)
     finally:
-        if before is None:
-            os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
-        else:
-            os.environ["MLFLOW_ALLOW_FILE_STORE"] = before
+        os.environ.pop(flag, None)
+        if before is not None:
+            os.environ.update({flag: before})
 
 
 def _now_ms() -> int:
