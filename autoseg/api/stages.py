@@ -24,7 +24,7 @@ from autoseg.planner.overrides import OverrideInput, apply_overrides, parse_over
 from autoseg.planner.planner import plan_experiment
 from autoseg.planner.plans import Plans
 from autoseg.planner.presets import get_preset
-from autoseg.planner.recipe import Recipe, default_recipe, parse_recipe
+from autoseg.planner.recipe import Recipe, default_recipe, has_regions, parse_recipe
 from autoseg.plugins.channels import prepare_channels
 from autoseg.plugins.planning import resolve_plugins, with_plugins
 from autoseg.preprocessing.preprocess import PreprocessSummary, preprocess_dataset
@@ -114,7 +114,7 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
 
 def _recipe(recipe: Sequence[str] | str | Recipe | None, preset: str, ds: Dataset) -> Recipe:
     """The recipe to plan with, every part checked: the preset's default with the given overrides."""
-    regions = any(isinstance(v, (list, tuple)) for k, v in ds.spec.labels.items() if k != "ignore")
+    regions = has_regions(ds.spec.labels)
     base = default_recipe(block=get_preset(preset).block, regions=regions)
     chosen = resolve_recipe(recipe if isinstance(recipe, Recipe) else base.with_overrides(parse_recipe(recipe)))
     check_recipe_builds(chosen, regions=regions, ignore_label=ds.spec.ignore_label)

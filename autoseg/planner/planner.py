@@ -22,7 +22,7 @@ from autoseg.planner.normalization import MASK_FOR_NORM_THRESHOLD, ChannelNormal
 from autoseg.planner.patch import PatchPlan, fit_patch
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.planner.presets import PlannerPreset, get_preset
-from autoseg.planner.recipe import PART_KINDS, Recipe, default_recipe
+from autoseg.planner.recipe import PART_KINDS, Recipe, default_recipe, has_regions
 from autoseg.planner.resampling import ResamplingPlan
 from autoseg.planner.spacing import (
     TargetSpacing,
@@ -140,7 +140,7 @@ def plan_experiment(fingerprint: DatasetFingerprint, *, gpu_memory_gb: float = 8
     num_classes = len(fingerprint.labels)
     norm = plan_normalization(fingerprint.channel_names, fingerprint.intensity,
                               fingerprint.median_relative_size_after_cropping)
-    regions = any(isinstance(v, (list, tuple)) for k, v in fingerprint.labels.items() if k != "ignore")
+    regions = has_regions(fingerprint.labels)
     recipe = recipe or default_recipe(block=pr.block, regions=regions)
     network = get_network_part(recipe.network.name, recipe.network.params, origin=recipe.network.origin)
     kw = {"preset": pr, "gpu_memory_gb": float(gpu_memory_gb), "num_classes": num_classes, "network": network,

@@ -16,7 +16,7 @@ from autoseg.errors import FileFormatError, PlanningError
 from autoseg.io.atomic import read_json, write_json_atomic
 from autoseg.networks.topology import UNetTopology
 from autoseg.planner.normalization import ChannelNormalization
-from autoseg.planner.recipe import Recipe, default_recipe
+from autoseg.planner.recipe import Recipe, default_recipe, has_regions
 from autoseg.planner.resampling import ResamplingPlan
 
 PLANS_VERSION = 1
@@ -177,7 +177,7 @@ class Plans:
     @property
     def has_regions(self) -> bool:
         """Whether the labels define overlapping regions (region training, sigmoid outputs)."""
-        return any(isinstance(v, (list, tuple)) for k, v in self.labels.items() if k != "ignore")
+        return has_regions(self.labels)
 
     def recipe(self, configuration: str) -> Recipe:
         """The recipe a configuration trains with (the default one for plans written before recipes)."""

@@ -136,6 +136,11 @@ class Recipe:
                    mirror_axes=None if axes is None else tuple(int(a) for a in axes), version=int(data.get("version", 1)))
 
 
+def has_regions(labels: Mapping[str, Any]) -> bool:
+    """Whether dataset.json ``labels`` define overlapping regions (lists of values): region training, sigmoid outputs."""
+    return any(isinstance(v, (list, tuple)) for k, v in labels.items() if k != "ignore")
+
+
 def default_recipe(*, block: str = "plain", regions: bool = False) -> Recipe:
     """Today's training: the preset's U-Net, Dice+CE (Dice+BCE for regions), SGD, poly, nnU-Net augmentation."""
     return Recipe(network=PartChoice(DEFAULT_NETWORK.get(block, "unet")),

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from topology_helpers import make  # noqa: E402
 
 from autoseg.errors import PlanningError
 from autoseg.networks.memory import (
@@ -23,13 +24,6 @@ from autoseg.networks.unet import UNet, build_network, measure_training_step
 torch.set_num_threads(2)
 
 
-def make(ndim: int, features: tuple[int, ...], *, block: str = "plain", strides=None, kernels=None,
-         blocks=None, decoder=None) -> UNetTopology:
-    n = len(features)
-    return UNetTopology(strides=strides or ((1,) * ndim,) + ((2,) * ndim,) * (n - 1),
-                        kernel_sizes=kernels or ((3,) * ndim,) * n, features_per_stage=features,
-                        n_blocks_per_stage=blocks or (2,) * n, n_conv_per_stage_decoder=decoder or (2,) * (n - 1),
-                        block=block).check()
 
 
 ANISO = dict(strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)),
