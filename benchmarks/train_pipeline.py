@@ -1,12 +1,18 @@
-"""How much the data pipeline slows training: step time with the real loader + augmentation workers vs with
-one pre-made batch, plus measured vs planned memory of a step (CUDA peak memory when run on a GPU).
+"""How fast the training data pipeline is: ms per augmented batch with the CPU worker pipeline (``nnunet``,
+batchgenerators) against the batched torch pipeline (``nnunet_torch``), and how much of a training step waits for
+data with the real loader.
 
-    python benchmarks/train_pipeline.py [--device cpu|cuda] [--steps 20] [--workers N] [--preset cpu|default]
+    python benchmarks/train_pipeline.py [--device cpu|cuda] [--batches 8] [--steps 12] [--workers 1] [--preset cpu]
 
-Uses the demo dataset (made under benchmarks/out/ if missing), planned with ``--preset``, 3d_fullres.
-Prints one figure per line: iterations/s with the real pipeline, iterations/s with a pre-made batch, the
-share of step time spent waiting for data (1 - premade/real), and on CUDA the measured peak memory of a
-step next to ``estimate_training_bytes``.
+Part 1, ms per augmented batch, one CPU thread for both (a worker process of the old pipeline has one thread):
+at the demo plan (the demo dataset planned with ``--preset``, 3d_fullres) and at nnU-Net's default brain plan
+(patch 40x112x128, batch 2, 4 channels, BraTS regions, deep supervision), on synthetic batches of the initial
+(rotation-covering) patch; the new path is timed on ``--device`` too when that is CUDA.
+
+Part 2, the real pipeline on the demo plan with ``--workers`` loader processes: iterations/s of training with the
+real stream (worker processes + the feeding thread) against one pre-made batch, for each augmentation, and the
+share of step time spent waiting for data (1 - real/pre-made); on CUDA the peak memory of a step next to the
+planner's estimate.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from autoseg.api import plan, preprocess
@@ -25,15 +32,58 @@ from autoseg.io.dataset import load_dataset
 from autoseg.networks.memory import estimate_training_bytes
 from autoseg.networks.unet import build_network
 from autoseg.training.augmentation import augmentation_params, training_transforms
+from autoseg.training.augmentation_presets import nnunet, nnunet_torch
+from autoseg.training.batch_augment import BatchAugmenter
 from autoseg.training.components import deep_supervision_scales
-from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
+from autoseg.training.dataloader import BatchStream, CaseStore, CompactBatch, DeviceFeeder, PatchLoader
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.losses import build_loss
-from autoseg.training.settings import TrainSettings
+
+BRATS_REGIONS = [(1, 2, 3), (2, 3), (3,)]
+
+
+def _synthetic(initial, batch: int, channels: int, k: int) -> dict:
+    rng = np.random.default_rng(k)
+    coarse = rng.choice([0, 0, 1, 2, 3], size=(batch, 1, *[max(1, s // 8) for s in initial]))
+    seg = coarse
+    for ax in range(len(initial)):
+        seg = seg.repeat(8, 2 + ax)
+    seg = np.pad(seg, [(0, 0), (0, 0)] + [(0, max(0, s - n)) for s, n in zip(initial, seg.shape[2:])],
+                 constant_values=-1)[(slice(None), slice(None), *[slice(0, s) for s in initial])]
+    data = rng.normal(size=(batch, channels, *initial)).astype(np.float32)
+    return {"data": data, "seg": seg.astype(np.int16), "keys": ["x"] * batch, "seed": 0, "batch_index": k}
+
+
+def _augment_ms(patch, batch: int, channels: int, ds_scales, n: int, device: torch.device) -> tuple[float, float]:
+    """ms per batch: old pipeline (numpy, in this process), new pipeline (torch on ``device``)."""
+    aug = augmentation_params(patch)
+    old = training_transforms(aug, label_values=None, regions=BRATS_REGIONS, ignore_label=None, ds_scales=ds_scales,
+                              mask_channels=(), preset=nnunet())
+    new = BatchAugmenter(aug, nnunet_torch(), regions=BRATS_REGIONS, ignore_label=None, ds_scales=ds_scales)
+    batches = [_synthetic(aug.initial_patch_size, batch, channels, k) for k in range(n)]
+    t_old = 0.0
+    for b in batches:
+        np.random.seed(b["batch_index"])
+        x = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in b.items()}
+        t = time.perf_counter()
+        old(**x)
+        t_old += time.perf_counter() - t
+    t_new = 0.0
+    for b in batches:
+        x = CompactBatch()(**{k: v.copy() if isinstance(v, np.ndarray) else v for k, v in b.items()})
+        x = {k: torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v for k, v in x.items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        new(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_new += time.perf_counter() - t
+    return 1000 * t_old / n, 1000 * t_new / n
 
 
 def _timed(loop: TrainingLoop, batches, steps: int, device: torch.device) -> float:
-    for _ in range(3):  # warm-up (cudnn autotuning, worker start)
+    for _ in range(2):  # warm-up (cudnn autotuning, worker start)
         loop.train_step(next(batches))
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -45,40 +95,38 @@ def _timed(loop: TrainingLoop, batches, steps: int, device: torch.device) -> flo
     return steps / (time.perf_counter() - t)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/train_pipeline"))
-    args = ap.parse_args()
+def _demo(args: argparse.Namespace):
     root = args.out / "Dataset001_SyntheticBraTS"
     if not (root / "dataset.json").is_file():
         make_synthetic_dataset(root, n_cases=12, shape=(64, 64, 64), n_channels=4, kind="brats", regions=True, seed=0)
     wd = args.out / f"work_{args.preset}"
     plans = plan(root, workdir=wd, preset=args.preset, progress=False)
     preprocess(root, ["3d_fullres"], workdir=wd, progress=False)
-    ds = load_dataset(root)
+    return root, wd, plans, load_dataset(root)
+
+
+def _wait_share(args, wd, plans, ds, device, preset) -> tuple[float, float]:
+    """Iterations/s with the real stream and with one pre-made batch, for one augmentation preset."""
     config = plans.configuration("3d_fullres")
-    device = resolve_device(args.device)
     layout = LabelLayout.from_labels(plans.labels, ds.spec.regions_class_order)
+    torch.manual_seed(0)
     net = build_network(config, in_channels=len(plans.channel_names), num_classes=layout.num_outputs).to(device)
     scales = deep_supervision_scales(config)
     loss = build_loss(regions=layout.regions is not None, batch_dice=config.batch_dice, ignore_label=None,
                       n_outputs=len(scales))
-    amp = device.type == "cuda"
     loop = TrainingLoop(net, loss, folder=args.out, device=device, regions=layout.regions is not None,
-                        ignore_label=None, amp=amp, initial_lr=1e-2, weight_decay=3e-5, momentum=0.99, grad_clip=12)
+                        ignore_label=None, amp=device.type == "cuda", initial_lr=1e-2, weight_decay=3e-5,
+                        momentum=0.99, grad_clip=12)
     aug = augmentation_params(config.patch_size)
-    transform = training_transforms(aug, label_values=None, regions=layout.regions, ignore_label=None,
-                                     ds_scales=scales, mask_channels=[i for i, n in enumerate(config.normalization)
-                                                                      if n.use_mask])
-    workers = TrainSettings(workers=args.workers).resolved_workers(device.type)
+    label_kw = {"regions": layout.regions, "ignore_label": None, "ds_scales": scales}
+    if preset.on_device:
+        worker, on_device = CompactBatch(), BatchAugmenter(aug, preset, **label_kw)
+    else:
+        worker, on_device = training_transforms(aug, label_values=None, preset=preset, **label_kw), None
     loader = PatchLoader(CaseStore(wd / "preprocessed" / "3d_fullres", [c.case_id for c in ds.cases]),
                          patch_size=aug.initial_patch_size, final_patch_size=config.patch_size,
                          batch_size=config.batch_size, seed=0)
-    stream = BatchStream(loader, transform, workers=workers, pin_memory=device.type == "cuda")
+    stream = DeviceFeeder(BatchStream(loader, worker, workers=args.workers), device, transform=on_device)
     try:
         real = _timed(loop, stream, args.steps, device)
         batch = next(stream)
@@ -91,20 +139,50 @@ def main() -> int:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    premade = _timed(loop, same(), args.steps, device)
-    print(f"device {device}, preset {args.preset}, patch {config.patch_size}, batch {config.batch_size}, "
-          f"{workers} augmentation workers")
-    print(f"real pipeline: {real:.2f} it/s")
-    print(f"pre-made batch: {premade:.2f} it/s")
-    print(f"share of step time waiting for data: {max(0.0, 1 - real / premade):.0%}")
+    return real, _timed(loop, same(), args.steps, device)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batches", type=int, default=8, help="batches timed per plan and path (part 1)")
+    ap.add_argument("--steps", type=int, default=12, help="training steps timed per measurement (part 2)")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--skip-steps", action="store_true", help="part 1 only")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/train_pipeline"))
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    root, wd, plans, ds = _demo(args)
+    config = plans.configuration("3d_fullres")
+    n_ch = len(plans.channel_names)
+    torch.set_num_threads(1)
+    print("ms per augmented batch, 1 CPU thread (old = nnunet on batchgenerators, new = nnunet_torch):")
+    brain_ds = [(1.0, 1.0, 1.0), (1.0, 0.5, 0.5), (0.5, 0.25, 0.25), (0.25, 0.125, 0.125), (0.125, 0.0625, 0.0625)]
+    for name, patch, bs, ch, ds_scales in (
+            ("demo plan", config.patch_size, config.batch_size, n_ch, deep_supervision_scales(config)),
+            ("nnU-Net brain plan", (40, 112, 128), 2, 4, brain_ds)):
+        old, new = _augment_ms(patch, bs, ch, ds_scales, args.batches, torch.device("cpu"))
+        print(f"  {name} (patch {tuple(patch)}, batch {bs}, {ch} channels): old {old:.0f} ms, new {new:.0f} ms, "
+              f"{old / new:.1f}x faster")
+        if device.type == "cuda":
+            _, gpu = _augment_ms(patch, bs, ch, ds_scales, args.batches, device)
+            print(f"  {name}: new on {torch.cuda.get_device_name(device)}: {gpu:.1f} ms")
+    if args.skip_steps:
+        return 0
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"training steps on {device}, demo plan, {args.workers} loader worker(s):")
+    for preset in (nnunet(), nnunet_torch()):
+        real, premade = _wait_share(args, wd, plans, ds, device, preset)
+        print(f"  {'nnunet_torch' if preset.on_device else 'nnunet'}: real pipeline {real:.2f} it/s, pre-made batch "
+              f"{premade:.2f} it/s, waiting for data {max(0.0, 1 - real / premade):.0%} of the step")
     planned = estimate_training_bytes(config.topology, config.patch_size, batch_size=config.batch_size,
-                                      in_channels=len(plans.channel_names), num_classes=layout.num_outputs)
+                                      in_channels=n_ch, num_classes=LabelLayout.from_labels(
+                                          plans.labels, ds.spec.regions_class_order).num_outputs)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-        print(f"CUDA peak memory of a step: {peak / 2**30:.2f} GiB, planned estimate {planned / 2**30:.2f} GiB, "
+        print(f"CUDA peak memory of a step: {peak / 2**30:.2f} GiB, planned {planned / 2**30:.2f} GiB, "
               f"ratio {peak / planned:.2f}")
-    else:
-        print(f"planned estimate of a mixed-precision GPU step: {planned / 2**30:.2f} GiB (no GPU to compare)")
     return 0
 
 

@@ -8,6 +8,7 @@ pipeline (it draws no random numbers). Each factory's parameters are keywords wi
 (``inspect.signature(factory, eval_str=True)`` lists them); its first docstring line describes it.
 
 - ``nnunet``: nnU-Net's pipeline, the default (bit-identical batches to the pipeline without a preset).
+- ``nnunet_torch``: the same steps per batch in torch on the training device (linear interpolation, no elastic).
 - ``light``: rotation and scaling, mirroring, and mild multiplicative brightness and contrast only.
 - ``none``: nothing random; only the centre crop to the patch and the target steps.
 
@@ -26,7 +27,7 @@ from typing import Any
 
 from autoseg.errors import TrainingConfigError
 
-__all__ = ["AUGMENTATIONS", "AugmentationPreset", "light", "nnunet", "none"]
+__all__ = ["AUGMENTATIONS", "AugmentationPreset", "light", "nnunet", "nnunet_torch", "none"]
 
 _RANGES = ("scale_range", "noise_std", "blur_sigma", "brightness_range", "contrast_range", "low_res_zoom",
            "gamma_range")
@@ -53,10 +54,14 @@ class AugmentationPreset:
         p_low_res, p_low_res_per_channel, low_res_zoom: Simulated low resolution (down by the zoom, back up).
         p_inverted_gamma, p_gamma, gamma_range: Gamma of the inverted image, then of the image (stats kept).
         mirror: Mirror along each of the configuration's mirror axes with p 0.5.
+        on_device: Where the steps run: False = per sample in the CPU worker processes (batchgenerators,
+            :func:`~autoseg.training.augmentation.training_transforms`); True = per batch in torch on the training
+            device (:mod:`autoseg.training.batch_augment`; the workers then only read and crop).
 
     Raises:
         TrainingConfigError: a probability outside [0, 1], a range with low > high or a non-positive bound
-            (noise std and blur sigma may start at 0), or an interpolation order not 0/1/3 (data), 0/1 (seg).
+            (noise std and blur sigma may start at 0), an interpolation order not 0/1/3 (data), 0/1 (seg), or
+            elastic deformation or cubic interpolation on the device.
     """
 
     p_rotation: float = 0.2
@@ -82,6 +87,7 @@ class AugmentationPreset:
     p_gamma: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.5)
     mirror: bool = True
+    on_device: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -93,6 +99,12 @@ class AugmentationPreset:
                 object.__setattr__(self, name, _range(name, value, allow_zero=name in ("noise_std", "blur_sigma")))
         _flag("AugmentationPreset", "elastic", self.elastic)
         _flag("AugmentationPreset", "mirror", self.mirror)
+        _flag("AugmentationPreset", "on_device", self.on_device)
+        if self.on_device and (self.elastic or self.order_data == 3):
+            raise TrainingConfigError(
+                f"augmentation 'AugmentationPreset': elastic={self.elastic}, order_data={self.order_data} is not "
+                "valid with on_device=True; valid: elastic False and order_data 0 or 1 (cubic interpolation and "
+                "elastic deformation need augmentation=nnunet, on the CPU workers).")
         _orders("AugmentationPreset", self.order_data, self.order_seg)
 
     def to_json(self) -> dict[str, Any]:
@@ -149,6 +161,20 @@ def nnunet(*, elastic: bool = False, order_data: int = 3, order_seg: int = 1) ->
     return AugmentationPreset(elastic=elastic, order_data=order_data, order_seg=order_seg)
 
 
+def nnunet_torch(*, order_data: int = 1, order_seg: int = 1) -> AugmentationPreset:
+    """nnU-Net's augmentation computed per batch in torch on the training device (CPU or GPU); workers only crop.
+
+    The probabilities and ranges of ``nnunet`` without elastic deformation; rotation and scaling resample the batch
+    in one call with ``order_data`` 1 (linear, as nnU-Net's current pipeline) or 0, labels with ``order_seg`` 1
+    (per-label linear + argmax) or 0 (nearest). The cascade's second stage needs ``nnunet``.
+
+    Raises:
+        TrainingConfigError: a parameter out of range.
+    """
+    _orders("nnunet_torch", order_data, order_seg)
+    return AugmentationPreset(order_data=order_data, order_seg=order_seg, on_device=True)
+
+
 def light(*, order_data: int = 1, order_seg: int = 1) -> AugmentationPreset:
     """Light augmentation: rotation, scaling and mirroring plus mild brightness and contrast only.
 
@@ -174,4 +200,5 @@ def none() -> AugmentationPreset:
 
 
 #: Augmentation name -> factory; every parameter is keyword-only with a typed default.
-AUGMENTATIONS: dict[str, Callable[..., AugmentationPreset]] = {"nnunet": nnunet, "light": light, "none": none}
+AUGMENTATIONS: dict[str, Callable[..., AugmentationPreset]] = {"nnunet": nnunet, "nnunet_torch": nnunet_torch,
+                                                               "light": light, "none": none}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from autoseg.device import Runtime
-from autoseg.errors import TrainingError
+from autoseg.errors import TrainingConfigError, TrainingError
 from autoseg.inference.export import LabelLayout, probabilities_path
 from autoseg.io.atomic import remove_stale_temporaries
 from autoseg.io.dataset import Dataset
@@ -35,8 +35,10 @@ from autoseg.training.augmentation import (
     training_transforms,
     validation_transforms,
 )
+from autoseg.training.augmentation_presets import AugmentationPreset
+from autoseg.training.batch_augment import BatchAugmenter
 from autoseg.training.cascade import cascade_input_folder, prepare_cascade_inputs
-from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
+from autoseg.training.dataloader import BatchStream, CaseStore, CompactBatch, DeviceFeeder, PatchLoader
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.losses import DeepSupervisionLoss, build_loss
 from autoseg.training.parts import build_part, check_recipe_builds, resolve_recipe
@@ -178,7 +180,7 @@ def build_components(run: PreparedFold, plans: Plans, ignore_label: int | None, 
 
 
 def batch_streams(run: PreparedFold, plans: Plans, parts: Components, ignore_label: int | None,
-                  settings: TrainSettings, runtime: Runtime, workdir: Path) -> tuple[BatchStream, BatchStream]:
+                  settings: TrainSettings, runtime: Runtime, workdir: Path) -> tuple[DeviceFeeder, DeviceFeeder]:
     """The training and online-validation batch streams, positioned at the loop's epoch and, for a run preempted
     mid-epoch, at its iteration (batch ``k`` is a function of ``(seed, k)`` alone, so this is exact resume).
 
@@ -195,21 +197,40 @@ def batch_streams(run: PreparedFold, plans: Plans, parts: Components, ignore_lab
     label_kw = {"label_values": None, "regions": run.layout.regions, "ignore_label": ignore_label,
                 "ds_scales": parts.ds_scales}
     mask_channels = [i for i, n in enumerate(config.normalization) if n.use_mask]
-    t_train = training_transforms(parts.aug, preset=build_part("augmentation", run.recipe.augmentation)(),
-                                  mask_channels=mask_channels, cascade_labels=run.prev_labels,
-                                  modality_dropout=settings.modality_dropout,
-                                  n_image_channels=len(plans.channel_names), **label_kw)
+    preset = build_part("augmentation", run.recipe.augmentation)()
+    aug_kw = {"mask_channels": mask_channels, "modality_dropout": settings.modality_dropout,
+              "n_image_channels": len(plans.channel_names)}
+    t_train, on_device = _train_transforms(parts.aug, preset, run.prev_labels, label_kw, aug_kw)
     t_val = validation_transforms(cascade_labels=run.prev_labels, **label_kw)
     seed = derived_seed(plans.seed, config.name, run.fold_key, runtime.rank)
     workers = settings.resolved_workers(runtime.device.type)
     train = BatchStream(PatchLoader(store_train, patch_size=parts.aug.initial_patch_size,
                                     final_patch_size=config.patch_size, batch_size=batch, seed=seed,
-                                    start=epoch * run.iters + parts.loop.state.iteration), t_train, workers=workers,
-                        pin_memory=runtime.device.type == "cuda")
+                                    start=epoch * run.iters + parts.loop.state.iteration), t_train, workers=workers)
     val = BatchStream(PatchLoader(store_val, patch_size=config.patch_size, final_patch_size=config.patch_size,
                                   batch_size=batch, seed=seed + 1, start=epoch * run.val_iters), t_val,
-                      workers=min(workers, 1))
-    return train, val
+                      workers=min(workers, 2))
+    # a thread receives, pins and copies the next batches (and augments them there with nnunet_torch) meanwhile
+    device = runtime.device
+    return (DeviceFeeder(train, device, transform=on_device), DeviceFeeder(val, device))
+
+
+def _train_transforms(aug: AugmentationParams, preset: AugmentationPreset, prev_labels: tuple[int, ...],
+                      label_kw: dict[str, Any], aug_kw: dict[str, Any]) -> tuple[Any, BatchAugmenter | None]:
+    """The workers' transform and, for an augmentation on the training device, the batch augmenter.
+
+    Raises:
+        TrainingConfigError: an on-device augmentation for a cascade stage (its perturbations run on the CPU).
+    """
+    if not preset.on_device:
+        return training_transforms(aug, preset=preset, cascade_labels=prev_labels, **aug_kw, **label_kw), None
+    if prev_labels:
+        raise TrainingConfigError("augmentation on the training device (nnunet_torch) does not support a cascade "
+                                  "stage (the previous stage's perturbations run on the CPU); train this "
+                                  "configuration with --recipe augmentation=nnunet.")
+    augmenter = BatchAugmenter(aug, preset, regions=label_kw["regions"], ignore_label=label_kw["ignore_label"],
+                               ds_scales=label_kw["ds_scales"], **aug_kw)
+    return CompactBatch(), augmenter
 
 
 def _batch_per_rank(batch_size: int, world: int) -> int:
