@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from autoseg.registry import PluginInfo
-from autoseg.training.augmentation import augmentation_params, training_transforms
+from autoseg.training.augmentation import AugmentationParams, augmentation_params, training_transforms
 from autoseg.training.augmentation_presets import AugmentationPreset
+from autoseg.training.batch_augment import BatchAugmenter
 from autoseg.training.contracts.common import SEED, _created, _ndims, _require
 
 # ---- augmentations ----------------------------------------------------------------------------------------
@@ -62,6 +63,20 @@ def _check_augmented(where: str, out: Mapping[str, Any], batch: Mapping[str, np.
     _require(not new, where, f"the target holds label values {new} the input did not have ({sorted(allowed)})")
 
 
+def _pipeline(aug: AugmentationParams, preset: AugmentationPreset) -> Callable[..., dict[str, Any]]:
+    """``pipeline(**batch)``: the worker pipeline, or for an on-device preset the batch augmenter on the CPU with its
+    seed drawn from ``numpy.random`` (so the same numpy seed gives the same batch there too)."""
+    if not preset.on_device:
+        return training_transforms(aug, label_values=AUGMENTATION_LABELS, regions=None, ignore_label=None,
+                                   ds_scales=None, preset=preset)
+    augmenter = BatchAugmenter(aug, preset, regions=None, ignore_label=None, ds_scales=None)
+
+    def on_device(**batch: np.ndarray) -> dict[str, Any]:
+        return augmenter({"data": torch.from_numpy(batch["data"]), "seg": torch.from_numpy(batch["seg"]),
+                          "seed": int(np.random.randint(2**31)), "batch_index": 0})
+    return on_device
+
+
 def _augmentation_preset(name_or_factory: Any, params: Mapping[str, Any] | None) -> tuple[str, AugmentationPreset]:
     label, made = _created("augmentation", name_or_factory, params)
     preset = made if isinstance(made, AugmentationPreset) else made() if callable(made) else made
@@ -73,7 +88,7 @@ def _augmentation_preset(name_or_factory: Any, params: Mapping[str, Any] | None)
 def check_augmentation(name_or_factory: str | PluginInfo | Callable[[], AugmentationPreset] | AugmentationPreset, *,
                        params: Mapping[str, Any] | None = None, ndims: Iterable[int] = (2, 3)) -> None:
     """Check an augmentation part: the pipeline of ``training_transforms(augmentation_params(patch), ...,
-    preset=...)`` (label training, no ignore label, no deep supervision) on a synthetic batch of 4 samples with
+    preset=...)`` (for an ``on_device`` preset the :class:`~autoseg.training.batch_augment.BatchAugmenter`) (label training, no ignore label, no deep supervision) on a synthetic batch of 4 samples with
     labels 0, 1, 3 and a -1 border, for the patches of :data:`AUGMENTATION_PATCHES` (2D, 3D, dummy 2D), at three
     numpy seeds: data and target have the patch's shape and are torch tensors, the data is finite, the target holds
     no label value the input did not have, and the same numpy seed gives the same batch (with Python's and torch's
@@ -94,8 +109,7 @@ def check_augmentation(name_or_factory: str | PluginInfo | Callable[[], Augmenta
         for patch in (p for nd in _ndims(ndims) for p in AUGMENTATION_PATCHES[nd]):
             where = f"augmentation {label!r} (patch {patch})"
             aug = augmentation_params(patch)
-            pipeline = training_transforms(aug, label_values=AUGMENTATION_LABELS, regions=None, ignore_label=None,
-                                           ds_scales=None, preset=preset)
+            pipeline = _pipeline(aug, preset)
             batch = _synthetic_batch(aug.initial_patch_size)
             outs = [_augmented(pipeline, batch, seed) for seed in AUGMENTATION_SEEDS]
             for out in outs:
