@@ -228,11 +228,16 @@ class BatchAugmenter:
         linear_seg = self.preset.order_seg == 1
         counts = torch.bincount(seg.flatten().to(torch.int64) - seg.min().to(torch.int64))  # labels present
         values = [v for v in (counts.nonzero()[:, 0] + int(seg.min())).tolist() if v != -1]
-        stack = [data]
-        if linear_seg:
-            stack += [torch.stack([(seg[:, k] == v) for v in values], 1).to(data.dtype) for k in range(seg.shape[1])]
+        c = data.shape[1]
+        stack = data
+        if linear_seg:  # image and one channel per label value, written in place (one pass each)
+            stack = data.new_empty((data.shape[0], c + seg.shape[1] * len(values), *initial))
+            stack[:, :c] = data
+            for k in range(seg.shape[1]):
+                for j, v in enumerate(values):
+                    stack[:, c + k * len(values) + j] = seg[:, k] == v
         mode = "bilinear" if self.preset.order_data == 1 else "nearest"
-        moved = F.grid_sample(torch.cat(stack, 1), grid, mode=mode, padding_mode="zeros", align_corners=True)
+        moved = F.grid_sample(stack, grid, mode=mode, padding_mode="zeros", align_corners=True)
         out = moved[:, :data.shape[1]]
         if not linear_seg:
             lab = F.grid_sample((seg.to(data.dtype) + 1), grid, mode="nearest", padding_mode="zeros",
@@ -352,11 +357,11 @@ class BatchAugmenter:
         if not (self.preset.mirror and self.params.mirror_axes):
             return data, seg
         flips = draws.chance((data.shape[0], len(self.params.mirror_axes)), 0.5)
-        for j, axis in enumerate(self.params.mirror_axes):
-            idx = flips[:, j].nonzero()[:, 0].to(data.device)
-            if idx.numel():
-                data[idx] = data[idx].flip(2 + axis)
-                seg[idx] = seg[idx].flip(2 + axis)
+        for b in range(data.shape[0]):  # one flip per sample, over all its mirrored axes
+            dims = [1 + axis for j, axis in enumerate(self.params.mirror_axes) if flips[b, j]]
+            if dims:
+                data[b] = data[b].flip(dims)
+                seg[b] = seg[b].flip(dims)
         return data, seg
 
     def targets(self, seg: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:

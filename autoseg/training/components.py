@@ -169,7 +169,8 @@ def build_components(run: PreparedFold, plans: Plans, ignore_label: int | None, 
                         weight_decay=settings.weight_decay, momentum=settings.momentum,
                         grad_clip=settings.grad_clip, is_main=runtime.is_main,
                         optimizer=build_part("optimizer", recipe.optimizer)(network.parameters(), settings),
-                        schedule=build_part("schedule", recipe.schedule)())
+                        schedule=build_part("schedule", recipe.schedule)(),
+                        amp_dtype=getattr(torch, settings.amp_dtype))
     aug = augmentation_params(config.patch_size, mirror_axes=recipe.mirror_axes_for(config.ndim))
     loop.state.extra = CheckpointMeta(
         configuration=config.name, fold=run.fold, in_channels=run.in_channels, num_outputs=run.layout.num_outputs,

@@ -45,6 +45,8 @@ __all__ = ["PREEMPTION_SIGNALS", "LoopState", "PreemptionSignals", "TrainingLoop
 
 #: the signals that stop training with a checkpoint (those a platform lacks, e.g. SIGUSR1 on Windows, are skipped)
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+#: training losses are read from the device every this many steps (and at the end of an epoch or a stop)
+LOSS_READ_EVERY = 16
 
 
 class PreemptionSignals:
@@ -84,6 +86,13 @@ def _to(x: Any, device: torch.device) -> Any:
     return x.to(device, non_blocking=True)
 
 
+def _read_losses(pending: list[torch.Tensor], into: list[float]) -> None:
+    """Append the losses waiting on the device to ``into`` as floats (one transfer) and empty ``pending``."""
+    if pending:
+        into.extend(float(v) for v in torch.stack(pending).float().cpu().tolist())
+        pending.clear()
+
+
 def _first(x: Any) -> Any:
     return x[0] if isinstance(x, (list, tuple)) else x
 
@@ -111,6 +120,7 @@ class TrainingLoop:
         regions: region (sigmoid) training.
         ignore_label: label excluded from the pseudo Dice.
         amp: mixed precision (CUDA).
+        amp_dtype: its type: ``torch.float16`` (with a gradient scaler) or ``torch.bfloat16`` (no scaler).
         initial_lr, weight_decay, momentum: the default optimiser's settings (unused with ``optimizer``).
         grad_clip: gradient-norm clipping threshold.
         is_main: this process writes logs and checkpoints (rank 0 under DDP).
@@ -125,8 +135,10 @@ class TrainingLoop:
                  device: torch.device, regions: bool, ignore_label: int | None, amp: bool, initial_lr: float,
                  weight_decay: float, momentum: float, grad_clip: float, is_main: bool = True,
                  optimizer: torch.optim.Optimizer | None = None,
-                 schedule: Callable[[float, int, int], float] | None = None) -> None:
+                 schedule: Callable[[float, int, int], float] | None = None,
+                 amp_dtype: torch.dtype = torch.float16) -> None:
         self.network, self.loss, self.folder, self.device = network, loss, folder, device
+        self.amp_dtype = amp_dtype
         self.regions, self.ignore_label, self.amp, self.grad_clip = regions, ignore_label, amp, grad_clip
         self.initial_lr, self.is_main = initial_lr, is_main
         if optimizer is None:
@@ -136,7 +148,8 @@ class TrainingLoop:
         self.schedule = schedule if schedule is not None else poly()
         # each group's rate before any schedule step (a restored state_dict holds the last scheduled one)
         self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
-        self.scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+        use_scaler = amp and device.type == "cuda" and amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.state = LoopState()
         self.tracker: Tracker = Tracker()  # set by run()
         self._signals: PreemptionSignals | None = None
@@ -146,7 +159,7 @@ class TrainingLoop:
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
+            return torch.autocast("cuda", dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
     # ---- checkpoints ---------------------------------------------------------------------------------
@@ -180,6 +193,10 @@ class TrainingLoop:
     # ---- steps ---------------------------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any]) -> float:
         """One optimiser step; returns the loss."""
+        return float(self._step(batch))
+
+    def _step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One optimiser step; returns the loss as a tensor on the device (reading it would wait for the step)."""
         data, target = _to(batch["data"], self.device), _to(batch["target"], self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
@@ -194,7 +211,7 @@ class TrainingLoop:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
             self.optimizer.step()
-        return float(loss.detach())
+        return loss.detach()
 
     @torch.no_grad()
     def val_step(self, batch: dict[str, Any]) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
@@ -314,13 +331,18 @@ class TrainingLoop:
         st = self.state
         self.network.train()
         first = min(st.iteration, iters)
+        pending: list[torch.Tensor] = []  # losses read every LOSS_READ_EVERY steps: no wait for the device per step
         for _ in tqdm(range(first, iters), desc=f"epoch {st.epoch}", leave=False, initial=first, total=iters,
                       disable=not (progress and self.is_main)):
             batch = None if self._stop_requested() else self._next_batch(train)
             if batch is None:
+                _read_losses(pending, st.train_losses)
                 return False
-            st.train_losses.append(self.train_step(batch))
+            pending.append(self._step(batch))
             st.iteration += 1
+            if len(pending) >= LOSS_READ_EVERY:
+                _read_losses(pending, st.train_losses)
+        _read_losses(pending, st.train_losses)
         st.iteration = max(st.iteration, iters)
         return True
 

@@ -69,7 +69,8 @@ def sgd(params: Iterable[Any], settings: TrainSettings | None = None, /, *, lr: 
         ) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum: nnU-Net's optimiser and the default (rate, momentum, decay from the settings).
 
-    ``lr``, ``momentum`` and ``weight_decay`` left at None take the training settings' ``initial_lr``,
+    Parameters all on CUDA get the fused implementation (one kernel for the whole update). ``lr``, ``momentum`` and
+    ``weight_decay`` left at None take the training settings' ``initial_lr``,
     ``momentum`` and ``weight_decay`` (defaults 1e-2, 0.99, 3e-5). ``lr > 0``, ``0 <= momentum < 1``
     (``> 0`` with ``nesterov``), ``weight_decay >= 0``.
 
@@ -85,7 +86,10 @@ def sgd(params: Iterable[Any], settings: TrainSettings | None = None, /, *, lr: 
     if _flag("optimizer", "sgd", "nesterov", nesterov) and momentum == 0:
         raise TrainingConfigError("optimizer 'sgd': momentum=0 with nesterov=True is not valid; valid: momentum > 0 "
                                   "for Nesterov momentum (or nesterov=False).")
-    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
+    params = list(params)
+    on_cuda = bool(params) and all(isinstance(p, torch.Tensor) and p.is_cuda for p in params)
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                           fused=True if on_cuda else None)
 
 
 def adamw(params: Iterable[Any], settings: TrainSettings | None = None, /, *, lr: float = 3e-4,

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from autoseg.device import Runtime
+from autoseg.errors import TrainingConfigError
 from autoseg.training.modality_dropout import check_modality_dropout
 from autoseg.training.tracking import parse_trackers
 
@@ -28,6 +29,8 @@ class TrainSettings:
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         deterministic: deterministic torch algorithms (bit-identical CPU runs for the same seed).
         amp: mixed precision (None: on for CUDA).
+        amp_dtype: the mixed-precision type on CUDA: ``float16`` (with a gradient scaler, the default) or
+            ``bfloat16`` (no scaler needed: float32's range).
         save_probabilities: final validation also writes probabilities (``.npz``) for ensembling.
         validate: run the full-volume validation of the held-out cases at the end.
         step_size: sliding-window step of the final validation (fraction of the patch).
@@ -43,7 +46,8 @@ class TrainSettings:
             accepted too); see :mod:`autoseg.training.tracking`. Their packages are checked when training starts.
 
     Raises:
-        TrainingConfigError: ``modality_dropout`` is not in [0, 1), or ``log_to`` names an unknown tracker.
+        TrainingConfigError: ``modality_dropout`` is not in [0, 1), ``log_to`` names an unknown tracker, or
+            ``amp_dtype`` is neither ``float16`` nor ``bfloat16``.
     """
 
     epochs: int | None = None
@@ -58,6 +62,7 @@ class TrainSettings:
     device: str = "auto"
     deterministic: bool = False
     amp: bool | None = None
+    amp_dtype: str = "float16"
     save_probabilities: bool = False
     validate: bool = True
     step_size: float = 0.5
@@ -73,6 +78,9 @@ class TrainSettings:
             object.__setattr__(self, "init_from", os.fspath(self.init_from))
         object.__setattr__(self, "recipe", (self.recipe,) if isinstance(self.recipe, str) else tuple(self.recipe))
         object.__setattr__(self, "log_to", parse_trackers(self.log_to))
+        if self.amp_dtype not in ("float16", "bfloat16"):
+            raise TrainingConfigError(f"amp_dtype={self.amp_dtype!r} is not valid; valid: 'float16' (default, with a "
+                                      "gradient scaler) or 'bfloat16'.")
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -87,8 +95,22 @@ class TrainSettings:
         return Runtime.create(self.device, amp=self.amp, deterministic=self.deterministic, purpose="training")
 
     def resolved_workers(self, device_type: str) -> int:
-        """Worker count to use on a device type."""
+        """Worker count to use on a device type: from the cores (all but one, at most 8, on a GPU; half of them on
+        the CPU), and at most one per 2 GiB of free memory (a worker holds a few batches of the initial patch)."""
         if self.workers is not None:
             return max(0, int(self.workers))
         cores = os.cpu_count() or 1
-        return min(8, max(1, cores - 1)) if device_type == "cuda" else max(1, cores // 2)
+        by_cores = min(8, max(1, cores - 1)) if device_type == "cuda" else max(1, cores // 2)
+        return max(1, min(by_cores, _free_memory_bytes() // (2 * 2**30)))
+
+
+def _free_memory_bytes() -> int:
+    """Memory available to new processes (Linux: ``MemAvailable``; a large number where the platform does not say)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2**62

@@ -14,11 +14,10 @@ from batchgenerators.transforms.color_transforms import (
 )
 from scipy.ndimage import map_coordinates
 
-from autoseg.errors import TrainingConfigError, WorkerError
+from autoseg.errors import TrainingConfigError
 from autoseg.training.augmentation import augmentation_params, validation_transforms
 from autoseg.training.augmentation_presets import AUGMENTATIONS, nnunet, nnunet_torch, none
 from autoseg.training.batch_augment import BatchAugmenter, _Draws, batch_generator_seed
-from autoseg.training.dataloader import CompactBatch, DeviceFeeder
 from autoseg.training.transforms import GaussianBlur
 
 BRATS_REGIONS = [(1, 2, 3), (2, 3), (3,)]
@@ -175,31 +174,3 @@ def test_the_recipe_offers_it_and_it_refuses_what_it_cannot_do():
     with pytest.raises(TrainingConfigError, match="elastic"):
         dataclasses.replace(nnunet_torch(), elastic=True)
     assert not nnunet().on_device
-
-
-class _Stream:
-    def __init__(self, n, fail_at=None):
-        self.k, self.n, self.fail_at, self.closed = 0, n, fail_at, False
-
-    def __next__(self):
-        if self.k == self.fail_at:
-            raise WorkerError("broken case")
-        self.k += 1
-        return {"data": np.full((1, 1, 2, 2), self.k, np.float32), "seg": np.zeros((1, 1, 2, 2), np.int16),
-                "keys": [f"case{self.k}"]}
-
-    def close(self):
-        self.closed = True
-
-
-def test_the_feeder_keeps_order_passes_errors_and_closes_the_stream():
-    stream = _Stream(10, fail_at=5)
-    feeder = DeviceFeeder(stream, torch.device("cpu"), transform=lambda b: {**b, "data": b["data"] * 2}, ahead=3)
-    got = [float(next(feeder)["data"].max()) for _ in range(5)]
-    assert got == [2.0, 4.0, 6.0, 8.0, 10.0]
-    with pytest.raises(WorkerError, match="broken case"):
-        next(feeder)
-    feeder.close()
-    assert stream.closed
-    compact = CompactBatch()(data=np.zeros(1), seg=np.array([-1, 3], np.int16))
-    assert compact["seg"].dtype == np.int8
