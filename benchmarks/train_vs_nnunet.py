@@ -1,6 +1,7 @@
 """Train fold 0 of the same dataset with autoseg and with nnU-Net v2, same epochs and iterations, on CPU.
 
     python benchmarks/train_vs_nnunet.py [DATASET] [--epochs 10] [--iters 25] [--val-iters 5] [--preset cpu]
+    python benchmarks/train_vs_nnunet.py --same-plan [--augmentation nnunet_torch] --epochs 2 --iters 10
 
 Without DATASET the demo's synthetic BraTS-like dataset (12 cases, 64^3, 4 channels, 3 regions) is made.
 Both tools use the same fold-0 split (autoseg's ``splits.json`` is handed to nnU-Net as ``splits_final.json``)
@@ -9,6 +10,10 @@ iterations are set the way its users do it, with a small trainer subclass (nnU-N
 Prints per tool: wall time per epoch (median), total wall time of the training command, peak RSS and the final
 validation Dice (mean over foreground classes/regions, full volumes), then the ratios. Then autoseg trains
 again with as many more epochs as fit in nnU-Net's wall time (the goal: Dice >= nnU-Net's at <= its wall time).
+
+``--same-plan`` plans autoseg with the ``default`` preset (nnU-Net's rules: the same patch, batch and U-Net as
+nnU-Net's own plan) and prints the seconds per training iteration of both (median epoch time / iterations, the
+epoch's validation batches included) and their ratio; ``--augmentation`` picks autoseg's augmentation part.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def _autoseg(dataset: Path, out: Path, args: argparse.Namespace, epochs: int | N
         raise SystemExit(plan.output)
     run = run_measured(py + ["train", str(dataset), "3d_fullres", "0", "--workdir", str(work), "--device", "cpu",
                              "--epochs", str(epochs), "--iters-per-epoch", str(args.iters),
-                             "--val-iters", str(args.val_iters)])
+                             "--val-iters", str(args.val_iters), "--recipe", f"augmentation={args.augmentation}"])
     if run.returncode:
         raise SystemExit(run.output)
     fold = work / "models" / "3d_fullres" / "fold_0"
@@ -101,8 +106,12 @@ def main() -> int:
     ap.add_argument("--nnunet-venv", type=Path, default=Path(".nnunet-venv"))
     ap.add_argument("--nnunet-id", type=int, default=991)
     ap.add_argument("--skip-nnunet", action="store_true")
+    ap.add_argument("--same-plan", action="store_true", help="autoseg plans with nnU-Net's rules (preset default)")
+    ap.add_argument("--augmentation", default="nnunet", help="autoseg's augmentation part (nnunet, nnunet_torch)")
     ap.add_argument("--no-equal-time", action="store_true", help="skip the equal-wall-time autoseg run")
     args = ap.parse_args()
+    if args.same_plan:
+        args.preset, args.no_equal_time = "default", True
     args.out.mkdir(parents=True, exist_ok=True)
     dataset = args.dataset
     if dataset is None:
@@ -124,6 +133,9 @@ def main() -> int:
     print(f"nnU-Net v2 (default plan): {theirs['epoch_s']:.1f} s/epoch, train command {theirs['train_s']:.0f} s, "
           f"peak RSS {theirs['rss_mb']:.0f} MB, validation Dice {theirs['dice']:.4f} {theirs['per_class']}")
     print(f"ratio nnU-Net/autoseg epoch time: {theirs['epoch_s'] / ours['epoch_s']:.2f}x")
+    if args.same_plan:
+        print(f"same plan, seconds per iteration: autoseg ({args.augmentation}) {ours['epoch_s'] / args.iters:.2f}, "
+              f"nnU-Net {theirs['epoch_s'] / args.iters:.2f}, autoseg/nnU-Net {ours['epoch_s'] / theirs['epoch_s']:.2f}")
     print(f"ratio nnU-Net/autoseg train command wall time: {theirs['train_s'] / ours['train_s']:.2f}x")
     print(f"ratio nnU-Net/autoseg peak RSS: {theirs['rss_mb'] / ours['rss_mb']:.2f}x")
     print(f"Dice difference autoseg - nnU-Net at equal iterations: {ours['dice'] - theirs['dice']:+.4f}")

@@ -348,10 +348,9 @@ class DeviceFeeder:
     ``transform`` there (e.g. a :class:`~autoseg.training.batch_augment.BatchAugmenter`), while the main thread
     trains on the previous one. An error of the stream or the transform is raised by ``next`` in order. The thread
     starts at the first ``next`` (so it inherits that thread's signal mask) and :meth:`close` ends it and closes
-    ``stream``.
+    ``stream``. A stream without worker processes (``workers == 0``) is read in the calling thread: its transforms
+    seed numpy's global generator, which two threads cannot share.
     """
-
-    _DONE = object()
 
     def __init__(self, stream: Any, device: Any, *, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  ahead: int = 2) -> None:
@@ -364,12 +363,15 @@ class DeviceFeeder:
     def __iter__(self) -> DeviceFeeder:
         return self
 
-    def _fill(self, queue: Any, stop: Any) -> None:
+    def _make(self) -> dict[str, Any]:
         pin = getattr(self.device, "type", str(self.device)) == "cuda"
+        batch = {k: _to_device(v, self.device, pin) for k, v in next(self.stream).items()}
+        return self.transform(batch) if self.transform is not None else batch
+
+    def _fill(self, queue: Any, stop: Any) -> None:
         while not stop.is_set():
             try:
-                batch = {k: _to_device(v, self.device, pin) for k, v in next(self.stream).items()}
-                item: Any = self.transform(batch) if self.transform is not None else batch
+                item: Any = self._make()
             except BaseException as err:  # noqa: BLE001 - handed to the main thread
                 item = err
             while not stop.is_set():
@@ -385,6 +387,8 @@ class DeviceFeeder:
         import queue as queue_mod
         import threading
 
+        if getattr(self.stream, "workers", 1) == 0:
+            return self._make()  # batches built in this process seed numpy's global generator: never two at once
         if self._thread is None:
             self._queue, self._stop = queue_mod.Queue(maxsize=self.ahead), threading.Event()
             self._thread = threading.Thread(target=self._fill, args=(self._queue, self._stop), daemon=True,
