@@ -15,7 +15,8 @@ Phases, each adding to DIR/results.json and DIR/results.md as soon as it ends:
 5. ``nnunet``: nnU-Net v2's iterations/s at its own plan of the same data (12 augmentation workers, compiled), from
    its training log (epoch time / iterations, first epoch left out).
 
-``--tiny`` (a CPU dry run) uses 4 cases of 24^3, a 16^3 patch, batch 2 and a few steps; the race 10 cases of
+``--tiny`` (a CPU dry run) uses 4 cases of 24^3, the ``cpu`` preset's smaller U-Net, a 16^3 patch, batch 2 and
+one timed step; the race 10 cases of
 128^3 per dataset, 20 warm-up and 60 timed steps per autoseg measurement, 3 nnU-Net epochs of 40 iterations.
 """
 
@@ -94,7 +95,7 @@ def _data(args: argparse.Namespace) -> dict:
         sets = [f"3d_fullres.patch_size={','.join([str(args.patch)] * 3)}", "3d_fullres.batch_size=2"] \
             if args.tiny else []
         wd = args.out / f"autoseg_{name}"
-        plan(root, workdir=wd, preset="default", progress=False, overrides=sets or None)
+        plan(root, workdir=wd, preset="cpu" if args.tiny else "default", progress=False, overrides=sets or None)
         preprocess(root, ["3d_fullres"], workdir=wd, progress=False)
         out[name] = {"raw": str(root), "nnunet": _nnunet_prepare(args, root, 990 + len(out)) if args.nnunet_python
                      else "skipped (no --nnunet-python)"}
@@ -227,7 +228,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     tiny = args.tiny
     args.cases, args.shape, args.patch = (4, 24, 16) if tiny else (10, 128, 0)
-    args.warmup, args.steps = (1, 2) if tiny else (20, 60)
+    args.warmup, args.steps = (1, 1) if tiny else (20, 60)
     args.workers = 0 if tiny else min(12, max(1, (os.cpu_count() or 2) - 2))
     args.nnunet_workers = 2 if tiny else 12
     args.nnunet_epochs, args.nnunet_iters = (2, 2) if tiny else (3, 40)
