@@ -12,6 +12,7 @@ from batchgenerators.transforms.color_transforms import (
     ContrastAugmentationTransform,
     GammaTransform,
 )
+from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
 from scipy.ndimage import map_coordinates
 
 from autoseg.errors import TrainingConfigError
@@ -52,7 +53,8 @@ def _crop(x, patch):
 
 
 def test_intensity_steps_match_batchgenerators_exactly():
-    """With p 1 and a one-point range, brightness, contrast, gamma and inverted gamma equal batchgenerators'."""
+    """With p 1 and a one-point range, brightness, contrast, gamma, inverted gamma, blur and low resolution equal
+    today's pipeline's."""
     patch = (12, 12, 12)
     cases = [(dict(p_brightness=1.0, brightness_range=(1.2, 1.2)),
               BrightnessMultiplicativeTransform((1.2, 1.2), per_channel=True, p_per_sample=1.0)),
@@ -63,7 +65,10 @@ def test_intensity_steps_match_batchgenerators_exactly():
              (dict(p_inverted_gamma=1.0, gamma_range=(1.25, 1.25)),
               GammaTransform((1.25, 1.25), invert_image=True, per_channel=True, retain_stats=True, p_per_sample=1.0)),
              (dict(p_blur=1.0, p_blur_per_channel=1.0, blur_sigma=(0.7, 0.7)),
-              GaussianBlur((0.7, 0.7), p_per_sample=1.0, p_per_channel=1.0, skip_first_axis=False))]
+              GaussianBlur((0.7, 0.7), p_per_sample=1.0, p_per_channel=1.0, skip_first_axis=False)),
+             (dict(p_low_res=1.0, p_low_res_per_channel=1.0, low_res_zoom=(0.5, 0.5)),
+              SimulateLowResolutionTransform(zoom_range=(0.5, 0.5), per_channel=True, p_per_channel=1.0,
+                                             order_downsample=0, order_upsample=1, p_per_sample=1.0))]
     for kw, old in cases:
         params, aug = _augmenter(patch, _preset(**kw))
         batch = _batch(params.initial_patch_size)
@@ -73,6 +78,13 @@ def test_intensity_steps_match_batchgenerators_exactly():
         got = aug(batch)["data"].numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=str(kw))
         assert not np.allclose(got, cropped), kw
+
+
+def test_noise_has_the_drawn_strength():
+    params, aug = _augmenter((16, 16, 16), _preset(p_noise=1.0, noise_std=(0.2, 0.2)))
+    batch = _batch(params.initial_patch_size)
+    added = aug(batch)["data"] - _crop(batch["data"], (16, 16, 16))
+    assert abs(float(added.std()) - 0.2) < 0.01 and abs(float(added.mean())) < 0.01
 
 
 def test_targets_regions_and_deep_supervision_match_the_cpu_pipeline_exactly():
