@@ -122,7 +122,7 @@ def _read_channels(case: CaseFiles, spec: DatasetSpec, probs: list[Problem]) -> 
     convention for RGB PNGs).
     """
     cid, n = case.case_id, spec.n_channels
-    exists = [p.is_file() for p in case.images]
+    exists = [p.exists() for p in case.images]  # a file, or a DICOM series folder
     loaded: list[_Loaded] = []
     packed = False
     for i, (p, present) in enumerate(zip(case.images, exists, strict=True)):
@@ -177,9 +177,10 @@ def _hash_files(paths: Sequence[Path]) -> str:
     compressed) file is about 3x faster than hashing the decoded voxels (measured on float32 NIfTI)."""
     h = hashlib.sha1()
     for path in paths:
-        with path.open("rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
+        for file in sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]:  # DICOM: every slice
+            with file.open("rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
         h.update(b"\0")
     return h.hexdigest()
 
@@ -254,7 +255,7 @@ def check_case(case: CaseFiles, spec: DatasetSpec, *, keep_arrays: bool = False,
     """
     cid = case.case_id
     probs: list[Problem] = []
-    if not any(p.is_file() for p in case.images) and (case.label is None or not case.label.is_file()):
+    if not any(p.exists() for p in case.images) and (case.label is None or not case.label.is_file()):
         names = ", ".join(p.name for p in case.images + ((case.label,) if case.label else ()))
         probs.append(error("missing_case", cid, case.images[0] if case.images else case.label,
                            f"none of the case's files exists ({names})",
