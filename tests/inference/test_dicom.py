@@ -43,14 +43,12 @@ def test_dicom_route_predicts_like_nifti_and_writes_a_dicom_seg_that_round_trips
 
     ds, wd, plans = trained
     dcm, nii = tmp_path / "dcm", tmp_path / "nii"
-    for i, cid in enumerate(("test_000", "test_001")):
-        _series_and_nifti(ds.root / "imagesTs", cid, dcm, nii, seed=i)
+    _series_and_nifti(ds.root / "imagesTs", "test_000", dcm, nii, seed=0)
     _predict(capsys, "-i", nii, "-o", tmp_path / "from_nii", "--workdir", wd, "--save-probabilities", "npz", "nifti")
     out = _predict(capsys, "-i", dcm, "-o", tmp_path / "from_dcm", "--workdir", wd, "--output-format", "dicom-seg")
-    assert "2 case(s) predicted" in out
-    for cid in ("test_000", "test_001"):
-        a, b = read_label(tmp_path / "from_nii" / f"{cid}.nii.gz"), read_label(tmp_path / "from_dcm" / f"{cid}.nii.gz")
-        assert np.array_equal(a.array, b.array) and a.geometry == b.geometry
+    assert "1 case(s) predicted" in out
+    a, b = read_label(tmp_path / "from_nii" / "test_000.nii.gz"), read_label(tmp_path / "from_dcm" / "test_000.nii.gz")
+    assert np.array_equal(a.array, b.array) and a.geometry == b.geometry and (a.array > 0).any()
     pred = read_label(tmp_path / "from_dcm" / "test_000.nii.gz").array
     source = [pydicom.dcmread(f) for f in series_files(dcm / "test_000_0000")]
     seg = hd.seg.segread(tmp_path / "from_dcm" / "test_000.dcm")
