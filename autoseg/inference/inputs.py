@@ -224,13 +224,20 @@ def _stem_ending(path: Path) -> tuple[str, str]:
     return path.name[: -len(ending)], ending
 
 
+def _holds_series(folder: Path) -> bool:
+    """Whether a folder looks like a DICOM series: it holds files and none of an image type autoseg reads (a folder
+    of NIfTI files, e.g. earlier predictions, is not taken for a case)."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and not any(file_ending(p) in SUPPORTED_ENDINGS for p in files)
+
+
 def _folder_entries(folder: Path, channel_names: Sequence[str]) -> list[Path]:
     """The image files and DICOM series folders in ``folder``; the folder itself when it is one DICOM series."""
     entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")
-               and (p.is_dir() or (p.is_file() and file_ending(p) in SUPPORTED_ENDINGS))]
+               and (_holds_series(p) if p.is_dir() else p.is_file() and file_ending(p) in SUPPORTED_ENDINGS)]
     if entries:
         return entries
-    if any(p.is_file() for p in folder.iterdir()):  # files of no image type: one DICOM series (read_image judges)
+    if _holds_series(folder):  # the folder itself is one series (read_image judges whether it is DICOM)
         return [folder]
     raise PredictionInputError(
         f"{folder}: no image files ({', '.join(SUPPORTED_ENDINGS)}) or DICOM series folders in this folder. Put the "

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import DatasetError
+from autoseg.errors import DatasetError, DicomSeriesError
 from autoseg.io.check_report import CheckReport, Problem, error, warning
 from autoseg.io.check_values import check_dataset_level, check_label_values, label_names, nifti_nonfinite
 from autoseg.io.dataset import CaseFiles, Dataset, DatasetSpec, load_dataset, read_dataset_json
@@ -83,13 +83,22 @@ def _read_error(exc: Exception | str, path: Path) -> str:
     return text[len(str(path)) + 2:] if text.startswith(f"{path}: ") else text
 
 
+def _unreadable(case_id: str, path: Path, exc: Exception) -> Problem:
+    """The problem of a file that cannot be read; a refused DICOM series carries its own fix."""
+    text = _read_error(exc, path)
+    if isinstance(exc, DicomSeriesError):
+        what, _, fix = text.partition(" Fix: ")
+        return error("dicom_series", case_id, path, what, fix or "see the message")
+    return error("unreadable", case_id, path, text, _REEXPORT)
+
+
 def _header(case_id: str, path: Path, probs: list[Problem]) -> ImageHeader | None:
     try:
         hdr = read_header(path)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to parse a file makes it unreadable
-        probs.append(error("unreadable", case_id, path, _read_error(exc, path), _REEXPORT))
+        probs.append(_unreadable(case_id, path, exc))
         return None
     if not spacing_is_valid(hdr.geometry.spacing):
         probs.append(error("spacing", case_id, path, f"invalid voxel spacing {hdr.geometry.spacing} in the header; "
@@ -110,7 +119,7 @@ def _voxels(case_id: str, path: Path, probs: list[Problem], *, label: bool) -> _
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt files fail in many ways
-        probs.append(error("unreadable", case_id, path, _read_error(exc, path), _REEXPORT))
+        probs.append(_unreadable(case_id, path, exc))
         return None
     return _Loaded(path, img.array, img.geometry)
 

@@ -13,6 +13,7 @@ from autoseg.cli import main as cli
 from autoseg.data.dicom import slice_positions, write_dicom_series
 from autoseg.errors import DicomSeriesError
 from autoseg.inference.export import LabelLayout, export_segmentation, write_probability_images
+from autoseg.io.check import check_dataset
 from autoseg.io.dataset import load_dataset
 from autoseg.io.dicom import series_files
 from autoseg.io.image import Geometry, read_header, read_image, read_label, write_image
@@ -95,6 +96,16 @@ def test_dataset_with_series_folders_checks_and_dicom_seg_refuses_file_inputs(tr
     code = cli(["-q", "check", str(root)])
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
+    img = read_image(case.images[0])
+    tilted = slice_positions(img.geometry, img.array.shape[1]) + np.outer(np.arange(img.array.shape[1]), [0.2, 0, 0])
+    for k in (0, 1):
+        write_dicom_series(root / "imagesTr" / f"tilted_{k:04d}", np.round(img.array[0]).astype(np.int16),
+                           img.geometry, positions=tilted, seed=7, description=f"ch{k}")
+    (root / "labelsTr" / "tilted.nii.gz").write_bytes(case.label.read_bytes())
+    (root / "dataset.json").write_text(json.dumps({**spec, "numTraining": 2}))
+    errors = check_dataset(root, progress=False).errors
+    assert [(e.kind, e.case_id) for e in errors] == [("dicom_series", "tilted")] * 2
+    assert "gantry tilt of" in errors[0].message and "dcm2niix" in errors[0].fix
     code = cli(["-q", "predict", "-i", str(ds.root / "imagesTs"), "-o", str(tmp_path / "o"), "--workdir", str(wd),
                 "--output-format", "dicom-seg"])
     err = capsys.readouterr().err
