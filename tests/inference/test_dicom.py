@@ -207,3 +207,21 @@ def test_probability_images_hold_one_float32_volume_at_a_time(tmp_path, n_output
         tracemalloc.stop()
     one_volume = 4 * int(np.prod(shape))
     assert one_volume <= peak < 1.5 * one_volume
+
+
+def test_predict_inputs_name_series_folders_as_cases_or_channels(tmp_path):
+    from autoseg.inference.inputs import collect_cases
+
+    arr, geometry = np.zeros((3, 4, 5), np.int16), Geometry.identity(3)
+    for name in ("scanA_0000", "scanA_0001", "scanB_0000", "scanB_0001"):
+        write_dicom_series(tmp_path / "study" / name, arr, geometry, description=name)
+    write_image(tmp_path / "study" / "old_predictions" / "scanA.nii.gz", arr, geometry)  # not a series: ignored
+    cases = collect_cases([tmp_path / "study"], ["T1", "T2"])
+    assert [(c.case_id, c.ending, [p.name for p in c.images]) for c in cases] == [
+        ("scanA", ".nii.gz", ["scanA_0000", "scanA_0001"]), ("scanB", ".nii.gz", ["scanB_0000", "scanB_0001"])]
+    for name in ("t2", "t1"):
+        write_dicom_series(tmp_path / name, arr, geometry, description=name)
+    pair = collect_cases([tmp_path / "t1", tmp_path / "t2"], ["T1", "T2"])  # unsuffixed: channels in order given
+    assert [(c.case_id, c.images) for c in pair] == [("t1", (tmp_path / "t1", tmp_path / "t2"))]
+    one = collect_cases([tmp_path / "study" / "scanA_0000"], ["CT"])
+    assert [(c.case_id, c.images) for c in one] == [("scanA", (tmp_path / "study" / "scanA_0000",))]
