@@ -9,6 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from autoseg.api import plan
 from autoseg.cli import main as cli
 from autoseg.data.dicom import slice_positions, write_dicom_series
 from autoseg.errors import DicomSeriesError
@@ -96,6 +97,8 @@ def test_dataset_with_series_folders_checks_and_dicom_seg_refuses_file_inputs(tr
     code = cli(["-q", "check", str(root)])
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
+    plans = plan(root, workdir=tmp_path / "work", preset="cpu", progress=False)  # fingerprint and plans from DICOM
+    assert plans.configurations["3d_fullres"].spacing == trained[2].configurations["3d_fullres"].spacing
     img = read_image(case.images[0])
     tilted = slice_positions(img.geometry, img.array.shape[1]) + np.outer(np.arange(img.array.shape[1]), [0.2, 0, 0])
     for k in (0, 1):
