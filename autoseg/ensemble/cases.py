@@ -245,8 +245,10 @@ class _Stages:
                                        probabilities_dir=target.parent / PROBABILITIES_DIR
                                        if self.extras.probability_names else None)
         if self.extras.dicom_seg is not None:  # the first present channel's series gave the geometry
-            write_dicom_seg(dicom_seg_path(target), seg, case.images[0], segments_from_labels(self.model.plans.labels),
-                            self.extras.dicom_seg)
+            mapping = self.model.label_map or {}  # segments carry the values written (after --map-labels)
+            segments = [(name, tuple(mapping.get(v, v) for v in values))
+                        for name, values in segments_from_labels(self.model.plans.labels)]
+            write_dicom_seg(dicom_seg_path(target), seg, case.images[0], segments, self.extras.dicom_seg)
         if self.derived is not None:
             self.derived.write(target, seg, props[0].geometry, self.bodies.pop(case.case_id, None))
         if self.uncertainty or self.drift_check is not None:
