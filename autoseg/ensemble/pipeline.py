@@ -29,8 +29,9 @@ from autoseg.inference.inputs import InputCase, check_cases, check_channel_names
 from autoseg.inference.predictor import Predictor
 from autoseg.inference.settings import InferenceSettings
 from autoseg.io.atomic import ensure_writable
+from autoseg.io.dicom import is_series_path
 from autoseg.io.dicom_seg import Algorithm
-from autoseg.io.image import SUPPORTED_ENDINGS, file_ending, is_series_folder
+from autoseg.io.image import SUPPORTED_ENDINGS, file_ending
 from autoseg.io.model_folder import FINAL, fold_folder, is_bundle, require_intact, sha256, trained_configurations
 
 PostprocessingChoice = bool | str | os.PathLike[str] | PostprocessingRules | None
@@ -161,7 +162,7 @@ def _extras(wd: Path, model: ModelEnsemble, settings: InferenceSettings, cases: 
     names = tuple(output_names(model.plans.labels, model.layout)) if settings.probability_images else ()
     if settings.output_format != "dicom-seg":
         return Extras(names)
-    other = [c.case_id for c in cases if not is_series_folder(c.images[0])]
+    other = [c.case_id for c in cases if not is_series_path(c.images[0])]
     if other:
         listed = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
         raise PredictionInputError(f"--output-format dicom-seg needs DICOM series inputs, but case(s) {listed} are "

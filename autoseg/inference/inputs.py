@@ -1,8 +1,9 @@
 """Find and check the images to predict, before any prediction starts.
 
 Input is a folder in the nnU-Net layout (``{CASE}_{XXXX}{ending}``, one file per channel; a channel may be a
-DICOM series folder ``{CASE}_{XXXX}/``, and its case's output is NIfTI), one DICOM series folder, or a list of
-files and series folders. Files without a channel suffix are accepted as whole cases when the model takes one channel, and a
+DICOM series folder ``{CASE}_{XXXX}/``, and its case's output is NIfTI), one DICOM series folder (holding several
+series: one case per series, named by its SeriesInstanceUID), or a list of files and series folders (a series of a
+folder holding several is named ``FOLDER/<SeriesInstanceUID>``). Files without a channel suffix are accepted as whole cases when the model takes one channel, and a
 list of exactly as many unsuffixed files as the model has channels is taken as the channels of one case, in
 order. Channels that were not acquired are named with ``missing``: their files are not needed, and
 :meth:`InputCase.read` zero-fills them (preprocessing blanks them after normalisation). Every header is read up front, so a missing channel, an unreadable file, channels that do not line up
@@ -23,6 +24,7 @@ import numpy as np
 
 from autoseg.errors import AutosegError, ImageReadError, PredictionInputError
 from autoseg.io.dataset import CHANNEL_RE, CaseFiles, read_dataset_json
+from autoseg.io.dicom import is_series_path, series_uids
 from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, compact_dtype, file_ending, read_header, read_image
 
 #: problems listed in one error message before "and N more"
@@ -191,14 +193,14 @@ def collect_cases(inputs: Sequence[str | os.PathLike[str]], channel_names: Seque
     paths = [Path(p) for p in inputs]
     if not paths:
         raise PredictionInputError("no input given; pass a folder of images or image files with -i.")
-    missing = [str(p) for p in paths if not p.exists()]
+    missing = [str(p) for p in paths if not p.exists() and not is_series_path(p)]
     if missing:
         raise PredictionInputError(f"input not found: {', '.join(missing)}. Check the path(s).")
     if len(paths) == 1 and paths[0].is_dir():
         files = _folder_entries(paths[0], channel_names)
     else:
         files = paths
-        bad = [str(p) for p in files if not p.is_dir() and file_ending(p) not in SUPPORTED_ENDINGS]
+        bad = [str(p) for p in files if not is_series_path(p) and file_ending(p) not in SUPPORTED_ENDINGS]
         if bad:
             raise PredictionInputError(f"{', '.join(bad)}: not a supported image type. Supported: "
                                        f"{', '.join(SUPPORTED_ENDINGS)}, or a DICOM series folder.")
@@ -217,8 +219,9 @@ SERIES_OUTPUT_ENDING = ".nii.gz"
 
 
 def _stem_ending(path: Path) -> tuple[str, str]:
-    """A file's name without its ending, and the ending; a DICOM series folder's name, and the output ending."""
-    if path.is_dir():
+    """A file's name without its ending, and the ending; a DICOM series folder's name (or chosen series' UID), and the
+    output ending."""
+    if is_series_path(path):
         return path.name, SERIES_OUTPUT_ENDING
     ending = file_ending(path)
     return path.name[: -len(ending)], ending
@@ -237,8 +240,9 @@ def _folder_entries(folder: Path, channel_names: Sequence[str]) -> list[Path]:
                and (_holds_series(p) if p.is_dir() else p.is_file() and file_ending(p) in SUPPORTED_ENDINGS)]
     if entries:
         return entries
-    if _holds_series(folder):  # the folder itself is one series (read_image judges whether it is DICOM)
-        return [folder]
+    if _holds_series(folder):  # the folder itself is a series (read_image judges whether it is DICOM); several: a case each
+        uids = series_uids(folder)
+        return [folder / uid for uid in uids] if len(uids) > 1 else [folder]
     raise PredictionInputError(
         f"{folder}: no image files ({', '.join(SUPPORTED_ENDINGS)}) or DICOM series folders in this folder. Put the "
         f"cases here as CASE_0000.nii.gz ... (one file or series folder per channel: {_channels_text(channel_names)}).")

@@ -7,14 +7,16 @@ are checked: a series that is not one regular grid (gantry tilt, missing or unev
 different orientations, two slices at one position) is refused with one line naming the folder, the slices
 and the fix, instead of being read onto a grid that misplaces its voxels.
 
-A folder holding several series is read only when the series is chosen (``series_uid``); otherwise it is
-refused with the series it holds listed.
+A folder holding several series is read only when the series is chosen by its SeriesInstanceUID: as the path
+``FOLDER/<SeriesInstanceUID>`` (a path that does not exist on disk, inside the folder) or with ``series_uid``;
+otherwise it is refused with the series it holds listed.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,31 @@ TILT_TOL_DEG = 0.01
 MAX_NAMED = 3
 RESAMPLE_FIX = ("resample the series to a regular grid and give that file instead (e.g. dcm2niix -z y, or a "
                 "scanner re-export)")
+
+
+#: a DICOM UID: digits in dot-separated groups
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+
+
+def split_series_path(path: str | os.PathLike[str]) -> tuple[Path, str | None] | None:
+    """``(folder, None)`` for a folder, ``(folder, uid)`` for ``FOLDER/<SeriesInstanceUID>`` (not on disk, inside an
+    existing folder), else None (not a series path)."""
+    path = Path(path)
+    if path.is_dir():
+        return path, None
+    if UID_RE.match(path.name) and not path.exists() and path.parent.is_dir():
+        return path.parent, path.name
+    return None
+
+
+def is_series_path(path: str | os.PathLike[str]) -> bool:
+    """True for a DICOM series folder, or ``FOLDER/<SeriesInstanceUID>`` choosing one series of a folder."""
+    return split_series_path(path) is not None
+
+
+def series_uids(folder: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The SeriesInstanceUIDs of the DICOM files directly in ``folder`` (GDCM's order)."""
+    return _series_uids(Path(folder))
 
 
 @dataclass(frozen=True)
@@ -84,8 +111,9 @@ def choose_series(folder: str | os.PathLike[str], series_uid: str | None = None)
         return series_uid
     if len(uids) > 1:
         listed = "; ".join(_describe(folder, u) for u in uids)
-        raise DicomSeriesError(f"{folder}: {len(uids)} DICOM series in one folder ({listed}). Move each series into "
-                               "its own folder (one series per channel: CASE_0000/, CASE_0001/, ...).")
+        raise DicomSeriesError(f"{folder}: {len(uids)} DICOM series in one folder ({listed}). Choose one as "
+                               f"{folder}/<SeriesInstanceUID>, or move each series into its own folder (one series per "
+                               "channel: CASE_0000/, CASE_0001/, ...).")
     return uids[0]
 
 
@@ -169,14 +197,15 @@ def _check_steps(folder: Path, files: tuple[str, ...], positions: np.ndarray) ->
 
 
 def inspect_series(folder: str | os.PathLike[str], series_uid: str | None = None) -> SeriesInfo:
-    """Find, sort and check a series from its slice headers (no voxels are read).
+    """Find, sort and check a series from its slice headers (no voxels are read). ``folder`` may be
+    ``FOLDER/<SeriesInstanceUID>``.
 
     Raises:
         DicomSeriesError: no series, several and none chosen, gantry tilt, missing or unevenly spaced slices,
             repeated positions or mixed orientations (one line naming the folder, the slices and the fix).
     """
-    folder = Path(folder)
-    uid = choose_series(folder, series_uid)
+    folder, chosen = split_series_path(folder) or (Path(folder), None)
+    uid = choose_series(folder, series_uid or chosen)
     files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
     readers = [_slice_reader(f) for f in files]
     first = readers[0]

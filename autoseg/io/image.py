@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from autoseg.errors import ImageReadError, ImageWriteError, describe_os_error
 from autoseg.io.atomic import atomic_path
-from autoseg.io.dicom import inspect_series, read_series
+from autoseg.io.dicom import inspect_series, is_series_path, read_series, split_series_path
 from autoseg.io.nifti_length import nifti_lengths
 
 #: File endings autoseg reads and writes, longest first so that ``.nii.gz`` wins over ``.gz``.
@@ -123,17 +123,13 @@ def file_ending(path: str | os.PathLike[str]) -> str:
     return Path(name).suffix
 
 
-def is_series_folder(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is a folder, read as a DICOM series."""
-    return Path(path).is_dir()
-
-
 def image_stamp(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     """``(bytes, latest modification ns)`` of an image file or of a DICOM series folder's files; None when absent
     (for telling whether an input changed)."""
     path = Path(path)
-    if path.is_dir():
-        stats = [p.stat() for p in path.iterdir() if p.is_file()]
+    if is_series_path(path):
+        folder = (split_series_path(path) or (path, None))[0]
+        stats = [p.stat() for p in folder.iterdir() if p.is_file()]
         return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=-1)
     if not path.exists():
         return None
@@ -142,7 +138,7 @@ def image_stamp(path: str | os.PathLike[str]) -> tuple[int, int] | None:
 
 
 def _check_readable(path: Path) -> None:
-    if path.is_dir():
+    if is_series_path(path):
         return
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found. Check the path and the dataset's file_ending.")
@@ -155,7 +151,7 @@ def _check_readable(path: Path) -> None:
 
 
 def _sitk_read(path: Path) -> sitk.Image:
-    if is_series_folder(path):
+    if is_series_path(path):
         return read_series(path)
     _check_readable(path)
     if file_ending(path) in (".nii", ".nii.gz"):
@@ -187,7 +183,7 @@ def read_header(path: str | os.PathLike[str]) -> ImageHeader:
         ImageReadError: the file is missing, empty, of an unsupported type or unreadable.
     """
     path = Path(path)
-    if is_series_folder(path):
+    if is_series_path(path):
         info = inspect_series(path)
         return ImageHeader(path=path, geometry=Geometry(info.spacing, info.origin, info.direction),
                            shape=tuple(int(s) for s in reversed(info.size)), n_components=info.n_components,

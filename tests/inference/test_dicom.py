@@ -145,7 +145,7 @@ def _broken(tmp_path, kind):
     ("gapped", ["slice(s) missing", "slice_0002.dcm -> slice_0003.dcm (5 mm)", "2.5 mm", "Fix:"]),
     ("uneven", ["unevenly spaced", "slice_0002.dcm -> slice_0003.dcm (3.3 mm)", "Fix:"]),
     ("mixed", ["different orientations", "slice_0002.dcm", "Fix:"]),
-    ("two_series", ["2 DICOM series in one folder", "Move each series into its own folder"]),
+    ("two_series", ["2 DICOM series in one folder", "/<SeriesInstanceUID>", "its own folder"]),
 ])
 def test_broken_series_are_refused_with_one_line(tmp_path, kind, words):
     folder, _, _ = _broken(tmp_path, kind)
@@ -228,3 +228,19 @@ def test_predict_inputs_name_series_folders_as_cases_or_channels(tmp_path):
     assert [(c.case_id, c.images) for c in pair] == [("t1", (tmp_path / "t1", tmp_path / "t2"))]
     one = collect_cases([tmp_path / "study" / "scanA_0000"], ["CT"])
     assert [(c.case_id, c.images) for c in one] == [("scanA", (tmp_path / "study" / "scanA_0000",))]
+
+
+def test_a_series_of_a_folder_holding_several_is_chosen_by_its_uid(tmp_path):
+    from autoseg.inference.inputs import collect_cases
+    from autoseg.io.dicom import series_uids
+
+    folder, arr, geometry = _broken(tmp_path, "two_series")
+    uids = series_uids(folder)
+    assert len(uids) == 2
+    for uid in uids:
+        img = read_image(folder / uid, dtype=None)
+        assert np.array_equal(img.array[0], arr) and img.geometry == geometry == read_header(folder / uid).geometry
+    cases = collect_cases([folder], ["CT"])  # one case per series, named by its UID
+    assert sorted((c.case_id, c.images) for c in cases) == sorted((u, (folder / u,)) for u in uids)
+    with pytest.raises(DicomSeriesError, match="no series with SeriesInstanceUID 1.2.3"):
+        read_header(folder / "1.2.3")
