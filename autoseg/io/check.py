@@ -31,6 +31,7 @@ from autoseg.errors import DatasetError, DicomSeriesError
 from autoseg.io.check_report import CheckReport, Problem, error, warning
 from autoseg.io.check_values import check_dataset_level, check_label_values, label_names, nifti_nonfinite
 from autoseg.io.dataset import CaseFiles, Dataset, DatasetSpec, load_dataset, read_dataset_json
+from autoseg.io.dicom import is_series_path
 from autoseg.io.image import (
     Geometry,
     ImageHeader,
@@ -131,7 +132,7 @@ def _read_channels(case: CaseFiles, spec: DatasetSpec, probs: list[Problem]) -> 
     convention for RGB PNGs).
     """
     cid, n = case.case_id, spec.n_channels
-    exists = [p.exists() for p in case.images]  # a file, or a DICOM series folder
+    exists = [p.exists() or is_series_path(p) for p in case.images]  # a file, or a DICOM series (folder/UID)
     loaded: list[_Loaded] = []
     packed = False
     for i, (p, present) in enumerate(zip(case.images, exists, strict=True)):
@@ -264,7 +265,7 @@ def check_case(case: CaseFiles, spec: DatasetSpec, *, keep_arrays: bool = False,
     """
     cid = case.case_id
     probs: list[Problem] = []
-    if not any(p.exists() for p in case.images) and (case.label is None or not case.label.is_file()):
+    if not any(p.exists() or is_series_path(p) for p in case.images) and (case.label is None or not case.label.is_file()):
         names = ", ".join(p.name for p in case.images + ((case.label,) if case.label else ()))
         probs.append(error("missing_case", cid, case.images[0] if case.images else case.label,
                            f"none of the case's files exists ({names})",
