@@ -29,6 +29,11 @@ class ImageReadError(AutosegError, OSError):
     """An image file cannot be read (missing, truncated, unsupported)."""
 
 
+class DicomSeriesError(ImageReadError):
+    """A DICOM series folder cannot be read as one regular volume (gantry tilt, missing or unevenly spaced slices,
+    mixed orientations, several series and none chosen)."""
+
+
 class ImageWriteError(AutosegError, OSError):
     """An image file cannot be written."""
 

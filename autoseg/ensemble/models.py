@@ -22,9 +22,11 @@ from autoseg.inference.export import (
     LabelLayout,
     export_map,
     export_segmentation,
+    output_names,
     probabilities_path,
     probabilities_to_labels,
     save_probabilities_npz,
+    write_probability_images,
 )
 from autoseg.inference.predictor import Predictor
 from autoseg.inference.sliding_window import InferenceError
@@ -178,8 +180,10 @@ class ModelEnsemble:
 
     def write(self, path: str | os.PathLike[str], logits: Sequence[np.ndarray], props: Sequence[CaseProperties], *,
               save_probabilities: bool = False, outputs: Sequence[MemberOutputs] | None = None,
-              maps_dir: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, dict[str, float | None] | None]:
-        """Export and write one case (probabilities first, to ``<case>.npz``).
+              maps_dir: str | os.PathLike[str] | None = None, probabilities_dir: str | os.PathLike[str] | None = None
+              ) -> tuple[np.ndarray, dict[str, float | None] | None]:
+        """Export and write one case (probabilities first, to ``<case>.npz``; with ``probabilities_dir`` also one
+        float32 image per class or region there, see :func:`write_probability_images`).
 
         With ``outputs`` (from :meth:`member_outputs`) the uncertainty maps are also written, to
         ``maps_dir/<case>_entropy<ending>`` and ``<case>_disagreement<ending>`` (float32, the input's geometry;
@@ -189,9 +193,13 @@ class ModelEnsemble:
             The label map written, and the scores (None without ``outputs``).
         """
         path = Path(path)
-        seg, probs = self.export(logits, props, probabilities=save_probabilities or outputs is not None)
+        seg, probs = self.export(logits, props, probabilities=save_probabilities or outputs is not None
+                                 or probabilities_dir is not None)
         if probs is not None and save_probabilities:
             save_probabilities_npz(probabilities_path(path), probs, self.layout)
+        if probs is not None and probabilities_dir is not None:
+            write_probability_images(probabilities_dir, path, probs, output_names(self.plans.labels, self.layout),
+                                     props[0].geometry)
         scores = None
         if outputs is not None:
             assert probs is not None

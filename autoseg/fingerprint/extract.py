@@ -28,6 +28,7 @@ from autoseg.fingerprint.model import (
 )
 from autoseg.io.check import CaseCheck, CheckReport, assemble_report, check_case
 from autoseg.io.dataset import CaseFiles, Dataset, DatasetSpec
+from autoseg.io.image import image_stamp
 from autoseg.parallel import imap_ordered
 
 #: Foreground intensity samples kept over the whole dataset, per channel (bounds memory).
@@ -285,7 +286,7 @@ def dataset_signature(dataset: Dataset, *, times: bool = True) -> str:
         if c.label is not None:
             paths.append(c.label)
     for p in paths:
-        st = Path(p).stat() if Path(p).exists() else None
-        stamp = f"|{st.st_mtime_ns if st else -1}" if times else ""
-        h.update(f"{Path(p).name}|{st.st_size if st else -1}{stamp}\n".encode())
+        size, mtime = image_stamp(p) or (-1, -1)  # a file, or a DICOM series folder's files
+        stamp = f"|{mtime}" if times else ""
+        h.update(f"{Path(p).name}|{size}{stamp}\n".encode())
     return h.hexdigest()

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import DatasetError
+from autoseg.errors import DatasetError, DicomSeriesError
 from autoseg.io.check_report import CheckReport, Problem, error, warning
 from autoseg.io.check_values import check_dataset_level, check_label_values, label_names, nifti_nonfinite
 from autoseg.io.dataset import CaseFiles, Dataset, DatasetSpec, load_dataset, read_dataset_json
+from autoseg.io.dicom import is_series_path
 from autoseg.io.image import (
     Geometry,
     ImageHeader,
@@ -83,13 +84,22 @@ def _read_error(exc: Exception | str, path: Path) -> str:
     return text[len(str(path)) + 2:] if text.startswith(f"{path}: ") else text
 
 
+def _unreadable(case_id: str, path: Path, exc: Exception) -> Problem:
+    """The problem of a file that cannot be read; a refused DICOM series carries its own fix."""
+    text = _read_error(exc, path)
+    if isinstance(exc, DicomSeriesError):
+        what, _, fix = text.partition(" Fix: ")
+        return error("dicom_series", case_id, path, what, fix or "see the message")
+    return error("unreadable", case_id, path, text, _REEXPORT)
+
+
 def _header(case_id: str, path: Path, probs: list[Problem]) -> ImageHeader | None:
     try:
         hdr = read_header(path)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to parse a file makes it unreadable
-        probs.append(error("unreadable", case_id, path, _read_error(exc, path), _REEXPORT))
+        probs.append(_unreadable(case_id, path, exc))
         return None
     if not spacing_is_valid(hdr.geometry.spacing):
         probs.append(error("spacing", case_id, path, f"invalid voxel spacing {hdr.geometry.spacing} in the header; "
@@ -110,7 +120,7 @@ def _voxels(case_id: str, path: Path, probs: list[Problem], *, label: bool) -> _
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt files fail in many ways
-        probs.append(error("unreadable", case_id, path, _read_error(exc, path), _REEXPORT))
+        probs.append(_unreadable(case_id, path, exc))
         return None
     return _Loaded(path, img.array, img.geometry)
 
@@ -122,7 +132,7 @@ def _read_channels(case: CaseFiles, spec: DatasetSpec, probs: list[Problem]) -> 
     convention for RGB PNGs).
     """
     cid, n = case.case_id, spec.n_channels
-    exists = [p.is_file() for p in case.images]
+    exists = [p.exists() or is_series_path(p) for p in case.images]  # a file, or a DICOM series (folder/UID)
     loaded: list[_Loaded] = []
     packed = False
     for i, (p, present) in enumerate(zip(case.images, exists, strict=True)):
@@ -177,9 +187,10 @@ def _hash_files(paths: Sequence[Path]) -> str:
     compressed) file is about 3x faster than hashing the decoded voxels (measured on float32 NIfTI)."""
     h = hashlib.sha1()
     for path in paths:
-        with path.open("rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
+        for file in sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]:  # DICOM: every slice
+            with file.open("rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
         h.update(b"\0")
     return h.hexdigest()
 
@@ -254,7 +265,7 @@ def check_case(case: CaseFiles, spec: DatasetSpec, *, keep_arrays: bool = False,
     """
     cid = case.case_id
     probs: list[Problem] = []
-    if not any(p.is_file() for p in case.images) and (case.label is None or not case.label.is_file()):
+    if not any(p.exists() or is_series_path(p) for p in case.images) and (case.label is None or not case.label.is_file()):
         names = ", ".join(p.name for p in case.images + ((case.label,) if case.label else ()))
         probs.append(error("missing_case", cid, case.images[0] if case.images else case.label,
                            f"none of the case's files exists ({names})",
