@@ -76,7 +76,7 @@ def test_networks_without_last_features_are_refused_in_one_line(recipe):
 
 
 def test_the_error_map_round_trips_from_checkpoint_to_predict(planned_factory, tmp_path):
-    ds, wd, plans = planned_factory(tmp_path, n_test=1)
+    ds, wd, plans = planned_factory(tmp_path, n_test=1, shape=(16, 16, 16))  # one window per pass
     (res,) = train(ds, "3d_fullres", 0, workdir=wd, recipe=("network=unet:error_head=true",), epochs=1,
                    iters_per_epoch=2, val_iters=1, device="cpu", workers=0, progress=False)
     ckpt = load_checkpoint(res.folder / FINAL)
