@@ -51,7 +51,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                     help="float32 only (default: fp16 on CUDA, bf16 on CPUs with native bf16)")
     pr.add_argument("--overwrite", action="store_true", help="redo cases whose output exists (default: skip)")
     pr.add_argument("--uncertainty", action="store_true",
-                    help="also write entropy and disagreement maps (OUT/uncertainty/) and per-case quality scores; "
+                    help="also write entropy and disagreement maps (OUT/uncertainty/; and the error map of a model "
+                         "trained with network=...:error_head=true) and per-case quality scores; "
                          "cases below the threshold find-best learnt on CV are flagged in OUT/quality.csv")
     pr.add_argument("--missing", nargs="+", metavar="NAME", default=(),
                     help="channels that were not acquired (names from dataset.json, or indices): no files needed")

@@ -30,7 +30,13 @@ from autoseg.inference.export import (
 )
 from autoseg.inference.predictor import Predictor
 from autoseg.inference.sliding_window import InferenceError
-from autoseg.inference.uncertainty import MemberOutputs, combined_score, entropy_map, probability_scores
+from autoseg.inference.uncertainty import (
+    MemberOutputs,
+    combined_score,
+    entropy_map,
+    error_head_scores,
+    probability_scores,
+)
 from autoseg.io.image import Geometry, file_ending, label_dtype, write_image, write_label
 from autoseg.preprocessing.preprocess import PreprocessedArrays
 from autoseg.preprocessing.properties import CaseProperties
@@ -161,8 +167,9 @@ class ModelEnsemble:
             probs: the final averaged probabilities in file layout (from :meth:`export`).
 
         Returns:
-            Scores (``tta_agreement``, ``fold_agreement``, ``confidence``, ``expected_dice``; None where not
-            defined) and maps (``entropy``, and ``disagreement`` when there are at least two members).
+            Scores (``tta_agreement``, ``fold_agreement``, ``confidence``, ``expected_dice``, and with learned
+            error heads ``error_head`` and ``error_head_tta``; None where not defined) and maps (``entropy``,
+            ``disagreement`` when there are at least two members, ``error`` with error heads).
         """
         entropy = entropy_map(probs, self.layout)
         scores: dict[str, float | None] = dict(probability_scores(probs, self.layout, entropy))
@@ -176,6 +183,11 @@ class ModelEnsemble:
                  if o.disagreement is not None]
         if grids:
             maps["disagreement"] = sum(export_map(d, p, m.plans, m.config) for d, m, p in grids) / len(grids)
+        errors = [(o.error, m, p) for o, m, p in zip(outputs, self.members, props, strict=True) if o.error is not None]
+        if errors:
+            maps["error"] = sum(export_map(e, p, m.plans, m.config) for e, m, p in errors) / len(errors)
+            scores.update(error_head_scores(probabilities_to_labels(probs, self.layout), maps["error"],
+                                            scores["tta_agreement"]))
         return scores, maps
 
     def write(self, path: str | os.PathLike[str], logits: Sequence[np.ndarray], props: Sequence[CaseProperties], *,
@@ -186,8 +198,9 @@ class ModelEnsemble:
         float32 image per class or region there, see :func:`write_probability_images`).
 
         With ``outputs`` (from :meth:`member_outputs`) the uncertainty maps are also written, to
-        ``maps_dir/<case>_entropy<ending>`` and ``<case>_disagreement<ending>`` (float32, the input's geometry;
-        2D image formats get ``.tif``), and the case's scores are returned.
+        ``maps_dir/<case>_entropy<ending>``, ``<case>_disagreement<ending>`` and, with error heads,
+        ``<case>_error<ending>`` (float32, the input's geometry; 2D image formats get ``.tif``), and the case's
+        scores are returned.
 
         Returns:
             The label map written, and the scores (None without ``outputs``).

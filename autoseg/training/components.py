@@ -25,6 +25,7 @@ from autoseg.io.atomic import remove_stale_temporaries
 from autoseg.io.dataset import Dataset
 from autoseg.io.model_folder import FINAL, LATEST, fold_folder
 from autoseg.networks.checkpoint import CheckpointMeta
+from autoseg.networks.error_head import error_head_of
 from autoseg.networks.parts import UNetPart
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.planner.recipe import Recipe, parse_recipe
@@ -37,6 +38,7 @@ from autoseg.training.augmentation import (
 )
 from autoseg.training.cascade import cascade_input_folder, prepare_cascade_inputs
 from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
+from autoseg.training.error_head import ErrorHeadLoss
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.losses import DeepSupervisionLoss, build_loss
 from autoseg.training.parts import build_part, check_recipe_builds, resolve_recipe
@@ -158,6 +160,9 @@ def build_components(run: PreparedFold, plans: Plans, ignore_label: int | None, 
                       factory=build_part("loss", recipe.loss))
     if len(ds_scales) == 1:  # a 2-stage network (small images) still returns a list of one output
         loss = DeepSupervisionLoss(loss, [1.0])
+    if error_head_of(network) is not None:  # its term, added to the recipe's loss
+        loss = ErrorHeadLoss(loss, num_outputs=run.layout.num_outputs, regions=run.layout.regions is not None,
+                             ignore_label=ignore_label)
     if runtime.distributed:  # DDP needs a gradient for every head (the unused_weight above)
         from torch.nn.parallel import DistributedDataParallel
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from autoseg.errors import TrainingInterrupted
 from autoseg.networks.checkpoint import FINAL, LATEST, rng_state, save_checkpoint, set_rng_state
+from autoseg.networks.error_head import gradient_groups
 from autoseg.parallel import WorkerError
 from autoseg.training.metrics import pseudo_dice, tp_fp_fn
 from autoseg.training.optim import poly, poly_lr, sgd
@@ -82,6 +83,13 @@ def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, (list, tuple)):
         return [_to(v, device) for v in x]
     return x.to(device, non_blocking=True)
+
+
+def _clip_gradients(network: torch.nn.Module, max_norm: float) -> None:
+    """Clip the gradient norm of each group separately: an error head's gradients never rescale the
+    segmentation's (see :func:`autoseg.networks.error_head.gradient_groups`)."""
+    for group in gradient_groups(network):
+        torch.nn.utils.clip_grad_norm_(group, max_norm)
 
 
 def _first(x: Any) -> Any:
@@ -187,12 +195,12 @@ class TrainingLoop:
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+            _clip_gradients(self.network, self.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+            _clip_gradients(self.network, self.grad_clip)
             self.optimizer.step()
         return float(loss.detach())
 
