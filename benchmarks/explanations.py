@@ -41,7 +41,7 @@ def main() -> None:
         root = make_synthetic_dataset(base / "Dataset001_SyntheticBraTS", n_cases=args.cases, n_test=args.test,
                                       shape=(args.shape,) * 3, n_channels=4, kind="brats", regions=True, seed=0)
         wd = base / "work"
-        if not (wd / "models").is_dir():
+        if not (wd / "models" / "3d_fullres" / "fold_all" / "checkpoint_final.pt").is_file():
             plans = autoseg.plan(root, workdir=wd, preset="cpu", recipe=["network=attention_unet"], progress=False)
             small_3d_plans(plans).save(wd / "plans.json")
             t0 = time.perf_counter()
@@ -51,7 +51,8 @@ def main() -> None:
         methods = ["gradcam", "gradcam++", "occlusion", "attention"]
         t0 = time.perf_counter()
         result = autoseg.explain(wd, root / "imagesTs", output=base / "explain", labels=root / "labelsTs",
-                                 method=methods, evaluate=True, device="cpu", progress=False)
+                                 method=methods, evaluate=True, configuration="3d_fullres", device="cpu",
+                                 progress=False)
         print(result.evaluation.format_table())
         print(f"explain_and_evaluate_seconds: {time.perf_counter() - t0:.0f}")
         if args.figures is not None:

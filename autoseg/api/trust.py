@@ -262,15 +262,17 @@ def _explain_spatial(wd: Path, images: str | os.PathLike[str], out: Path, *, lab
     from autoseg.inference.predictor import Predictor
     from autoseg.inference.saliency import check_method, load_networks, resolve_layer
     from autoseg.io.image import file_ending
+    from autoseg.io.model_folder import configuration_folder, trained_folds
     from autoseg.preprocessing.preprocess import read_case
 
     name = configuration or _default_configuration(wd)
-    predictor = Predictor.from_workdir(wd, name, folds=folds, device=device, tta=False)
-    nets = load_networks(wd, name, predictor.folds)
+    wanted = [str(f) for f in folds] if folds else trained_folds(configuration_folder(wd, name))
+    nets = load_networks(wd, name, wanted)
     for m in methods:  # refuse before any work
         check_method(m, nets[0])
     if any(m.startswith("gradcam") for m in methods):
         resolve_layer(nets[0], layer)
+    predictor = Predictor.from_workdir(wd, name, folds=wanted, device=device, tta=False)
     tgts = targets(predictor)
     cases = collect_cases([images], predictor.plans.channel_names)[:max_cases]
     if progress:

@@ -260,6 +260,8 @@ def load_networks(workdir: str | os.PathLike[str], configuration: str, folds: Se
     model_dir = configuration_folder(Path(workdir), configuration)
     plans_path = model_dir / "plans.json" if (model_dir / "plans.json").is_file() else Path(workdir) / "plans.json"
     config = Plans.load(plans_path).configuration(configuration)
+    if not folds:
+        raise ModelNotFoundError(f"{model_dir}: no trained fold; train one with `autoseg train`.")
     nets = []
     for f in folds:
         path = model_dir / f"fold_{f}" / FINAL
