@@ -220,13 +220,13 @@ def saliency_maps(networks: Sequence[nn.Module], data: np.ndarray, masks: np.nda
     for net in networks:
         check_method(method, net)
     img, crop = _pad(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), patch)
-    mask, _ = _pad(torch.from_numpy(np.asarray(masks, dtype=np.float32)), patch)
+    mask, _ = _pad(torch.from_numpy(np.array(masks, dtype=np.float32)), patch)  # a copy: divided in place
     spatial = tuple(img.shape[1:])
     tiles = _tiles(spatial, patch, step_size, len(spatial) - len(patch))
     gauss = gaussian_importance_map(patch)
     sums = _window_sums(spatial, tiles, gauss)
     maps = torch.zeros((len(outputs), *spatial), dtype=torch.float32)
-    coef = mask / sums
+    coef = mask.div_(sums)  # in place: the target's weight per voxel, M / W
     for net in networks:
         net.to(device).eval()
         if method == "attention":
