@@ -2,7 +2,8 @@
 
 For each method of :mod:`autoseg.inference.saliency` and each class (or region) of the plans, the map made on
 the preprocessed grid is exported like an uncertainty map (resampled back, 0 outside the crop) and written with
-the input's spacing, origin and direction to ``OUT/maps/<case>_<method>_<class><ending>``; ``OUT/overlays/``
+the input's spacing, origin and direction to ``OUT/maps/<case>_<method>_<class><ending>`` (``gradcam++`` is
+spelled ``gradcampp`` in file names); ``OUT/overlays/``
 gets a PNG of the three axial slices (first array axis) with the most mass, the map over the first channel
 with the mask explained as a contour. With ``evaluate`` the maps and the two baselines of
 :mod:`autoseg.evaluation.explanation_scores` are scored on the preprocessed grid.
