@@ -139,7 +139,8 @@ class ExplanationEvaluation:
         return float(np.mean(vals)) if vals else math.nan
 
     def not_beating(self) -> dict[str, list[str]]:
-        """Per non-baseline method, the ``metric vs baseline`` comparisons it does not win (means over all)."""
+        """Per non-baseline method, the ``metric vs baseline`` comparisons it does not win (means over all; equal
+        to 3 decimals, the table's precision, is not a win)."""
         out: dict[str, list[str]] = {}
         for m in self.methods():
             if m in BASELINES:
@@ -149,7 +150,8 @@ class ExplanationEvaluation:
                 mine = self.mean(m, metric)
                 for b in BASELINES:
                     other = self.mean(b, metric)
-                    wins = mine < other if better == "lower" else mine > other
+                    mine_r, other_r = round(mine, 3), round(other, 3)  # a tie at the table's precision loses
+                    wins = mine_r < other_r if better == "lower" else mine_r > other_r
                     if not wins:
                         lost.append(f"{metric} vs {b}")
             out[m] = lost
