@@ -143,7 +143,8 @@ class Predictor:
             for net in self.networks:
                 out = predict_logits(net, data, patch_size=self.config.patch_size,
                                      num_outputs=self.layout.num_outputs, step_size=self.step_size,
-                                     mirror_axes=self.mirror_axes, device=self.device, amp=self.amp)
+                                     mirror_axes=self.mirror_axes, device=self.device, amp=self.amp,
+                                     rules=self.config.rules)
                 total = out if total is None else total.add_(out)
             if len(self.networks) > 1:
                 total /= len(self.networks)

@@ -236,7 +236,7 @@ def key_table(topo: UNetTopology) -> dict[str, str]:
 
 
 def _residual_block(table: dict[str, str], unit: Any, i: int, b: int, topo: UNetTopology, cin: int) -> None:
-    src, dst = f"encoder.stages.{i}.{b}", f"encoder.{i}.{b}"
+    src, dst = f"encoder.stages.{i}.blocks.{b}", f"encoder.{i}.{b}"
     unit(f"{src}.conv1", f"{dst}.unit")
     for p in ("weight", "bias"):
         table[f"{src}.conv2.conv.{p}"] = f"{dst}.conv.{p}"
@@ -356,7 +356,7 @@ class ImportReport:
     def summary(self) -> str:
         return (f"imported nnU-Net {self.configuration} ({'ResEnc' if self.block == 'residual' else 'plain'} U-Net), "
                 f"folds {', '.join(self.folds)}, mirror axes {self.mirror_axes or 'none'} -> {self.workdir}; "
-                f"predict with `autoseg predict --workdir {self.workdir} -c {self.configuration}`.")
+                f"next: autoseg predict -i IMAGES -o OUT --workdir {self.workdir} -c {self.configuration}")
 
 
 def import_nnunet(folder: str | os.PathLike[str], workdir: str | os.PathLike[str], *,
