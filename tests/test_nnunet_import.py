@@ -94,7 +94,7 @@ def test_import_writes_an_autoseg_work_folder(imported):
 
 
 def _edited_copy(tmp_path: Path, edit) -> Path:
-    root, folder = _unpack("3d_fullres", tmp_path)
+    _, folder = _unpack("3d_fullres", tmp_path)
     ck = folder / "fold_0" / "checkpoint_final.pth"
     state = torch.load(ck, map_location="cpu", weights_only=False)  # the fixture is our own file
     edit(state)
@@ -133,3 +133,23 @@ def test_refusals_are_one_line_and_run_nothing(tmp_path, case):
     assert {"batchnorm": "BatchNorm", "unknown": "attention.qkv", "malicious": "loaded safely"}[case] in message
     assert not marker.exists() and not (tmp_path / "work").exists()
     assert pickle.dumps  # the payload class itself is importable (the refusal is not an import error)
+
+
+def test_imported_folder_exports_verifies_and_fine_tunes(tmp_path, capsys):
+    """export + verify-bundle (the files against the manifest) and --init-from's loading work on an imported
+    folder (prediction: the tests above)."""
+    from autoseg.cli.app import main
+    from autoseg.networks.unet import UNet
+    from autoseg.planner.plans import Plans
+    from autoseg.training.transfer import load_matching_weights
+
+    _, folder = _unpack("3d_fullres", tmp_path)
+    work = tmp_path / "work"
+    assert main(["import-nnunet", str(folder), "--workdir", str(work)]) == 0
+    bundle = tmp_path / "bundle"
+    assert main(["-q", "export", "--workdir", str(work), "-o", str(bundle)]) == 0
+    assert main(["-q", "verify-bundle", str(bundle)]) == 0, capsys.readouterr()
+    config = Plans.load(work / "models" / "3d_fullres" / "plans.json").configuration("3d_fullres")
+    net = UNet(config.topology, in_channels=1, num_classes=3)
+    report = load_matching_weights(net, work, configuration="3d_fullres")
+    assert not report.to_json().get("skipped") and not report.to_json().get("missing"), report.to_json()

@@ -18,6 +18,7 @@ The result is a work folder like one ``autoseg train`` writes::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -397,6 +398,7 @@ def _write(model: NNUNetModel, plans: Plans, networks: dict[str, dict[str, torch
     target = configuration_folder(workdir, model.configuration)
     target.mkdir(parents=True, exist_ok=True)
     plans.save(target / "plans.json")
+    _merge_workdir_plans(workdir / "plans.json", plans)
     write_json_atomic(target / "dataset.json", model.dataset)
     write_json_atomic(target / PROVENANCE, provenance(model))
     for f, weights in networks.items():
@@ -406,6 +408,17 @@ def _write(model: NNUNetModel, plans: Plans, networks: dict[str, dict[str, torch
         folder.mkdir(parents=True, exist_ok=True)
         save_checkpoint(folder / FINAL, {"network": weights, **meta.to_json()})
     return ImportReport(workdir, model.configuration, model.folds, config.topology.block, mirror)
+
+
+def _merge_workdir_plans(path: Path, plans: Plans) -> None:
+    """The work folder's ``plans.json``: these plans, or an earlier import's with this configuration added."""
+    if path.is_file():
+        earlier = Plans.load(path)
+        if earlier.transpose_forward != plans.transpose_forward or earlier.labels != plans.labels:
+            raise ModelImportError(f"{path}: this work folder holds another dataset's model (other labels or axes); "
+                                   "import into a new --workdir.")
+        plans = dataclasses.replace(earlier, configurations={**earlier.configurations, **plans.configurations})
+    plans.save(path)
 
 
 def provenance(model: NNUNetModel) -> dict[str, Any]:
