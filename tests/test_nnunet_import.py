@@ -149,6 +149,7 @@ def test_imported_folder_exports_verifies_and_fine_tunes(tmp_path, capsys):
     bundle = tmp_path / "bundle"
     assert main(["-q", "export", "--workdir", str(work), "-o", str(bundle)]) == 0
     assert main(["-q", "verify-bundle", str(bundle)]) == 0, capsys.readouterr()
+    assert json.loads((bundle / "models" / "3d_fullres" / "imported_from.json").read_text())["trainer"]
     config = Plans.load(work / "models" / "3d_fullres" / "plans.json").configuration("3d_fullres")
     net = UNet(config.topology, in_channels=1, num_classes=3)
     report = load_matching_weights(net, work, configuration="3d_fullres")

@@ -31,7 +31,7 @@ import torch
 
 from autoseg.errors import ModelImportError
 from autoseg.io.atomic import write_json_atomic
-from autoseg.io.model_folder import FINAL, configuration_folder, fold_folder, sha256
+from autoseg.io.model_folder import FINAL, IMPORTED_FROM, configuration_folder, fold_folder, sha256
 from autoseg.networks.checkpoint import CheckpointMeta, save_checkpoint
 from autoseg.networks.topology import UNetTopology
 from autoseg.networks.unet import UNet
@@ -41,7 +41,6 @@ from autoseg.planner.recipe import PartChoice, Recipe, has_regions
 from autoseg.planner.resampling import ResamplingPlan
 
 CHECKPOINT = "checkpoint_final.pth"
-PROVENANCE = "imported_from.json"
 ARCHITECTURES = {"PlainConvUNet": "plain", "ResidualEncoderUNet": "residual"}
 NORMALIZATION = {"CTNormalization": "ct", "ZScoreNormalization": "zscore", "NoNormalization": "none",
                  "RescaleTo01Normalization": "rescale_to_0_1", "RGBTo01Normalization": "rgb_to_0_1"}
@@ -400,7 +399,7 @@ def _write(model: NNUNetModel, plans: Plans, networks: dict[str, dict[str, torch
     plans.save(target / "plans.json")
     _merge_workdir_plans(workdir / "plans.json", plans)
     write_json_atomic(target / "dataset.json", model.dataset)
-    write_json_atomic(target / PROVENANCE, provenance(model))
+    write_json_atomic(target / IMPORTED_FROM, provenance(model))
     for f, weights in networks.items():
         meta = CheckpointMeta(configuration=model.configuration, fold=f, in_channels=in_channels,
                               num_outputs=num_outputs, mirror_axes=mirror, recipe=config.recipe.to_json())
