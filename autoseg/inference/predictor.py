@@ -154,7 +154,7 @@ class Predictor:
         """Like :meth:`logits`, plus how the folds and mirror variants agree (see :func:`predict_members`)."""
         return predict_members(self.networks, data, patch_size=self.config.patch_size, layout=self.layout,
                                mirror_axes=self.mirror_axes, step_size=self.step_size, device=self.device,
-                               amp=self.amp)
+                               amp=self.amp, rules=self.config.rules)
 
     def predict_logits(self, images: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, CaseProperties]:
         """Fold-averaged logits on the preprocessed grid and the preprocessing record."""

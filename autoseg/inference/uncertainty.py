@@ -122,12 +122,12 @@ class MemberOutputs:
 
 def predict_members(networks: Sequence[Callable[[torch.Tensor], torch.Tensor]], data: np.ndarray, *,
                     patch_size: Sequence[int], layout: LabelLayout, mirror_axes: Sequence[int], step_size: float,
-                    device: torch.device, amp: bool) -> MemberOutputs:
+                    device: torch.device, amp: bool, rules: str = "autoseg") -> MemberOutputs:
     """Predict ``data`` with every fold and every mirror variant separately and summarise their agreement.
 
     The network passes are those of ordinary test-time augmentation, so this costs what a normal prediction
     costs plus comparing label maps; ``logits`` equal the usual fold-averaged, mirror-averaged logits up to
-    float rounding.
+    float rounding. ``rules`` is the configuration's (``nnunet`` for imported models, see :func:`predict_logits`).
     """
     variants = mirror_variants(mirror_axes)
     classes = _classes(layout)
@@ -141,7 +141,7 @@ def predict_members(networks: Sequence[Callable[[torch.Tensor], torch.Tensor]], 
             variant_maps = []
             for v in variants:
                 out = predict_logits(net, data, patch_size=patch_size, num_outputs=layout.num_outputs,
-                                     step_size=step_size, device=device, amp=amp, variant=v)
+                                     step_size=step_size, device=device, amp=amp, variant=v, rules=rules)
                 if len(variants) > 1:
                     variant_maps.append(_small(logits_to_labels(out.numpy(), layout)))
                 fold = out if fold is None else fold.add_(out)
