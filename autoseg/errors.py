@@ -109,6 +109,10 @@ class PredictionInputError(AutosegError, ValueError):
     """The images given to ``predict`` are missing, unreadable or do not fit the model."""
 
 
+class ModelImportError(AutosegError, ValueError):
+    """A model of another framework cannot be imported (unsupported architecture, unsafe or malformed files)."""
+
+
 class ModelNotFoundError(AutosegError, FileNotFoundError):
     """No trained fold where the predictor looked."""
 

@@ -37,6 +37,7 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_parsers(sub)
     plugins_cli.add_parsers(sub)
     _add_convert_msd_parser(sub)
+    _add_import_nnunet_parser(sub)
     return p
 
 
@@ -250,6 +251,21 @@ def format_validation(summary: ValidationSummary, held_out: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _add_import_nnunet_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``autoseg import-nnunet``: an nnU-Net v2 model folder as an autoseg work folder."""
+    m = sub.add_parser("import-nnunet", help="import a trained nnU-Net v2 model (safely; no nnU-Net needed)")
+    m.add_argument("model_folder", type=Path, help="nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION")
+    m.add_argument("--workdir", type=Path, required=True, help="work folder to write (models/<configuration>/)")
+    m.add_argument("--folds", nargs="+", default=None, help="folds to import (default: every trained fold)")
+
+
+def _cmd_import_nnunet(args: argparse.Namespace) -> int:
+    from autoseg.interop.nnunet import import_nnunet
+
+    print(import_nnunet(args.model_folder, args.workdir, folds=args.folds).summary())
+    return 0
+
+
 def _cmd_convert_msd(args: argparse.Namespace) -> int:
     from autoseg.io.msd import convert_msd
 
@@ -259,7 +275,7 @@ def _cmd_convert_msd(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"check": _cmd_check, "plan": _cmd_plan, "preprocess": _cmd_preprocess, "train": _cmd_train,
-            "convert-msd": _cmd_convert_msd, **selection.COMMANDS, **trust.COMMANDS,
+            "convert-msd": _cmd_convert_msd, "import-nnunet": _cmd_import_nnunet, **selection.COMMANDS, **trust.COMMANDS,
             **report.COMMANDS, **plugins_cli.COMMANDS, **predict_cli.COMMANDS}
 
 

@@ -150,7 +150,8 @@ class Predictor:
             for net in self.networks:
                 out = predict_logits(net, data, patch_size=self.config.patch_size,
                                      num_outputs=self.layout.num_outputs, step_size=self.step_size,
-                                     mirror_axes=self.mirror_axes, device=self.device, amp=self.amp)
+                                     mirror_axes=self.mirror_axes, device=self.device, amp=self.amp,
+                                     rules=self.config.rules)
                 total = out if total is None else total.add_(out)
             if len(self.networks) > 1:
                 total /= len(self.networks)
@@ -160,7 +161,7 @@ class Predictor:
         """Like :meth:`logits`, plus how the folds and mirror variants agree (see :func:`predict_members`)."""
         return predict_members(self.networks, data, patch_size=self.config.patch_size, layout=self.layout,
                                mirror_axes=self.mirror_axes, step_size=self.step_size, device=self.device,
-                               amp=self.amp, error_networks=self.error_networks or None)
+                               amp=self.amp, error_networks=self.error_networks or None, rules=self.config.rules)
 
     def predict_logits(self, images: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, CaseProperties]:
         """Fold-averaged logits on the preprocessed grid and the preprocessing record."""

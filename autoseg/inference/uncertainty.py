@@ -133,19 +133,21 @@ Network = Callable[[torch.Tensor], torch.Tensor]
 
 def predict_members(networks: Sequence[Network], data: np.ndarray, *, patch_size: Sequence[int],
                     layout: LabelLayout, mirror_axes: Sequence[int], step_size: float, device: torch.device,
-                    amp: bool, error_networks: Sequence[Network | None] | None = None) -> MemberOutputs:
+                    amp: bool, error_networks: Sequence[Network | None] | None = None,
+                    rules: str = "autoseg") -> MemberOutputs:
     """Predict ``data`` with every fold and every mirror variant separately and summarise their agreement.
 
     The network passes are those of ordinary test-time augmentation, so this costs what a normal prediction
     costs plus comparing label maps; ``logits`` equal the usual fold-averaged, mirror-averaged logits up to
     float rounding. A fold's entry of ``error_networks`` (its network returning the error logit as one more
     channel, :class:`~autoseg.networks.error_head.ErrorOutput`) makes the unmirrored pass, giving the error map
-    at no extra pass.
+    at no extra pass. ``rules`` is the configuration's (``nnunet`` for imported models, see
+    :func:`predict_logits`).
     """
     variants = mirror_variants(mirror_axes)
     classes = _classes(layout)
     errors = list(error_networks) if error_networks is not None else [None] * len(networks)
-    kw = {"patch_size": patch_size, "step_size": step_size, "device": device, "amp": amp}
+    kw = {"patch_size": patch_size, "step_size": step_size, "device": device, "amp": amp, "rules": rules}
     total = None
     fold_maps: list[np.ndarray] = []
     variant_maps: list[np.ndarray] = []

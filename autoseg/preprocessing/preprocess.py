@@ -178,7 +178,7 @@ def preprocess_arrays(images: np.ndarray, seg: np.ndarray | None, geometry: Geom
             dest[...] = 0
 
     data = resample_filled(cropped.shape[1:], cropped.shape[0], fill, new_shape, order=rs.order_image,
-                           separate_axis=axis, order_z=rs.order_z)
+                           separate_axis=axis, order_z=rs.order_z, clip=config.rules == "nnunet")
     fill = normalized = None  # type: ignore[assignment]  # frees the cropped image the normaliser holds
     del cropped
     data[list(absent)] = 0  # exact zeros whatever the interpolation does
