@@ -86,15 +86,18 @@ class Site:
         return True
 
     def train_round(self, plans: Plans, configuration: str, state: dict[str, Any], *, round_: int, epochs: int,
-                    iters_per_epoch: int | None) -> tuple[dict[str, Any], int, float | None]:
-        """``epochs`` local epochs from the global ``state``; returns the new weights, the training-case count and
-        the last epoch's training loss."""
+                    iters_per_epoch: int | None, proximal_mu: float = 0.0) -> tuple[dict[str, Any], int, float | None]:
+        """``epochs`` local epochs from the global ``state`` (with FedProx's proximal term when ``proximal_mu > 0``:
+        the ``fedprox`` optimiser, SGD with the term); returns the new weights, the training-case count and the last
+        epoch's training loss."""
         from autoseg.training.run import train_fold
 
         self._prepare(plans, configuration)
         start = (round_ - 1) * epochs
         settings = dataclasses.replace(self.settings, epochs=start + epochs, iters_per_epoch=iters_per_epoch,
                                        validate=False, init_from=None)
+        if proximal_mu > 0:
+            settings = dataclasses.replace(settings, recipe=(*settings.recipe, f"optimizer=fedprox:mu={proximal_mu}"))
         if not self._start_from(configuration, state, start):
             init = self.workdir / "federated_global.pt"
             save_checkpoint(init, {"network": state})
@@ -116,12 +119,12 @@ class Site:
         """Mean foreground Dice of the global ``state`` on the site's held-out cases, and their count."""
         from autoseg.training.run import train_fold
 
-        self._prepare(plans, configuration)
         folder = fold_folder(self.workdir, configuration, self.fold)
         found = [load_checkpoint(folder / n) for n in (FINAL, LATEST) if (folder / n).is_file()]
         done = max((int(s["epoch"]) for s in found), default=0)
-        if not done:  # never trained here: one validation-only run needs a checkpoint to resume
+        if not done:  # joined after the round's training: a validation-only run needs a checkpoint to resume
             return float("nan"), 0
+        self._prepare(plans, configuration)
         self._start_from(configuration, state, done)
         settings = dataclasses.replace(self.settings, epochs=done, validate=True, init_from=None)
         result = train_fold(self.dataset, plans, configuration, self.fold, self.workdir, settings=settings,

@@ -1,0 +1,192 @@
+"""Federated planning and training on Flower over 127.0.0.1: merged statistics plan like the pooled dataset, a real
+server and sites train and validate, a dropped site does not stop a round, a killed server resumes, and nothing but
+statistics, weights, counts and Dice leaves a site."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from autoseg.cli import main  # noqa: E402
+from autoseg.data.synthetic import make_synthetic_dataset  # noqa: E402
+from autoseg.federated import client as client_module  # noqa: E402
+from autoseg.federated.client import run_site  # noqa: E402
+from autoseg.federated.planning import plan_federation  # noqa: E402
+from autoseg.federated.server import FederationSettings, run_server  # noqa: E402
+from autoseg.federated.simulate import free_port  # noqa: E402
+from autoseg.federated.site import Site  # noqa: E402
+from autoseg.federated.strategy import HISTORY  # noqa: E402
+from autoseg.fingerprint.extract import fingerprint_dataset  # noqa: E402
+from autoseg.fingerprint.merge import SiteStatistics, site_statistics  # noqa: E402
+from autoseg.io.dataset import load_dataset  # noqa: E402
+from autoseg.planner.planner import plan_experiment  # noqa: E402
+from autoseg.training.settings import TrainSettings  # noqa: E402
+
+TRAIN = TrainSettings(progress=False, val_iters=1, workers=0, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The server and the sites share this process: one intra-op thread each keeps a loaded machine responsive."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_merged_site_statistics_plan_like_the_pooled_dataset(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "Dataset009_Split", n_cases=6, shape=(20, 24, 28), n_channels=2,
+                                  seed=4, shape_jitter=0.3)
+    ds = load_dataset(root)
+    whole = fingerprint_dataset(ds, progress=False)
+    thirds = [dataclasses.replace(ds, cases=ds.cases[k::3], spec=dataclasses.replace(ds.spec, num_training=2))
+              for k in range(3)]
+    parts = [site_statistics(third, progress=False) for third in thirds]
+    parts = [SiteStatistics.from_json(json.loads(json.dumps(p.to_json()))) for p in parts]  # as sent over the wire
+    merged, plans = plan_federation(parts, dataset_name=whole.dataset_name, preset="cpu")
+    expected = plan_experiment(whole, preset="cpu", recipe=plans.recipe(next(iter(plans.configurations))))
+    got = {k: v.to_json() for k, v in plans.configurations.items()}
+    want = {k: v.to_json() for k, v in expected.configurations.items()}
+    norms = [(g.pop("normalization"), w.pop("normalization")) for g, w in zip(got.values(), want.values(), strict=True)]
+    assert got == want  # spacing, patch, topology, batch, ...: exactly the pooled plan
+    for g, w in ((g, w) for pair in norms for g, w in zip(*pair, strict=True)):
+        assert (g["scheme"], g["use_mask"]) == (w["scheme"], w["use_mask"])
+        assert g["mean"] == pytest.approx(w["mean"], rel=1e-9) and g["std"] == pytest.approx(w["std"], rel=1e-9)
+    assert merged.median_spacing == whole.median_spacing
+    assert merged.median_shape_after_crop == whole.median_shape_after_crop
+    for got, want in zip(merged.intensity, whole.intensity, strict=True):
+        assert got.mean == pytest.approx(want.mean, rel=1e-9) and got.std == pytest.approx(want.std, rel=1e-9)
+        assert (got.min, got.max) == (want.min, want.max)
+        spread = want.percentile_99_5 - want.percentile_00_5
+        for a, b in ((got.median, want.median), (got.percentile_00_5, want.percentile_00_5),
+                     (got.percentile_99_5, want.percentile_99_5)):
+            assert abs(a - b) < 0.02 * spread  # sketched: sampling noise of both computations plus the sketch
+
+
+def _sites(tmp_path, n=2):
+    out = []
+    for k in range(n):
+        root = make_synthetic_dataset(tmp_path / f"site{k}" / "Dataset008_Fed", n_cases=5, shape=(20, 20, 20),
+                                      n_channels=2, regions=True, seed=10 + k)
+        out.append(Site(load_dataset(root), tmp_path / f"work{k}", fold=0, settings=TRAIN))
+    return out
+
+
+def _tiny_server_folder(tmp_path, sites):
+    from conftest import tiny_plans
+
+    _, plans = plan_federation([site_statistics(s.dataset, progress=False) for s in sites], dataset_name="Fed",
+                               preset="cpu")
+    wd = tmp_path / "server"
+    wd.mkdir()
+    tiny_plans(plans).save(wd / "plans.json")  # a coordinator with plans.json uses them (tiny network: fast test)
+    return wd
+
+
+def _thread(target):
+    def quiet():
+        try:
+            target()
+        except SystemExit:  # a site made to drop out
+            pass
+    t = threading.Thread(target=quiet, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every payload the sites return, by message kind."""
+    seen: dict[str, list] = {"get_properties": [], "fit": [], "evaluate": []}
+    make = client_module.make_client
+
+    def recording(site, name):
+        c = make(site, name)
+        for kind in seen:
+            original = getattr(c, kind)
+
+            def wrapped(*a, _o=original, _k=kind):
+                out = _o(*a)
+                seen[_k].append(out)
+                return out
+            setattr(c, kind, wrapped)
+        return c
+    monkeypatch.setattr(client_module, "make_client", recording)
+    return seen
+
+
+def _check_payloads(seen, sites):
+    forbidden = [c.case_id for s in sites for c in s.dataset.cases] + [str(s.dataset.root) for s in sites]
+    for weights, n, metrics in seen["fit"]:
+        assert all(isinstance(w, np.ndarray) and w.dtype.kind in "fiu" for w in weights)
+        assert isinstance(n, int) and set(metrics) == {"site", "train_loss"}
+        assert isinstance(metrics["train_loss"], float)
+    for loss, n, metrics in seen["evaluate"]:
+        assert isinstance(loss, float) and isinstance(n, int) and set(metrics) == {"site", "dice"}
+    for props in seen["get_properties"]:
+        text = props["description"]
+        assert not any(f in text for f in forbidden)
+
+
+def test_federation_trains_on_127_0_0_1_and_a_dropped_site_does_not_stop_the_round(
+        tmp_path, recorded):
+    sites = _sites(tmp_path)
+    wd = _tiny_server_folder(tmp_path, sites)
+    address = f"127.0.0.1:{free_port()}"
+
+    class Dropping(Site):  # the site's process dies in round 2: its connection closes mid-round
+        def train_round(self, *a, **kw):
+            if kw["round_"] == 2:
+                raise SystemExit("site lost")
+            return super().train_round(*a, **kw)
+
+    dropping = Dropping(sites[1].dataset, sites[1].workdir, fold=0, settings=TRAIN)
+    settings = FederationSettings(rounds=2, min_sites=1, iters_per_epoch=2, eval_every=2, wait_timeout=60, round_timeout=120)
+    result = {}
+    server = _thread(lambda: result.setdefault("r", run_server(wd, settings, address=address, log=lambda s: None)))
+    first = _thread(lambda: run_site(sites[0], "siteA", address, max_wait_time=60))
+    time.sleep(1.0)
+    _thread(lambda: run_site(dropping, "siteB", address, max_wait_time=60)).join(60)
+    server.join(120)
+    first.join(30)
+    assert not server.is_alive() and result["r"].rounds_done == 2
+    history = json.loads((wd / HISTORY).read_text())["history"]
+    fits = [h for h in history if h["kind"] == "fit"]
+    assert [h["round"] for h in fits] == [1, 2] and all(h["aggregated"] for h in fits), history
+    assert fits[1]["sites"] == ["siteA"] and fits[1]["failures"] == 1
+    assert all(set(h["dice"]) <= {"siteA", "siteB"} for h in history if h["kind"] == "evaluate")
+    # a coordinator restarted on the folder (as after being killed) continues after the saved round, and a site that
+    # rejoins gets the current weights
+    lines = []
+    settings = dataclasses.replace(settings, rounds=3, min_sites=2)
+    server = _thread(lambda: result.update(r=run_server(wd, settings, address=address, log=lines.append)))
+    both = [_thread(lambda s=s, n=n: run_site(s, n, address, max_wait_time=60)) for s, n in zip(sites, ("siteA", "siteB"))]
+    server.join(120)
+    for t in both:
+        t.join(30)
+    assert result["r"].rounds_done == 3 and lines[0] == "resuming after round 2 of 3"
+    history = json.loads((wd / HISTORY).read_text())["history"]
+    assert [h["round"] for h in history if h["kind"] == "fit"] == [1, 2, 3]
+    assert history[-2]["sites"] == ["siteA", "siteB"]
+    _check_payloads(recorded, sites)
+    # the global model is an ordinary work folder: predict uses it unchanged
+    case = sites[0].dataset.cases[0]
+    out = tmp_path / "pred"
+    assert main(["-q", "predict", "-i", *map(str, case.images), "-o", str(out), "--workdir", str(wd),
+                 "-c", "3d_fullres", "-f", "all", "--no-tta"]) == 0
+    assert any(out.iterdir())
+
+
+def test_cli_refuses_a_bad_federation_setting_in_one_line(capsys):
+    assert main(["federated", "simulate", "nowhere", "--workdir", "w", "--rounds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "rounds=0 is not valid; it must be at least 1" in err and "Traceback" not in err
