@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -92,6 +95,11 @@ def _tiny_server_folder(tmp_path, sites):
     return wd
 
 
+def _history(wd):
+    path = wd / HISTORY
+    return json.loads(path.read_text())["history"] if path.is_file() else []
+
+
 def _thread(target):
     def quiet():
         try:
@@ -125,6 +133,7 @@ def recorded(monkeypatch):
 
 
 def _check_payloads(seen, sites):
+    assert all(seen.values()), {k: len(v) for k, v in seen.items()}
     forbidden = [c.case_id for s in sites for c in s.dataset.cases] + [str(s.dataset.root) for s in sites]
     for weights, n, metrics in seen["fit"]:
         assert all(isinstance(w, np.ndarray) and w.dtype.kind in "fiu" for w in weights)
@@ -141,6 +150,7 @@ def test_federation_trains_on_127_0_0_1_and_a_dropped_site_does_not_stop_the_rou
         tmp_path, recorded):
     sites = _sites(tmp_path)
     wd = _tiny_server_folder(tmp_path, sites)
+    client_module.make_client(sites[0], "siteA").get_properties({})  # what a site answers when asked to plan
     address = f"127.0.0.1:{free_port()}"
 
     class Dropping(Site):  # the site's process dies in round 2: its connection closes mid-round
@@ -164,19 +174,25 @@ def test_federation_trains_on_127_0_0_1_and_a_dropped_site_does_not_stop_the_rou
     assert [h["round"] for h in fits] == [1, 2] and all(h["aggregated"] for h in fits), history
     assert fits[1]["sites"] == ["siteA"] and fits[1]["failures"] == 1
     assert all(set(h["dice"]) <= {"siteA", "siteB"} for h in history if h["kind"] == "evaluate")
-    # a coordinator restarted on the folder (as after being killed) continues after the saved round, and a site that
-    # rejoins gets the current weights
-    lines = []
-    settings = dataclasses.replace(settings, rounds=3, min_sites=2)
-    server = _thread(lambda: result.update(r=run_server(wd, settings, address=address, log=lines.append)))
-    both = [_thread(lambda s=s, n=n: run_site(s, n, address, max_wait_time=60)) for s, n in zip(sites, ("siteA", "siteB"))]
-    server.join(120)
-    for t in both:
-        t.join(30)
-    assert result["r"].rounds_done == 3 and lines[0] == "resuming after round 2 of 3"
-    history = json.loads((wd / HISTORY).read_text())["history"]
-    assert [h["round"] for h in history if h["kind"] == "fit"] == [1, 2, 3]
-    assert history[-2]["sites"] == ["siteA", "siteB"]
+    # the coordinator is killed (SIGKILL) after round 3 is saved and restarted on its folder: it continues with round
+    # 4, and siteA, which lost it, reconnects and gets the current weights
+    command = [sys.executable, "-m", "autoseg", "-q", "federated", "server", "--workdir", str(wd), "--rounds", "4",
+               "--min-sites", "1", "--address", address, "--iters-per-epoch", "2", "--eval-every", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    site = _thread(lambda: run_site(sites[0], "siteA", address, max_wait_time=90, log=lambda s: None))
+    deadline = time.time() + 90
+    while time.time() < deadline and not any(h["round"] == 3 for h in _history(wd)):
+        time.sleep(0.2)
+    killed.kill()
+    killed.wait(10)
+    assert max(h["round"] for h in _history(wd)) == 3
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    site.join(30)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after round 3 of 4" in resumed.stdout
+    fits = [h for h in _history(wd) if h["kind"] == "fit"]
+    assert [h["round"] for h in fits] == [1, 2, 3, 4] and fits[-1]["sites"] == ["siteA"]
     _check_payloads(recorded, sites)
     # the global model is an ordinary work folder: predict uses it unchanged
     case = sites[0].dataset.cases[0]

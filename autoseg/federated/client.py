@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
+from autoseg.errors import FederationError
 from autoseg.federated.flower import flwr
 from autoseg.federated.model import build_network, to_arrays, to_state
 from autoseg.federated.site import Site
@@ -47,11 +49,41 @@ def make_client(site: Site, name: str) -> Any:
 
 
 def run_site(site: Site, name: str, server: str, *, root_certificates: bytes | None = None,
-             max_wait_time: float | None = None) -> None:
-    """Connect to the coordinator and serve it until it ends the federation (retrying while it is unreachable,
-    up to ``max_wait_time`` seconds; None: forever). With ``root_certificates`` (PEM of the coordinator's CA) the
-    connection is TLS."""
+             max_wait_time: float | None = None, log: Any = print) -> None:
+    """Serve the coordinator until it ends the federation. A lost or refused connection (the coordinator restarting)
+    is retried every second; after ``max_wait_time`` seconds without contact (None: never) the site gives up. With
+    ``root_certificates`` (PEM of the coordinator's CA) the connection is TLS.
+
+    Raises:
+        FederationError: no contact with the coordinator for ``max_wait_time`` seconds.
+    """
+    import grpc
+
     fl = flwr()
-    fl.client.start_client(server_address=server, client=make_client(site, name).to_client(),
-                           root_certificates=root_certificates, insecure=root_certificates is None,
-                           max_wait_time=max_wait_time)
+    client = make_client(site, name)
+    contact = [time.monotonic()]
+    for method in ("get_properties", "fit", "evaluate"):  # every call is contact
+        setattr(client, method, _touching(getattr(client, method), contact))
+    lost = False
+    while True:
+        try:
+            fl.client.start_client(server_address=server, client=client.to_client(),
+                                   root_certificates=root_certificates, insecure=root_certificates is None)
+            return
+        except grpc.RpcError as err:
+            if max_wait_time is not None and time.monotonic() - contact[0] > max_wait_time:
+                raise FederationError(f"{name}: no contact with the coordinator at {server} for {max_wait_time:g} s "
+                                      f"({err.__class__.__name__}); check the address and that it runs.") from err
+            if not lost:
+                log(f"{name}: lost the coordinator at {server}; reconnecting")
+            lost = True
+            time.sleep(1.0)
+
+
+def _touching(method: Any, contact: list[float]) -> Any:
+    def call(*args: Any) -> Any:
+        contact[0] = time.monotonic()
+        out = method(*args)
+        contact[0] = time.monotonic()
+        return out
+    return call
