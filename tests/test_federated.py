@@ -206,3 +206,23 @@ def test_cli_refuses_a_bad_federation_setting_in_one_line(capsys):
     assert main(["federated", "simulate", "nowhere", "--workdir", "w", "--rounds", "0"]) == 2
     err = capsys.readouterr().err
     assert "rounds=0 is not valid; it must be at least 1" in err and "Traceback" not in err
+
+
+def test_fedprox_optimiser_pulls_the_weights_towards_where_training_started():
+    import torch
+
+    from autoseg.training.optim import fedprox, sgd
+
+    def train(make):
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = make([w])
+        for _ in range(5):
+            opt.zero_grad()
+            (2 * w).sum().backward()
+            opt.step()
+        return w.detach()
+
+    plain = train(lambda p: sgd(p, TRAIN, lr=0.1, momentum=0.5, weight_decay=0.0))
+    assert torch.equal(train(lambda p: fedprox(p, TRAIN, mu=0.0, lr=0.1, momentum=0.5, weight_decay=0.0)), plain)
+    proximal = train(lambda p: fedprox(p, TRAIN, mu=1.0, lr=0.1, momentum=0.5, weight_decay=0.0))
+    assert bool(((proximal - 1).abs() < (plain - 1).abs()).all())
