@@ -37,7 +37,9 @@ def make_client(site: Site, name: str) -> Any:
             iters = int(config.get("iters_per_epoch", 0)) or None
             new, n, loss = site.train_round(plans, configuration, state, round_=int(config["round"]),
                                             epochs=int(config["local_epochs"]), iters_per_epoch=iters,
-                                            proximal_mu=float(config.get("proximal_mu", 0.0)))
+                                            proximal_mu=float(config.get("proximal_mu", 0.0)),
+                                            learning_rate=float(config["learning_rate"]) if "learning_rate" in config
+                                            else None)
             return to_arrays(new), n, {"site": name, "train_loss": float("nan") if loss is None else loss}
 
         def evaluate(self, parameters: list[Any], config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:

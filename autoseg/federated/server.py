@@ -45,6 +45,7 @@ class FederationSettings:
         eval_every: rounds between federated validations (the last round is always validated).
         strategy: ``fedavg``, or ``fedprox`` (adds the proximal term ``mu/2 |w - w_global|^2`` at the sites).
         proximal_mu: FedProx's ``mu``.
+        initial_lr: learning rate of the first round, decayed as poly over the rounds (constant within a round).
         configuration: configuration to train (None: ``3d_fullres``, else ``2d``).
         preset, gpu_memory_gb, seed: as for ``autoseg plan``.
         round_timeout: seconds a round waits for its sites (None: no limit).
@@ -58,6 +59,7 @@ class FederationSettings:
     eval_every: int = 1
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    initial_lr: float = 1e-2
     configuration: str | None = None
     preset: str = "default"
     gpu_memory_gb: float = 8.0
@@ -146,7 +148,8 @@ def run_server(workdir: str | Path, settings: FederationSettings = FederationSet
                 workdir=workdir, plans=plans, configuration=configuration, state=state, done=done,
                 total=settings.rounds, min_sites=settings.min_sites, local_epochs=settings.local_epochs,
                 iters_per_epoch=settings.iters_per_epoch, eval_every=settings.eval_every,
-                proximal_mu=settings.proximal_mu if settings.strategy == "fedprox" else 0.0, history=history, log=log)
+                proximal_mu=settings.proximal_mu if settings.strategy == "fedprox" else 0.0,
+                initial_lr=settings.initial_lr, history=history, log=log)
             server = fl.server.Server(client_manager=manager, strategy=strategy)
             server.fit(settings.rounds - done, timeout=settings.round_timeout)
             server.disconnect_all_clients(timeout=30)

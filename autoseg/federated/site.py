@@ -86,9 +86,11 @@ class Site:
         return True
 
     def train_round(self, plans: Plans, configuration: str, state: dict[str, Any], *, round_: int, epochs: int,
-                    iters_per_epoch: int | None, proximal_mu: float = 0.0) -> tuple[dict[str, Any], int, float | None]:
+                    iters_per_epoch: int | None, proximal_mu: float = 0.0, learning_rate: float | None = None
+                    ) -> tuple[dict[str, Any], int, float | None]:
         """``epochs`` local epochs from the global ``state`` (with FedProx's proximal term when ``proximal_mu > 0``:
-        the ``fedprox`` optimiser, SGD with the term); returns the new weights, the training-case count and the last
+        the ``fedprox`` optimiser, SGD with the term), at the coordinator's ``learning_rate`` held constant (None: the
+        recipe's schedule over the epochs so far); returns the new weights, the training-case count and the last
         epoch's training loss."""
         from autoseg.training.run import train_fold
 
@@ -96,6 +98,9 @@ class Site:
         start = (round_ - 1) * epochs
         settings = dataclasses.replace(self.settings, epochs=start + epochs, iters_per_epoch=iters_per_epoch,
                                        validate=False, init_from=None)
+        if learning_rate is not None:
+            settings = dataclasses.replace(settings, initial_lr=learning_rate,
+                                           recipe=(*settings.recipe, "schedule=constant"))
         if proximal_mu > 0:
             settings = dataclasses.replace(settings, recipe=(*settings.recipe, f"optimizer=fedprox:mu={proximal_mu}"))
         if not self._start_from(configuration, state, start):

@@ -15,6 +15,7 @@ from flwr.server.strategy import FedAvg
 from autoseg.federated.model import save_global, to_arrays, to_state
 from autoseg.io.atomic import write_json_atomic
 from autoseg.planner.plans import Plans
+from autoseg.training.optim import poly_lr
 
 #: the server's log of rounds (one record per training and per evaluation round) in its work folder
 HISTORY = "federation.json"
@@ -29,18 +30,24 @@ class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
 
     def __init__(self, *, workdir: Path, plans: Plans, configuration: str, state: dict[str, Any], done: int,
                  total: int, min_sites: int, local_epochs: int, iters_per_epoch: int | None, eval_every: int,
-                 proximal_mu: float, history: list[dict[str, Any]], log: Callable[[str], None]) -> None:
+                 proximal_mu: float, initial_lr: float, history: list[dict[str, Any]],
+                 log: Callable[[str], None]) -> None:
         super().__init__(min_fit_clients=min_sites, min_evaluate_clients=min_sites, min_available_clients=min_sites,
                          accept_failures=True, initial_parameters=ndarrays_to_parameters(to_arrays(state)))
         self.workdir, self.plans, self.configuration, self.template = workdir, plans, configuration, state
         self.done, self.total, self.min_sites, self.local_epochs = done, total, min_sites, local_epochs
         self.iters, self.eval_every, self.mu, self.history, self.log = (iters_per_epoch, eval_every, proximal_mu,
                                                                           history, log)
+        self.initial_lr = initial_lr
         self._plans_json = json.dumps(plans.to_json())
 
     def _config(self, server_round: int) -> dict[str, Any]:
-        return {"round": self.done + server_round, "local_epochs": self.local_epochs, "iters_per_epoch": self.iters or 0,
-                "plans": self._plans_json, "configuration": self.configuration, "proximal_mu": self.mu}
+        """The round's instructions; the learning rate follows poly decay over the whole federation (the sites hold
+        it constant within a round), so late rounds refine as the last epochs of a centralised run do."""
+        g = self.done + server_round
+        return {"round": g, "local_epochs": self.local_epochs, "iters_per_epoch": self.iters or 0,
+                "plans": self._plans_json, "configuration": self.configuration, "proximal_mu": self.mu,
+                "learning_rate": poly_lr(self.initial_lr, g - 1, self.total)}
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[Any]:
         pairs = super().configure_fit(server_round, parameters, client_manager)
