@@ -17,7 +17,7 @@ arm; the federated traffic per round (MB, weights down + up, from the server's `
 wall time. One seed and short training: differences of a few Dice points are noise. Outputs under
 benchmarks/out/federated/.
 
-    python benchmarks/federated.py [--rounds 5] [--iters 30] [--no-single]
+    python benchmarks/federated.py [--rounds 5] [--iters 30] [--no-single] [--equal-steps] [--federated-only]
 """
 
 from __future__ import annotations
@@ -133,6 +133,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="federated rounds = centralised epochs")
     ap.add_argument("--iters", type=int, default=30, help="iterations per centralised epoch (a site: iters / 3)")
     ap.add_argument("--no-single", action="store_true", help="skip the single-site arms (centralised vs federated)")
+    ap.add_argument("--equal-steps", action="store_true",
+                    help="each site trains --iters per round (the centralised run's sequential steps, 3x the compute)")
+    ap.add_argument("--federated-only", action="store_true", help="only the federated arm")
     args = ap.parse_args()
     torch.set_num_threads(1)
     shutil.rmtree(OUT, ignore_errors=True)
@@ -140,8 +143,8 @@ def main() -> None:
     plans = small_plans(sites)
     settings = TrainSettings(progress=False, device="cpu", workers=0, val_iters=2, validate=False)
     arms: dict[str, tuple[dict[str, float], float]] = {}
-    candidates = [("centralised", pooled_dataset(sites, OUT / "data"))]
-    if not args.no_single:
+    candidates = [] if args.federated_only else [("centralised", pooled_dataset(sites, OUT / "data"))]
+    if not (args.no_single or args.federated_only):
         candidates += [(f"site{k} alone", s) for k, s in enumerate(sites)]
     for name, ds in candidates:
         wd = OUT / "work" / name.replace(" ", "_")
@@ -156,18 +159,21 @@ def main() -> None:
     wd.mkdir(parents=True)
     plans.save(wd / "plans.json")
     t = time.time()
-    simulate(sites, wd, FederationSettings(rounds=args.rounds, min_sites=3, iters_per_epoch=max(1, args.iters // 3),
+    site_iters = args.iters if args.equal_steps else max(1, args.iters // 3)
+    simulate(sites, wd, FederationSettings(rounds=args.rounds, min_sites=3, iters_per_epoch=site_iters,
                                            eval_every=args.rounds), train=settings, fold="all", log=lambda s: None)
     arms["federated"] = (test_dice(wd, sites, "federated"), time.time() - t)
     history = json.loads((wd / "federation.json").read_text())["history"]
     traffic = [h["mb_up"] + h.get("mb_down", 0.0) for h in history if h["kind"] == "fit"]
-    print(f"\ntotal iterations per arm: {args.rounds * args.iters}; federated: {args.rounds} rounds x 3 sites x "
-          f"{max(1, args.iters // 3)}")
+    print(f"\ncentralised and single-site iterations: {args.rounds * args.iters}; federated: {args.rounds} rounds x 3 "
+          f"sites x {site_iters}")
     print("arm            " + "  ".join(f"{k:>7}" for k in ("site0", "site1", "site2", "pooled")) + "   wall s")
     for name, (dice, wall) in arms.items():
         print(f"{name:<14} " + "  ".join(f"{dice[k]:7.4f}" for k in ("site0", "site1", "site2", "pooled"))
               + f"   {wall:6.0f}")
     print(f"federated traffic per round: {np.mean(traffic):.3f} MB (weights down + up, 3 sites)")
+    if args.federated_only:
+        return
     fed, cen = arms["federated"][0]["pooled"], arms["centralised"][0]["pooled"]
     print(f"federated - centralised: {fed - cen:+.4f} (target > -0.01)")
     if not args.no_single:
