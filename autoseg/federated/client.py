@@ -30,7 +30,7 @@ def make_client(site: Site, name: str) -> Any:
 
     class _SiteClient(fl.client.NumPyClient):  # type: ignore[misc,name-defined]
         def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
-            return {"description": json.dumps(site.describe())}
+            return {"description": json.dumps(site.describe(statistics=bool(config.get("statistics", True))))}
 
         def fit(self, parameters: list[Any], config: dict[str, Any]) -> tuple[list[Any], int, dict[str, Any]]:
             plans, configuration, state = _incoming(parameters, config)

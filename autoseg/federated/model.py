@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from autoseg.inference.export import LabelLayout
+from autoseg.io.atomic import write_text_atomic
 from autoseg.io.model_folder import configuration_folder, fold_folder
 from autoseg.networks.checkpoint import FINAL, CheckpointMeta, load_checkpoint, save_checkpoint
 from autoseg.planner.plans import Plans
@@ -71,9 +72,11 @@ def save_global(workdir: Path, plans: Plans, configuration: str, state: dict[str
                           epochs=epochs, settings=TrainSettings(epochs=epochs).to_json(), recipe=recipe.to_json())
     path = global_checkpoint(workdir, configuration)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model_plans = configuration_folder(workdir, configuration) / "plans.json"
-    if not model_plans.is_file():
-        plans.save(model_plans)
+    folder = configuration_folder(workdir, configuration)
+    if not (folder / "plans.json").is_file():
+        plans.save(folder / "plans.json")
+    if (workdir / "dataset.json").is_file() and not (folder / "dataset.json").is_file():  # labels, region order
+        write_text_atomic(folder / "dataset.json", (workdir / "dataset.json").read_text(encoding="utf-8"))
     save_checkpoint(path, {"network": state, "epoch": epochs, "federated_round": round_, **meta.to_json()})
     return path
 

@@ -84,10 +84,8 @@ class FederationResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _plan(client_manager: Any, workdir: Path, settings: FederationSettings, log: Any) -> Plans:
-    """The saved plans, or plans made from the statistics of the first ``min_sites`` sites."""
-    if (workdir / "plans.json").is_file():
-        return Plans.load(workdir / "plans.json")
+def _describe(client_manager: Any, settings: FederationSettings, *, statistics: bool) -> list[dict[str, Any]]:
+    """Each connected site's dataset description (and aggregate statistics), once ``min_sites`` are connected."""
     fl = flwr()
     if not client_manager.wait_for(settings.min_sites, timeout=settings.wait_timeout):
         raise FederationError(f"only {client_manager.num_available()} of {settings.min_sites} site(s) connected within "
@@ -95,14 +93,29 @@ def _plan(client_manager: Any, workdir: Path, settings: FederationSettings, log:
                               "--min-sites.")
     described = []
     for proxy in list(client_manager.all().values()):
-        res = proxy.get_properties(fl.common.GetPropertiesIns(config={}), timeout=settings.wait_timeout, group_id=None)
+        ins = fl.common.GetPropertiesIns(config={"statistics": statistics})
+        res = proxy.get_properties(ins, timeout=settings.wait_timeout, group_id=None)
         if res.status.code != fl.common.Code.OK or "description" not in res.properties:
             raise FederationError(f"a site could not describe its dataset ({res.status.message}); see its log.")
         described.append(json.loads(str(res.properties["description"])))
+    return described
+
+
+def _plan(client_manager: Any, workdir: Path, settings: FederationSettings, log: Any) -> Plans:
+    """The saved plans, or plans made from the statistics of the first ``min_sites`` sites; and ``dataset.json``
+    (channels, labels, file ending: what prediction needs) from the sites' descriptions."""
+    planned = (workdir / "plans.json").is_file()
+    if planned and (workdir / "dataset.json").is_file():
+        return Plans.load(workdir / "plans.json")
+    described = _describe(client_manager, settings, statistics=not planned)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if planned:
+        plans = Plans.load(workdir / "plans.json")
+        write_json_atomic(workdir / "dataset.json", {**described[0]["dataset"], "numTraining": 0})
+        return plans
     parts = [SiteStatistics.from_json(d["statistics"]) for d in described]
     fp, plans = plan_federation(parts, dataset_name=workdir.name, preset=settings.preset,
                                 gpu_memory_gb=settings.gpu_memory_gb, seed=settings.seed)
-    workdir.mkdir(parents=True, exist_ok=True)
     fp.save(workdir / "fingerprint.json")
     write_json_atomic(workdir / "dataset.json", {**described[0]["dataset"], "numTraining": fp.num_training})
     plans.save(workdir / "plans.json")

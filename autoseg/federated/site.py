@@ -50,12 +50,13 @@ class Site:
     settings: TrainSettings = TrainSettings(progress=False)
     jobs: int = 1
 
-    def describe(self) -> dict[str, Any]:
-        """dataset.json's channels, labels and file ending, and the aggregate statistics (JSON-safe)."""
+    def describe(self, *, statistics: bool = True) -> dict[str, Any]:
+        """dataset.json's channels, labels and file ending, and (``statistics``) the aggregate statistics (JSON-safe)."""
         raw = self.dataset.spec.raw
-        spec = {k: raw[k] for k in DESCRIPTION_KEYS if k in raw}
-        stats = site_statistics(self.dataset, jobs=self.jobs, progress=self.settings.progress)
-        return {"dataset": spec, "statistics": stats.to_json()}
+        out: dict[str, Any] = {"dataset": {k: raw[k] for k in DESCRIPTION_KEYS if k in raw}}
+        if statistics:
+            out["statistics"] = site_statistics(self.dataset, jobs=self.jobs, progress=self.settings.progress).to_json()
+        return out
 
     def _prepare(self, plans: Plans, configuration: str) -> None:
         """Save the coordinator's plans and preprocess the site's cases (idempotent)."""
