@@ -122,8 +122,8 @@ def recorded(monkeypatch):
         for kind in seen:
             original = getattr(c, kind)
 
-            def wrapped(*a, _o=original, _k=kind):
-                out = _o(*a)
+            def wrapped(*a, _o=original, _k=kind, **kw):
+                out = _o(*a, **kw)
                 seen[_k].append(out)
                 return out
             setattr(c, kind, wrapped)
@@ -194,7 +194,8 @@ def test_federation_trains_on_127_0_0_1_and_a_dropped_site_does_not_stop_the_rou
     fits = [h for h in _history(wd) if h["kind"] == "fit"]
     assert [h["round"] for h in fits] == [1, 2, 3, 4] and fits[-1]["sites"] == ["siteA"]
     _check_payloads(recorded, sites)
-    # the global model is an ordinary work folder: predict uses it unchanged
+    # the global model is an ordinary work folder (with dataset.json's labels and region order): predict uses it
+    assert (wd / "models" / "3d_fullres" / "dataset.json").is_file()
     case = sites[0].dataset.cases[0]
     out = tmp_path / "pred"
     assert main(["-q", "predict", "-i", *map(str, case.images), "-o", str(out), "--workdir", str(wd),

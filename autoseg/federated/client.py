@@ -83,9 +83,9 @@ def run_site(site: Site, name: str, server: str, *, root_certificates: bytes | N
 
 
 def _touching(method: Any, contact: list[float]) -> Any:
-    def call(*args: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
         contact[0] = time.monotonic()
-        out = method(*args)
+        out = method(*args, **kwargs)
         contact[0] = time.monotonic()
         return out
     return call
