@@ -227,3 +227,24 @@ def test_fedprox_optimiser_pulls_the_weights_towards_where_training_started():
     assert torch.equal(train(lambda p: fedprox(p, TRAIN, mu=0.0, lr=0.1, momentum=0.5, weight_decay=0.0)), plain)
     proximal = train(lambda p: fedprox(p, TRAIN, mu=1.0, lr=0.1, momentum=0.5, weight_decay=0.0))
     assert bool(((proximal - 1).abs() < (plain - 1).abs()).all())
+
+
+def test_a_federation_of_one_site_trains_exactly_what_autoseg_train_trains(tmp_path):
+    import torch
+
+    from autoseg.api import train
+    from autoseg.federated.simulate import simulate
+
+    site = _sites(tmp_path, n=1)[0]
+    wd = _tiny_server_folder(tmp_path, [site])
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "plans.json").write_text((wd / "plans.json").read_text())
+    settings = dataclasses.replace(TRAIN, validate=False)
+    train(site.dataset, "3d_fullres", "all", workdir=alone, settings=dataclasses.replace(settings, epochs=2,
+                                                                                          iters_per_epoch=2))
+    simulate([site.dataset.root], wd, FederationSettings(rounds=2, min_sites=1, iters_per_epoch=2, eval_every=2),
+             train=settings, fold="all", log=lambda s: None)
+    final = "models/3d_fullres/fold_all/checkpoint_final.pt"
+    a, f = (torch.load(p / final, weights_only=True)["network"] for p in (alone, wd))
+    assert all(torch.equal(a[k], f[k]) for k in a)  # same start, batches, learning rates and momentum
