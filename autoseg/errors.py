@@ -142,6 +142,10 @@ class PluginError(AutosegError, ValueError):
 
 
 
+class FederationError(AutosegError, RuntimeError):
+    """Federated planning or training cannot go on (sites that disagree, too few sites, a bad address)."""
+
+
 class MissingDependencyError(AutosegError, ImportError):
     """An optional package a part needs is not installed; the message names the pip command."""
 

@@ -37,6 +37,7 @@ LAYERS: list[set[str]] = [
     {"evaluation"},
     {"training"},
     {"ensemble"},
+    {"federated"},
     {"report"},
     {"api"},
     {"cli", "__main__"},

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoseg import __version__
+from autoseg.cli import federated as federated_cli
 from autoseg.cli import plugins as plugins_cli
 from autoseg.cli import predict as predict_cli
 from autoseg.cli import report, selection, trust
@@ -36,6 +37,7 @@ def _build_parser() -> argparse.ArgumentParser:
     trust.add_parsers(sub)
     report.add_parsers(sub)
     plugins_cli.add_parsers(sub)
+    federated_cli.add_parsers(sub)
     _add_convert_msd_parser(sub)
     _add_import_nnunet_parser(sub)
     return p
@@ -275,8 +277,9 @@ def _cmd_convert_msd(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"check": _cmd_check, "plan": _cmd_plan, "preprocess": _cmd_preprocess, "train": _cmd_train,
-            "convert-msd": _cmd_convert_msd, "import-nnunet": _cmd_import_nnunet, **selection.COMMANDS, **trust.COMMANDS,
-            **report.COMMANDS, **plugins_cli.COMMANDS, **predict_cli.COMMANDS}
+            "convert-msd": _cmd_convert_msd, "import-nnunet": _cmd_import_nnunet, **selection.COMMANDS,
+            **trust.COMMANDS, **report.COMMANDS, **plugins_cli.COMMANDS, **predict_cli.COMMANDS,
+            **federated_cli.COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

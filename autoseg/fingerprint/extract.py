@@ -219,6 +219,20 @@ def combine_intensities(samples: list[np.ndarray], moments: list[np.ndarray], n_
     return tuple(out)
 
 
+def analyze_cases(dataset: Dataset, *, jobs: int = 1, progress: bool = True,
+                  strict_geometry: bool = False) -> tuple[CheckReport, list[CaseStats]]:
+    """Check every case and take its statistics (:class:`CaseStats`: fingerprint, intensity samples and moments).
+
+    Returns:
+        The integrity report and one :class:`CaseStats` per case, in the dataset's order.
+    """
+    n_samples = samples_per_case(len(dataset.cases))
+    work = [(c, dataset.spec, n_samples, strict_geometry) for c in dataset.cases]
+    results = list(imap_ordered(_worker, work, jobs=jobs, desc="check + fingerprint", progress=progress,
+                                label=lambda w: f"case {w[0].case_id}"))
+    return assemble_report(dataset, [r.check for r in results]), results
+
+
 def analyze_dataset(dataset: Dataset, *, jobs: int = 1, progress: bool = True,
                     strict_geometry: bool = False) -> tuple[CheckReport, DatasetFingerprint | None]:
     """Check every case and compute the fingerprint, reading each case once.
@@ -226,11 +240,7 @@ def analyze_dataset(dataset: Dataset, *, jobs: int = 1, progress: bool = True,
     Returns:
         The integrity report and the fingerprint (``None`` when the report has errors).
     """
-    n_samples = samples_per_case(len(dataset.cases))
-    work = [(c, dataset.spec, n_samples, strict_geometry) for c in dataset.cases]
-    results = list(imap_ordered(_worker, work, jobs=jobs, desc="check + fingerprint", progress=progress,
-                                label=lambda w: f"case {w[0].case_id}"))
-    report = assemble_report(dataset, [r.check for r in results])
+    report, results = analyze_cases(dataset, jobs=jobs, progress=progress, strict_geometry=strict_geometry)
     if not report.ok or not results:
         return report, None
     spec = dataset.spec
