@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import DatasetError
+from autoseg.io.annotations import ANNOTATED_KEY, coverage, dataset_annotations
 from autoseg.io.check_report import CheckReport, Problem, error, warning
 from autoseg.io.check_values import check_dataset_level, check_label_values, label_names, nifti_nonfinite
 from autoseg.io.dataset import CaseFiles, Dataset, DatasetSpec, load_dataset, read_dataset_json
@@ -349,7 +350,38 @@ def assemble_report(dataset: Dataset, case_checks: Sequence[CaseCheck]) -> Check
                                      f"(label {v}) is absent from every case ({len(read)} label maps read)",
                                      "check the label export; a class without voxels cannot be learnt (remove it "
                                      "from 'labels' if it is unused)"))
-    return CheckReport(dataset=str(dataset.root), n_cases=len(case_checks), problems=probs)
+    report = CheckReport(dataset=str(dataset.root), n_cases=len(case_checks), problems=probs)
+    _check_annotations(dataset, case_checks, report)
+    return report
+
+
+def _check_annotations(dataset: Dataset, case_checks: Sequence[CaseCheck], report: CheckReport) -> None:
+    """Partial annotations (dataset.json ``annotated``): a malformed entry is an error; so is a label map holding
+    voxels of a class it says was not annotated (label datasets; they must be background). Sets the coverage."""
+    if ANNOTATED_KEY not in dataset.spec.raw:
+        return
+    json_path = dataset.root / "dataset.json"
+    try:
+        annotations = dataset_annotations(dataset)
+    except DatasetError as err:
+        report.problems.append(error("annotated", None, json_path, _read_error(err, json_path),
+                                     "correct the 'annotated' entry (or its CSV) as the message says"))
+        return
+    report.coverage = coverage(dataset.spec.labels, annotations, len(dataset.cases))
+    if dataset.spec.has_regions:
+        return
+    values = {k: v for k, v in dataset.spec.labels.items() if isinstance(v, int) and v != 0 and k != "ignore"}
+    labels = {c.case_id: c for c in dataset.cases}
+    for check in case_checks:
+        names = annotations.get(check.case_id)
+        if names is None or check.labels_present is None:
+            continue
+        drawn = [k for k, v in values.items() if k not in names and v in check.labels_present]
+        if drawn:
+            report.problems.append(error("annotated", check.case_id, labels[check.case_id].label,
+                                         f"the label map holds class(es) {drawn}, which dataset.json 'annotated' "
+                                         f"says were not annotated in this case (it lists {list(names)})",
+                                         "add the class(es) to the case's 'annotated' list"))
 
 
 def _check_job(job: tuple[CaseFiles, DatasetSpec, bool, bool, bool]) -> CaseCheck:
