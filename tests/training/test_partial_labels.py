@@ -167,3 +167,18 @@ def test_tiny_training_on_partial_labels_runs_end_to_end(tmp_path, monkeypatch):
     assert cases["case_000"]["whole_tumor"] is not None
     # the mask travelled with the batches: one row per sample, [WT, TC, ET]
     assert seen and all(row in ([True, True, True], [True, True, False]) for batch in seen for row in batch)
+
+
+def test_merge_example_turns_two_label_sets_into_one_partially_annotated_dataset(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    from autoseg.io.check import check_dataset
+
+    example = runpy.run_path(str(Path(__file__).resolve().parents[2] / "examples" / "merge_datasets.py"))
+    merged = example["merge"](example["_demo"](tmp_path), tmp_path / "Dataset023_Merged")
+    spec = json.loads((merged / "dataset.json").read_text())
+    assert spec["labels"] == {"background": 0, "tumour": 1, "core": 2} and spec["numTraining"] == 6
+    assert spec["annotated"] == {f"Dataset021_Whole_case_00{i}": ["tumour"] for i in range(3)}
+    report = check_dataset(merged, progress=False)
+    assert report.ok and report.coverage == {"tumour": 6, "core": 3}
