@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--folds", default="0", help="folds trained per model (comma-separated)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--models", default="full,naive,masked", help="models trained (comma-separated)")
     ap.add_argument("--keep", type=Path, help="work here and keep the files (default: a temporary folder)")
     args = ap.parse_args()
 
@@ -111,7 +112,8 @@ def main() -> None:
         print(f"cases: {args.cases} of {args.shape}^{args.ndim}, {PARTIAL_REGION} unannotated in {args.cases // 2}; "
               f"{config}, folds {args.folds}; {args.epochs} epochs x {args.iters} iterations")
         scores = {}
-        for name, root in roots.items():
+        for name in args.models.split(","):
+            root = roots[name]
             wd = base / f"work_{name}"
             plans = autoseg.plan(root, workdir=wd, preset="cpu", progress=False)
             shrink(plans).save(wd / "plans.json")
@@ -121,9 +123,10 @@ def main() -> None:
             scores[name] = cv_dice(wd, full, folds, config)
             for r in REGIONS:
                 print(f"{name}_cv_dice_{r}: {scores[name][r]:.4f}")
-        ref = scores["full"][PARTIAL_REGION]
         for name in ("masked", "naive"):
-            print(f"{name}_over_full_{PARTIAL_REGION}: {scores[name][PARTIAL_REGION] / ref:.3f}")
+            if name in scores and "full" in scores:
+                print(f"{name}_over_full_{PARTIAL_REGION}: "
+                      f"{scores[name][PARTIAL_REGION] / scores['full'][PARTIAL_REGION]:.3f}")
         print(f"seconds: {time.perf_counter() - t0:.0f}")
     finally:
         if args.keep is None:
