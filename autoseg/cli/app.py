@@ -49,6 +49,9 @@ def _add_check_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     c.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
     c.add_argument("--strict-geometry", action="store_true",
                    help="treat origin/direction mismatches inside a case as errors")
+    c.add_argument("--allow-geometry-mismatch", action="store_true",
+                   help="proceed although image and label headers place voxels more than half a voxel apart "
+                        "(errors by default; planning records the choice in plans.json)")
     c.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     add_jobs(c)
 
@@ -65,6 +68,9 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     pl.add_argument("--explain", action="store_true", help="print each planning decision and why")
     pl.add_argument("--strict-geometry", action="store_true",
                     help="treat origin/direction mismatches inside a case as errors")
+    pl.add_argument("--allow-geometry-mismatch", action="store_true",
+                   help="proceed although image and label headers place voxels more than half a voxel apart "
+                        "(errors by default; planning records the choice in plans.json)")
     pl.add_argument("--force", action="store_true", help="recompute the fingerprint even if files are unchanged")
     pl.add_argument("--seed", type=int, default=12345, help="seed recorded in the plans (default 12345)")
     pl.add_argument("--recipe", nargs="+", default=[], metavar="KIND=NAME[:K=V...]",
@@ -163,7 +169,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from autoseg.api import check
     from autoseg.io.atomic import write_json_atomic
 
-    report = check(args.dataset, jobs=args.jobs, progress=not args.quiet, strict_geometry=args.strict_geometry)
+    report = check(args.dataset, jobs=args.jobs, progress=not args.quiet, strict_geometry=args.strict_geometry,
+                   allow_geometry_mismatch=args.allow_geometry_mismatch)
     print(report.format_table())
     if args.json:
         write_json_atomic(args.json, report.to_json())
@@ -179,6 +186,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     workdir = workdir_for(dataset, args.workdir)
     plans = plan(dataset, workdir=workdir, gpu_memory_gb=args.gpu_memory, preset=args.preset,
                  jobs=args.jobs, progress=not args.quiet, strict_geometry=args.strict_geometry,
+                 allow_geometry_mismatch=args.allow_geometry_mismatch,
                  reuse_fingerprint=not args.force, seed=args.seed, plugins=args.plugin, recipe=args.recipe,
                  overrides=args.overrides, storage=args.storage, on_report=_print_warnings)
     for warning in override_warnings(plans):

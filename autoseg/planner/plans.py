@@ -150,6 +150,9 @@ class Plans:
             every parameter filled in (see :mod:`autoseg.plugins`); empty in plans written before plugins existed.
         storage: how preprocessed cases are stored: ``npy`` (memory-mapped, the default) or ``blosc2``
             (compressed; :mod:`autoseg.preprocessing.storage`); plans written before the choice existed are ``npy``.
+        allow_geometry_mismatch: planned with ``--allow-geometry-mismatch``: some image and label headers place
+            voxels more than half a voxel apart and the user chose to train on them as they are
+            (:mod:`autoseg.io.geometry_policy`); absent from the JSON when False.
         version: plans format version.
     """
 
@@ -169,6 +172,7 @@ class Plans:
     dataset_signature: str = ""
     plugins: tuple[dict[str, Any], ...] = ()
     storage: str = "npy"
+    allow_geometry_mismatch: bool = False
     version: int = PLANS_VERSION
 
     def __post_init__(self) -> None:
@@ -244,6 +248,7 @@ class Plans:
             "configurations": {k: v.to_json() for k, v in self.configurations.items()},
             **({"plugins": [dict(p) for p in self.plugins]} if self.plugins else {}),  # absent: plans as before
             "storage": self.storage,
+            **({"allow_geometry_mismatch": True} if self.allow_geometry_mismatch else {}),
         }
 
     @classmethod
@@ -268,6 +273,7 @@ class Plans:
                 decisions=tuple(d.get("decisions", ())), dataset_signature=str(d.get("dataset_signature", "")),
                 plugins=tuple(_plugin_entry(p) for p in d.get("plugins", ())),
                 storage=str(d.get("storage", "npy")),
+                allow_geometry_mismatch=bool(d.get("allow_geometry_mismatch", False)),
             )
         except (KeyError, TypeError, ValueError, PlanningError) as err:
             raise FileFormatError(f"plans JSON is missing or has a malformed field ({err!r}); rerun `autoseg plan` "

@@ -11,6 +11,7 @@ error logit comes from detached features, so the term changes nothing in the seg
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,14 +60,15 @@ class ErrorHeadLoss(nn.Module):
         self.loss, self.num_outputs, self.regions = loss, num_outputs, regions
         self.ignore_label, self.weight = ignore_label, float(weight)
 
-    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor | Sequence[torch.Tensor]
-                ) -> torch.Tensor:
+    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor | Sequence[torch.Tensor],
+                **extra: Any) -> torch.Tensor:
+        """``extra`` (a batch's ``annotated``, for instance) goes to the wrapped loss."""
         listed = isinstance(outputs, (list, tuple))
         full = outputs[0] if listed else outputs
         if full.shape[1] != self.num_outputs + 1:
-            return self.loss(outputs, targets)
+            return self.loss(outputs, targets, **extra)
         seg, err = full[:, :-1], full[:, -1:]
-        seg_loss = self.loss([seg, *outputs[1:]] if listed else seg, targets)
+        seg_loss = self.loss([seg, *outputs[1:]] if listed else seg, targets, **extra)
         wrong, valid = error_target(seg, targets[0] if isinstance(targets, (list, tuple)) else targets,
                                     regions=self.regions, ignore_label=self.ignore_label)
         bce = F.binary_cross_entropy_with_logits(err.float(), wrong, reduction="none")

@@ -92,6 +92,14 @@ def _clip_gradients(network: torch.nn.Module, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(group, max_norm)
 
 
+def _loss_extra(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """What a batch hands the loss besides outputs and targets: partially annotated datasets' ``annotated``
+    (:class:`~autoseg.training.losses.partial.PartialLabelLoss`)."""
+    if "annotated" not in batch:
+        return {}
+    return {"annotated": torch.as_tensor(batch["annotated"], dtype=torch.bool).to(device)}
+
+
 def _first(x: Any) -> Any:
     return x[0] if isinstance(x, (list, tuple)) else x
 
@@ -191,7 +199,7 @@ class TrainingLoop:
         data, target = _to(batch["data"], self.device), _to(batch["target"], self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss = self.loss(self.network(data), target)
+            loss = self.loss(self.network(data), target, **_loss_extra(batch, self.device))
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -210,7 +218,7 @@ class TrainingLoop:
         data, target = _to(batch["data"], self.device), _to(batch["target"], self.device)
         with self._autocast():
             out = self.network(data)
-            loss = self.loss(out, target)
+            loss = self.loss(out, target, **_loss_extra(batch, self.device))
         tp, fp, fn = tp_fp_fn(_first(out).float(), _first(target), regions=self.regions,
                               ignore_label=self.ignore_label)
         return float(loss), tp, fp, fn

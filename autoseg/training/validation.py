@@ -36,6 +36,7 @@ from autoseg.inference.uncertainty import (
     predict_members,
     probability_scores,
 )
+from autoseg.io.annotations import dataset_annotations
 from autoseg.io.atomic import read_json, write_json_atomic
 from autoseg.io.dataset import Dataset
 from autoseg.io.image import read_label, write_label
@@ -173,6 +174,7 @@ def validate_fold(network: torch.nn.Module, dataset: Dataset, plans: Plans, inpu
     per_case: dict[str, dict[str, float | None]] = {}
     quality: dict[str, dict[str, float | None]] = {}
     refs = {c.case_id: c for c in dataset.cases}
+    partial = dataset_annotations(dataset)  # a class not annotated in a case is not scored there
     try:
         for cid in tqdm(inputs.case_ids, desc="validation", leave=False, disable=not settings.progress):
             seg, quality[cid] = _validate_case(run, cid, plans, inputs, workdir, out_dir / f"{cid}"
@@ -181,7 +183,8 @@ def validate_fold(network: torch.nn.Module, dataset: Dataset, plans: Plans, inpu
             if case is not None and case.label is not None:
                 scores = dice_scores(seg, read_label(case.label).array, eval_classes(inputs.layout),
                                      ignore_label=dataset.spec.ignore_label)
-                per_case[cid] = {n: (None if math.isnan(v) else v) for n, v in zip(names, scores, strict=True)}
+                per_case[cid] = {n: (None if math.isnan(v) or (cid in partial and n not in partial[cid]) else v)
+                                 for n, v in zip(names, scores, strict=True)}
     finally:
         network.deep_supervision = ds_flag
     summary = ValidationSummary.from_cases(inputs.config.name, names, per_case)
