@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test,onnx,monai,tensorboard,blosc2]"
+	$(BIN)/python -m pip install -q -e ".[test,onnx,monai,tensorboard,blosc2,dicom,explain,federated]"
 	touch $(STAMP)
 
 install: $(STAMP)

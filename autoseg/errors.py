@@ -29,6 +29,11 @@ class ImageReadError(AutosegError, OSError):
     """An image file cannot be read (missing, truncated, unsupported)."""
 
 
+class DicomSeriesError(ImageReadError):
+    """A DICOM series folder cannot be read as one regular volume (gantry tilt, missing or unevenly spaced slices,
+    mixed orientations, several series and none chosen)."""
+
+
 class ImageWriteError(AutosegError, OSError):
     """An image file cannot be written."""
 
@@ -104,6 +109,10 @@ class PredictionInputError(AutosegError, ValueError):
     """The images given to ``predict`` are missing, unreadable or do not fit the model."""
 
 
+class ModelImportError(AutosegError, ValueError):
+    """A model of another framework cannot be imported (unsupported architecture, unsafe or malformed files)."""
+
+
 class ModelNotFoundError(AutosegError, FileNotFoundError):
     """No trained fold where the predictor looked."""
 
@@ -131,6 +140,10 @@ class WorkerError(AutosegError, RuntimeError):
 class PluginError(AutosegError, ValueError):
     """An unknown plugin, a bad plugin parameter, a broken third-party plugin or a missing plugin state."""
 
+
+
+class FederationError(AutosegError, RuntimeError):
+    """Federated planning or training cannot go on (sites that disagree, too few sites, a bad address)."""
 
 
 class MissingDependencyError(AutosegError, ImportError):

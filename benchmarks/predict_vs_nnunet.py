@@ -18,6 +18,8 @@ scenario: tool/setting, wall time of the predict command (total and per case), p
 set size: shared pages split between processes) of its whole process tree, and the ratios to nnU-Net's default run (``-npp 3 -nps 3``). autoseg runs with its default (bf16 autocast where the
 CPU supports it), with ``--no-amp`` (fp32, the strict like-for-like) and with ``--fast`` (not like for like: no
 mirroring, larger step). Finally, if ``make demo`` has trained demo_data's fold 0, the Dice cost of ``--fast``.
+``--imported`` also imports nnU-Net's trained model (``autoseg import-nnunet``) and predicts with it in autoseg (fp32):
+the same weights in both tools, so it prints how many voxels of the two tools' files agree.
 ``--quick`` uses tiny volumes (checks the script in a couple of minutes); ``--repeat N`` runs each predict command N
 times and keeps the fastest wall time and the largest peak memory. Datasets and models are reused from --out if there.
 """
@@ -285,6 +287,26 @@ def nnunet_predict(sc: Scenario, work: Path, venv: Path, out: Path, extra: list[
     return _record(sc, setting, cmd + ([] if sc.tta else ["--disable_tta"]) + extra, out, env)
 
 
+def imported_predict(sc: Scenario, nnunet_work: Path, pred: Path) -> None:
+    """Import nnU-Net's model, predict with it in autoseg (fp32) and compare the files with nnU-Net's own."""
+    from autoseg.io.image import read_label
+
+    (model,) = (nnunet_work / "nnUNet_results").glob(f"Dataset{sc.nnunet_id:03d}_*/{TRAINER_NAME}__*__3d_fullres")
+    work = nnunet_work.parent / "imported_work"
+    _must(run_measured([sys.executable, "-m", "autoseg", "import-nnunet", str(model), "--workdir", str(work)]),
+          "autoseg import-nnunet")
+    if autoseg_predict(sc, work, pred / "autoseg_imported", ["--no-amp"], "autoseg, imported nnU-Net model (fp32)").error:
+        return
+    differ = total = 0
+    for ref in sorted((pred / "nnunet_default").glob("*.nii.gz")):
+        a, b = read_label(ref), read_label(pred / "autoseg_imported" / ref.name)
+        if a.array.shape != b.array.shape or not np.allclose(a.geometry.spacing, b.geometry.spacing):
+            raise SystemExit(f"{ref.name}: the two tools' files differ in grid")
+        differ, total = differ + int((a.array != b.array).sum()), total + a.array.size
+    print(f"  imported model vs nnU-Net: {differ} of {total} voxels differ ({100 * differ / max(total, 1):.4f} %), "
+          "same grids")
+
+
 def print_table(scenarios: list[Scenario]) -> None:
     head = ("scenario", "tool / setting", "cases", "wall s", "s/case", "peak RSS MB", "peak PSS MB",
             "nnU-Net s / this s", "PSS this / nnU-Net")
@@ -340,6 +362,7 @@ def main() -> int:
     ap.add_argument("--nnunet-venv", type=Path, default=ROOT / ".nnunet-venv")
     ap.add_argument("--no-lean", action="store_true", help="skip nnU-Net's extra -npp 1 -nps 1 run")
     ap.add_argument("--repeat", type=int, default=1, help="runs per predict setting (keeps the fastest)")
+    ap.add_argument("--imported", action="store_true", help="also predict with nnU-Net's model imported into autoseg")
     args = ap.parse_args()
     out = (args.out / ("quick" if args.quick else "full")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -392,6 +415,8 @@ def main() -> int:
             if not args.no_lean:
                 nnunet_predict(sc, base / "nnunet", args.nnunet_venv, pred / "nnunet_lean",
                                ["-npp", "1", "-nps", "1"], "nnU-Net lean (-npp 1 -nps 1)")
+            if args.imported:
+                imported_predict(sc, base / "nnunet", pred)
         autoseg_predict(sc, work, pred / "autoseg_default", [], "autoseg default (bf16 autocast if supported)")
         autoseg_predict(sc, work, pred / "autoseg_fp32", ["--no-amp"], "autoseg --no-amp (fp32)")
         autoseg_predict(sc, work, pred / "autoseg_fast", ["--fast"], "autoseg --fast (not like for like)")

@@ -228,18 +228,20 @@ def main() -> int:
             print(f"[{i}/{len(order)}] {row.network} + {row.loss}: skipped", flush=True)
             continue
         start = time.perf_counter()
-        if key[0] == "net":
-            workdir = base_dir if name == DEFAULT_NETWORK else work / f"network_{name}"
-            if name != DEFAULT_NETWORK:
-                plan(dataset, workdir, name, args.jobs)
-        else:
-            workdir = work / f"loss_{name}"
-            copy_workdir(base_dir, workdir)
         try:
+            if key[0] == "net":
+                workdir = base_dir if name == DEFAULT_NETWORK else work / f"network_{name}"
+                if name != DEFAULT_NETWORK:
+                    plan(dataset, workdir, name, args.jobs)
+            else:
+                workdir = work / f"loss_{name}"
+                copy_workdir(base_dir, workdir)
             train(dataset, workdir, row, epochs=args.epochs, iters=args.iters, jobs=args.jobs,
                   loss_override=key[0] == "loss")
-        except Exception as err:  # noqa: BLE001 - one broken run is reported in its row, the others still run
-            row.status, row.error = "failed", f"{type(err).__name__}: {err}"
+        except Exception as err:  # noqa: BLE001 - one broken run (planning or training) is reported in its row
+            lines = str(err).strip().splitlines() or [""]
+            row.status = "failed"
+            row.error = f"{type(err).__name__}: {lines[0]}" + (f" ... {lines[-1]}" if len(lines) > 1 else "")
         what = (f"{row.s_per_iter:.2f} s/iter, val mean Dice {row.dice:.4f}" if row.status == "ok"
                 else f"{row.status} {row.error}".strip())
         print(f"[{i}/{len(order)}] {row.network} + {row.loss}: {what} ({time.perf_counter() - start:.0f} s)",

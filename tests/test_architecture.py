@@ -8,6 +8,7 @@ functions count too; imports under ``if TYPE_CHECKING:`` do not, since they neve
   synthetic datasets with ``io``;
 - ``fingerprint`` -> ``networks`` -> ``planner``: networks describe their architecture and what it costs (parameters,
   memory of a training step); the planner chooses patch and batch sizes with those estimates;
+- ``interop``: models of other frameworks (nnU-Net v2) turned into plans and checkpoints;
 - ``preprocessing`` -> ``plugins`` (extra channels and derived labels fitted on preprocessed cases);
 - ``inference`` (the engine: sliding window, predictor, export, uncertainty, ONNX) -> ``evaluation`` (metrics,
   quality rules) -> ``training``, whose final validation predicts the held-out cases with the engine and scores them;
@@ -29,12 +30,14 @@ LAYERS: list[set[str]] = [
     {"fingerprint"},
     {"networks"},
     {"planner"},
+    {"interop"},
     {"preprocessing"},
     {"plugins"},
     {"inference"},
     {"evaluation"},
     {"training"},
     {"ensemble"},
+    {"federated"},
     {"report"},
     {"api"},
     {"cli", "__main__"},

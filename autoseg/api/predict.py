@@ -30,7 +30,8 @@ def predict(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], o
             progress, postprocessing, label_map, uncertainty, missing, drift, num_parts, part_id, claim,
             claim_timeout); ``overrides`` replace single
             fields, e.g. ``predict(..., device="cpu", uncertainty=True)``. With ``uncertainty``, voxel-wise
-            entropy and disagreement maps go to ``OUTPUT/uncertainty/`` and cases at or below the threshold
+            entropy and disagreement maps (and a learned error head's map, when the recipe has one) go to
+            ``OUTPUT/uncertainty/`` and cases at or below the threshold
             ``find-best`` learnt on CV are flagged in ``OUTPUT/quality.csv``.
         on_warning: called with each input warning (default: :func:`warnings.warn`).
 

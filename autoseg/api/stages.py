@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 
 def check(dataset: DatasetLike, *, jobs: int = 1, progress: bool = True,
-          strict_geometry: bool = False) -> CheckReport:
+          strict_geometry: bool = False, allow_geometry_mismatch: bool = False) -> CheckReport:
     """Run the integrity check and return every problem found (it never raises on a bad dataset).
 
     Args:
@@ -46,16 +46,20 @@ def check(dataset: DatasetLike, *, jobs: int = 1, progress: bool = True,
         jobs: worker processes.
         progress: show a progress bar.
         strict_geometry: origin/direction mismatches inside a case are errors, not warnings.
+        allow_geometry_mismatch: mismatches that move voxels by more than half their size are warnings, not errors
+            (:mod:`autoseg.io.geometry_policy`).
 
     Returns:
         The report; ``report.ok`` is False when there are errors, ``report.format_table()`` lists them.
     """
     return check_dataset(dataset if isinstance(dataset, Dataset) else Path(dataset), jobs=jobs,
-                         progress=progress, strict_geometry=strict_geometry)
+                         progress=progress, strict_geometry=strict_geometry,
+                         allow_geometry_mismatch=allow_geometry_mismatch)
 
 
 def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None, gpu_memory_gb: float = 8.0,
          preset: str = "default", jobs: int = 1, progress: bool = True, strict_geometry: bool = False,
+         allow_geometry_mismatch: bool = False,
          reuse_fingerprint: bool = True, seed: int = 12345, plugins: Sequence[str | dict[str, Any]] = (),
          recipe: Sequence[str] | str | Recipe | None = None, overrides: OverrideInput = None,
          storage: str | None = None,
@@ -71,6 +75,8 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
         jobs: worker processes for the check and fingerprint.
         progress: show progress bars.
         strict_geometry: origin/direction mismatches inside a case are errors.
+        allow_geometry_mismatch: proceed although image and label headers place voxels more than half a voxel
+            apart (:mod:`autoseg.io.geometry_policy`); recorded in the plans.
         reuse_fingerprint: reuse a saved fingerprint of unchanged files.
         seed: the seed recorded in the plans, from which all later randomness flows.
         plugins: extra input channels / derived labels, e.g. ``["kle_residual", "peritumoral_zones:widths_mm=5,10"]``
@@ -102,10 +108,15 @@ def plan(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None,
     chosen_overrides = parse_overrides(overrides)  # and a malformed override
     wd = workdir_for(ds, workdir)
     fp = fingerprint(ds, workdir=wd, jobs=jobs, progress=progress, strict_geometry=strict_geometry,
+                     allow_geometry_mismatch=allow_geometry_mismatch,
                      reuse=reuse_fingerprint, on_report=on_report)
     planned = plan_experiment(fp, gpu_memory_gb=gpu_memory_gb, preset=preset, seed=seed, recipe=chosen_recipe)
     plans = with_plugins(apply_overrides(planned, fp, chosen_overrides), chosen)
-    plans = dataclasses.replace(plans, storage=storage)
+    plans = dataclasses.replace(plans, storage=storage, allow_geometry_mismatch=allow_geometry_mismatch)
+    if allow_geometry_mismatch:
+        plans = dataclasses.replace(plans, decisions=(*plans.decisions, "geometry: planned with "
+                                    "--allow-geometry-mismatch; cases whose image and label headers place voxels more "
+                                    "than half a voxel apart were accepted as they are"))
     plans.save(wd / "plans.json")
     write_text_atomic(wd / "dataset.json", (ds.root / "dataset.json").read_text(encoding="utf-8"))
     record_dataset_source(wd, ds.root)

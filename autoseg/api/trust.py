@@ -62,7 +62,7 @@ def _case_source(workdir: Path, *, images: str | os.PathLike[str] | None, labels
     from autoseg.ensemble.pipeline import load_ensemble
     from autoseg.inference.inputs import collect_cases
     from autoseg.io.dataset import dataset_source, load_dataset
-    from autoseg.io.image import file_ending, read_label
+    from autoseg.io.image import file_ending
     from autoseg.preprocessing.preprocess import read_case
     from autoseg.training.splits import load_splits
 
@@ -74,14 +74,8 @@ def _case_source(workdir: Path, *, images: str | os.PathLike[str] | None, labels
         def given() -> Iterator[tuple[str, Any, np.ndarray, Any, np.ndarray | None]]:
             for c in cases:
                 arr, _, geometry = read_case(c.as_case_files())
-                ref = None
-                if labels is not None:
-                    path = Path(labels) / f"{c.case_id}{file_ending(c.images[0])}"
-                    if not path.is_file():
-                        raise EvaluationError(f"{path}: no reference for case {c.case_id} in {labels}; add it or "
-                                              "leave the case out of the images folder.")
-                    ref = read_label(path).array
-                elif labels_required:
+                ref = _reference(labels, c.case_id, file_ending(c.images[0]))
+                if ref is None and labels_required:
                     raise EvaluationError("references are needed: pass labels (-r LABELS_FOLDER).")
                 yield c.case_id, model, arr, geometry, ref
         return model.plans, given()
@@ -112,6 +106,19 @@ def _case_source(workdir: Path, *, images: str | os.PathLike[str] | None, labels
                 count += 1
                 yield cid, model, arr, geometry, ref
     return first.plans, cv()
+
+
+def _reference(labels: str | os.PathLike[str] | None, case_id: str, ending: str) -> np.ndarray | None:
+    """The reference label map of a case from the ``labels`` folder (None without one)."""
+    from autoseg.io.image import read_label
+
+    if labels is None:
+        return None
+    path = Path(labels) / f"{case_id}{ending}"
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no reference for case {case_id} in {labels}; add it or leave the case out "
+                              "of the images folder.")
+    return read_label(path).array
 
 
 def _default_configuration(workdir: Path) -> str:
@@ -188,16 +195,43 @@ def evaluate_missing(workdir: str | os.PathLike[str], *, images: str | os.PathLi
 def explain(workdir: str | os.PathLike[str], images: str | os.PathLike[str], *, output: str | os.PathLike[str],
             labels: str | os.PathLike[str] | None = None, configuration: str | None = None,
             folds: Sequence[str] | None = None, device: str = "auto", tta: bool = False,
-            max_cases: int | None = None, progress: bool = True) -> Any:
-    """Exact Shapley values of each input channel per class on given cases (at most 5 channels: 2^C predictions
-    per case). The value of a set of channels is the Dice against ``labels``, or against the all-channel
-    prediction without labels; absent channels are blanked as in training dropout.
+            max_cases: int | None = None, progress: bool = True, method: str | Sequence[str] = "shapley",
+            layer: str | None = None, evaluate: bool = False) -> Any:
+    """Explain the model on given cases: channel attribution (``method="shapley"``, the default) or spatial maps.
 
-    Writes ``attribution.csv``, ``attribution.json`` and the bar chart ``attribution.png`` to ``output``.
+    **shapley**: exact Shapley values of each input channel per class (at most 5 channels: 2^C predictions per
+    case). The value of a set of channels is the Dice against ``labels``, or against the all-channel prediction
+    without labels; absent channels are blanked as in training dropout. Writes ``attribution.csv``,
+    ``attribution.json`` and the bar chart ``attribution.png`` to ``output``.
+
+    **gradcam, gradcam++, occlusion, attention** (one or several): per case, class and method a map in the
+    input's geometry (``output/maps/``), an overlay PNG of the three slices with the most mass
+    (``output/overlays/``) and ``output/explanations.csv``; see :mod:`autoseg.inference.saliency` for the
+    methods, the target (the class's logits summed over the predicted mask, or over the reference with
+    ``labels``) and ``layer`` (default ``decoder.0``, the last decoder stage). With ``evaluate``, deletion and
+    insertion AUCs and the mass inside the reference, against a random and a distance baseline
+    (:mod:`autoseg.evaluation.explanation_scores`), also written to ``output/explanation_scores.csv``.
+    Spatial maps use one configuration (``configuration``, default the find-best choice's first) without
+    mirroring.
 
     Returns:
-        An :class:`~autoseg.evaluation.attribution.Attribution` (``format_table()`` prints it).
+        An :class:`~autoseg.evaluation.attribution.Attribution`, or for spatial methods a
+        :class:`~autoseg.evaluation.spatial_explain.SpatialExplanation` (``format_table()`` prints either).
+
+    Raises:
+        EvaluationError: ``layer`` or ``evaluate`` with ``shapley``, a missing reference.
+        InferenceError: an unknown method or layer, ``attention`` on a network without gates, captum missing.
     """
+    methods = [method] if isinstance(method, str) else list(method)
+    if methods != ["shapley"]:
+        if "shapley" in methods:
+            raise EvaluationError("shapley explains channels, the other methods voxels: run them separately.")
+        return _explain_spatial(Path(workdir), images, Path(output), labels=labels, configuration=configuration,
+                                folds=folds, device=device, max_cases=max_cases, progress=progress,
+                                methods=methods, layer=layer, evaluate=evaluate)
+    if layer is not None or evaluate:
+        raise EvaluationError("--layer and --evaluate apply to the spatial methods (gradcam, gradcam++, occlusion, "
+                              "attention), not to shapley.")
     from autoseg.evaluation.attribution import explain_cases
 
     result = _channel_study(explain_cases, Path(workdir), images=images, labels=labels, dataset=None,
@@ -209,3 +243,53 @@ def explain(workdir: str | os.PathLike[str], images: str | os.PathLike[str], *, 
     result.save(out / "attribution.json")
     result.plot(out / "attribution.png")
     return result
+
+
+def _explain_spatial(wd: Path, images: str | os.PathLike[str], out: Path, *, labels: str | os.PathLike[str] | None,
+                     configuration: str | None, folds: Sequence[str] | None, device: str, max_cases: int | None,
+                     progress: bool, methods: list[str], layer: str | None, evaluate: bool) -> Any:
+    """Spatial maps (and their scores) of every method on the cases in ``images``."""
+    from autoseg.evaluation.explanation_scores import ExplanationEvaluation
+    from autoseg.evaluation.spatial_explain import (
+        SpatialExplanation,
+        explain_case,
+        prepare_case,
+        score_case,
+        targets,
+        write_summary,
+    )
+    from autoseg.inference.inputs import collect_cases
+    from autoseg.inference.predictor import Predictor
+    from autoseg.inference.saliency import check_method, load_networks, resolve_layer
+    from autoseg.io.image import file_ending
+    from autoseg.io.model_folder import configuration_folder, trained_folds
+    from autoseg.preprocessing.preprocess import read_case
+
+    name = configuration or _default_configuration(wd)
+    wanted = [str(f) for f in folds] if folds else trained_folds(configuration_folder(wd, name))
+    nets = load_networks(wd, name, wanted)
+    for m in methods:  # refuse before any work
+        check_method(m, nets[0])
+    if any(m.startswith("gradcam") for m in methods):
+        resolve_layer(nets[0], layer)
+    predictor = Predictor.from_workdir(wd, name, folds=wanted, device=device, tta=False)
+    tgts = targets(predictor)
+    cases = collect_cases([images], predictor.plans.channel_names)[:max_cases]
+    if progress:
+        from tqdm import tqdm
+        cases = tqdm(cases, desc="explain", unit="case")
+    out.mkdir(parents=True, exist_ok=True)
+    rows, evaluation = [], ExplanationEvaluation() if evaluate else None
+    for c in cases:
+        arr, _, geometry = read_case(c.as_case_files())
+        ending = file_ending(c.images[0])
+        case = prepare_case(predictor, c.case_id, arr, geometry, _reference(labels, c.case_id, ending), tgts,
+                            use_reference=labels is not None)
+        maps, r = explain_case(predictor, nets, case, tgts, methods=methods, layer=layer, output=out, ending=ending)
+        rows += r
+        if evaluation is not None:
+            evaluation.scores += score_case(predictor, case, tgts, maps)
+    write_summary(out / "explanations.csv", rows)
+    if evaluation is not None:
+        evaluation.write_csv(out / "explanation_scores.csv")
+    return SpatialExplanation(rows, evaluation)

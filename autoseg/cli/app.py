@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoseg import __version__
+from autoseg.cli import federated as federated_cli
 from autoseg.cli import plugins as plugins_cli
 from autoseg.cli import predict as predict_cli
 from autoseg.cli import report, selection, trust
@@ -36,7 +37,9 @@ def _build_parser() -> argparse.ArgumentParser:
     trust.add_parsers(sub)
     report.add_parsers(sub)
     plugins_cli.add_parsers(sub)
+    federated_cli.add_parsers(sub)
     _add_convert_msd_parser(sub)
+    _add_import_nnunet_parser(sub)
     return p
 
 
@@ -46,6 +49,9 @@ def _add_check_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     c.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw layout)")
     c.add_argument("--strict-geometry", action="store_true",
                    help="treat origin/direction mismatches inside a case as errors")
+    c.add_argument("--allow-geometry-mismatch", action="store_true",
+                   help="proceed although image and label headers place voxels more than half a voxel apart "
+                        "(errors by default; planning records the choice in plans.json)")
     c.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     add_jobs(c)
 
@@ -62,6 +68,9 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     pl.add_argument("--explain", action="store_true", help="print each planning decision and why")
     pl.add_argument("--strict-geometry", action="store_true",
                     help="treat origin/direction mismatches inside a case as errors")
+    pl.add_argument("--allow-geometry-mismatch", action="store_true",
+                   help="proceed although image and label headers place voxels more than half a voxel apart "
+                        "(errors by default; planning records the choice in plans.json)")
     pl.add_argument("--force", action="store_true", help="recompute the fingerprint even if files are unchanged")
     pl.add_argument("--seed", type=int, default=12345, help="seed recorded in the plans (default 12345)")
     pl.add_argument("--recipe", nargs="+", default=[], metavar="KIND=NAME[:K=V...]",
@@ -160,7 +169,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from autoseg.api import check
     from autoseg.io.atomic import write_json_atomic
 
-    report = check(args.dataset, jobs=args.jobs, progress=not args.quiet, strict_geometry=args.strict_geometry)
+    report = check(args.dataset, jobs=args.jobs, progress=not args.quiet, strict_geometry=args.strict_geometry,
+                   allow_geometry_mismatch=args.allow_geometry_mismatch)
     print(report.format_table())
     if args.json:
         write_json_atomic(args.json, report.to_json())
@@ -176,6 +186,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     workdir = workdir_for(dataset, args.workdir)
     plans = plan(dataset, workdir=workdir, gpu_memory_gb=args.gpu_memory, preset=args.preset,
                  jobs=args.jobs, progress=not args.quiet, strict_geometry=args.strict_geometry,
+                 allow_geometry_mismatch=args.allow_geometry_mismatch,
                  reuse_fingerprint=not args.force, seed=args.seed, plugins=args.plugin, recipe=args.recipe,
                  overrides=args.overrides, storage=args.storage, on_report=_print_warnings)
     for warning in override_warnings(plans):
@@ -250,6 +261,21 @@ def format_validation(summary: ValidationSummary, held_out: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _add_import_nnunet_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``autoseg import-nnunet``: an nnU-Net v2 model folder as an autoseg work folder."""
+    m = sub.add_parser("import-nnunet", help="import a trained nnU-Net v2 model (safely; no nnU-Net needed)")
+    m.add_argument("model_folder", type=Path, help="nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION")
+    m.add_argument("--workdir", type=Path, required=True, help="work folder to write (models/<configuration>/)")
+    m.add_argument("--folds", nargs="+", default=None, help="folds to import (default: every trained fold)")
+
+
+def _cmd_import_nnunet(args: argparse.Namespace) -> int:
+    from autoseg.interop.nnunet import import_nnunet
+
+    print(import_nnunet(args.model_folder, args.workdir, folds=args.folds).summary())
+    return 0
+
+
 def _cmd_convert_msd(args: argparse.Namespace) -> int:
     from autoseg.io.msd import convert_msd
 
@@ -259,8 +285,9 @@ def _cmd_convert_msd(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"check": _cmd_check, "plan": _cmd_plan, "preprocess": _cmd_preprocess, "train": _cmd_train,
-            "convert-msd": _cmd_convert_msd, **selection.COMMANDS, **trust.COMMANDS,
-            **report.COMMANDS, **plugins_cli.COMMANDS, **predict_cli.COMMANDS}
+            "convert-msd": _cmd_convert_msd, "import-nnunet": _cmd_import_nnunet, **selection.COMMANDS,
+            **trust.COMMANDS, **report.COMMANDS, **plugins_cli.COMMANDS, **predict_cli.COMMANDS,
+            **federated_cli.COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

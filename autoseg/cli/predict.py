@@ -17,7 +17,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     """``autoseg predict``: segment images with trained folds or a bundle."""
     pr = sub.add_parser("predict", help="segment images with trained folds (output in the inputs' geometry)")
     pr.add_argument("-i", "--input", nargs="+", required=True, metavar="IN",
-                    help="folder of CASE_XXXX.<ending> channel files (nnU-Net layout), or image files")
+                    help="folder of CASE_XXXX.<ending> channel files or CASE_XXXX/ DICOM series folders (nnU-Net "
+                         "layout), one DICOM series folder, or image files")
     pr.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
                     help="output folder (CASE.<ending> per case), or a file name for a single case")
     where = pr.add_mutually_exclusive_group(required=True)
@@ -39,14 +40,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                     help="window step as a fraction of the patch (default 0.5; larger is faster)")
     pr.add_argument("--fast", action="store_true",
                     help="no mirroring and step 0.75: much faster at a small Dice cost (see README)")
-    pr.add_argument("--save-probabilities", action="store_true",
-                    help="also write CASE.npz with the probabilities (for ensembling)")
+    pr.add_argument("--save-probabilities", nargs="*", choices=("npz", "nifti"), metavar="FORMAT",
+                    help="also write the probabilities: alone or 'npz', CASE.npz (for ensembling); 'nifti', one float "
+                         "image per class or region in OUT/probabilities/ (input geometry, for viewers); both: npz nifti")
+    pr.add_argument("--output-format", choices=("nifti", "dicom-seg"), default="nifti",
+                    help="nifti (default: the segmentation in the input's format, NIfTI for DICOM series); dicom-seg: "
+                         "also CASE.dcm, a DICOM Segmentation referencing the input series (DICOM inputs only)")
     pr.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     pr.add_argument("--no-amp", action="store_true",
                     help="float32 only (default: fp16 on CUDA, bf16 on CPUs with native bf16)")
     pr.add_argument("--overwrite", action="store_true", help="redo cases whose output exists (default: skip)")
     pr.add_argument("--uncertainty", action="store_true",
-                    help="also write entropy and disagreement maps (OUT/uncertainty/) and per-case quality scores; "
+                    help="also write entropy and disagreement maps (OUT/uncertainty/; and the error map of a model "
+                         "trained with network=...:error_head=true) and per-case quality scores; "
                          "cases below the threshold find-best learnt on CV are flagged in OUT/quality.csv")
     pr.add_argument("--missing", nargs="+", metavar="NAME", default=(),
                     help="channels that were not acquired (names from dataset.json, or indices): no files needed")
@@ -83,7 +89,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     folds = [f for item in args.folds for f in item.split(",") if f] if args.folds else None
     summary = predict(args.input, args.output, workdir=args.bundle or args.workdir, configuration=args.configuration,
                       folds=folds, device=args.device, tta=not args.no_tta, step_size=args.step, fast=args.fast,
-                      amp=False if args.no_amp else None, save_probabilities=args.save_probabilities,
+                      amp=False if args.no_amp else None,
+                      save_probabilities=args.save_probabilities is not None and (
+                          not args.save_probabilities or "npz" in args.save_probabilities),
+                      probability_images="nifti" in (args.save_probabilities or ()), output_format=args.output_format,
                       overwrite=args.overwrite, progress=not args.quiet, postprocessing=args.postprocessing,
                       label_map=args.map_labels, deterministic=args.deterministic, uncertainty=args.uncertainty,
                       missing=[m for item in args.missing for m in item.split(",") if m],

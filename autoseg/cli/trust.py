@@ -27,12 +27,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     em.add_argument("--dataset", type=Path, help="training dataset for the CV cases (default: the planned one)")
     em.add_argument("-o", "--output", type=Path, help="folder for missing_channels.json/.csv (default WORKDIR/trust)")
 
-    ex = sub.add_parser("explain", help="exact Shapley value of each input channel per class (table and bar chart)")
+    ex = sub.add_parser("explain", help="Shapley value of each input channel per class, or spatial maps per class "
+                                        "(Grad-CAM, Grad-CAM++, occlusion, attention gates), optionally evaluated")
     _model_options(ex)
     ex.add_argument("-i", "--images", type=Path, required=True, help="cases to explain (nnU-Net layout)")
     ex.add_argument("-r", "--labels", type=Path,
-                    help="references (default: how much each channel is needed to reproduce the model's own output)")
-    ex.add_argument("-o", "--output", type=Path, required=True, help="folder for attribution.csv/.json/.png")
+                    help="references (shapley default: how much each channel is needed to reproduce the model's own "
+                         "output; spatial maps: explain the class's logits over the reference instead of the "
+                         "predicted mask, and score against it)")
+    ex.add_argument("-o", "--output", type=Path, required=True,
+                    help="folder for attribution.csv/.json/.png (shapley) or maps/, overlays/, explanations.csv")
+    ex.add_argument("--method", default="shapley", metavar="M",
+                    help="shapley (default), gradcam, gradcam++, occlusion or attention; several spatial ones "
+                         "comma-separated")
+    ex.add_argument("--layer", help="layer for gradcam/gradcam++ (default decoder.0, the last decoder stage; "
+                                    "e.g. decoder.1, encoder.3)")
+    ex.add_argument("--evaluate", action="store_true",
+                    help="score the maps: deletion/insertion AUC and mass inside the reference, against a random "
+                         "and a distance-to-mask baseline")
 
     me = sub.add_parser("measure", help="clinical tables: volume per class per case and a per-lesion list (CSV)")
     me.add_argument("folder", type=Path, help="folder of segmentations")
@@ -63,11 +75,17 @@ def _cmd_evaluate_missing(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from autoseg.api.trust import explain
 
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
     result = explain(args.bundle or args.workdir, args.images, output=args.output, labels=args.labels,
                      configuration=args.configuration, folds=_folds(args), device=args.device, tta=args.tta,
-                     max_cases=args.max_cases, progress=not args.quiet)
+                     max_cases=args.max_cases, progress=not args.quiet, method=methods, layer=args.layer,
+                     evaluate=args.evaluate)
     print(result.format_table())
-    print(f"wrote {args.output / 'attribution.csv'}, attribution.json and attribution.png")
+    if methods == ["shapley"]:
+        print(f"wrote {args.output / 'attribution.csv'}, attribution.json and attribution.png")
+    else:
+        extra = " and explanation_scores.csv" if args.evaluate else ""
+        print(f"wrote {args.output / 'explanations.csv'}{extra}, maps/ and overlays/")
     return 0
 
 

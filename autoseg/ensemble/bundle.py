@@ -43,6 +43,7 @@ from autoseg.io.atomic import current_umask, write_json_atomic
 from autoseg.io.dataset import Dataset, dataset_source, load_dataset
 from autoseg.io.image import file_ending, read_label
 from autoseg.io.model_folder import (
+    IMPORTED_FROM,
     MANIFEST,
     check_bundle_files,
     configuration_folder,
@@ -96,7 +97,7 @@ def _copy_model(wd: Path, dst: Path, configuration: str, folds: Sequence[str]) -
     src = configuration_folder(wd, configuration)
     out = configuration_folder(dst, configuration)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("plans.json", "dataset.json"):
+    for name in ("plans.json", "dataset.json", IMPORTED_FROM):
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
     if (src / PLUGINS_DIR).is_dir():  # fitted states of channel plugins (.npz, no pickle), hashed like every file

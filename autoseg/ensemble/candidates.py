@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class CVScoring:
         folder: ``selection/cv``, one subfolder per candidate.
         jobs: worker processes.
         progress: show progress bars.
+        annotated: partially annotated cases: case id -> classes annotated (the others are not scored there).
     """
 
     cases: list[str]
@@ -64,6 +65,7 @@ class CVScoring:
     folder: Path
     jobs: int = 1
     progress: bool = True
+    annotated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # partially annotated cases' classes
 
     def evaluate(self, cand: Candidate, full: bool = False) -> None:
         """Score ``cand`` and save its summary and cases table. Candidates are ranked on the metric alone (overlap
@@ -71,7 +73,7 @@ class CVScoring:
         pairs = [(cid, cand.predictions[cid], self.refs[cid]) for cid in self.cases]
         cand.summary = evaluate_pairs(pairs, self.classes, ignore_label=self.ignore_label, jobs=self.jobs,
                                       progress=self.progress, surface=full or self.metric in ("hd95", "assd", "nsd"),
-                                      lesion_wise=full or self.metric.startswith("lesion"))
+                                      lesion_wise=full or self.metric.startswith("lesion"), annotated=self.annotated)
         cand.summary.save(self.folder / cand.name / "summary.json")
         cand.summary.write_csv(self.folder / cand.name / "cases.csv")
         cand.score = float(cand.summary.foreground_mean(self.metric))

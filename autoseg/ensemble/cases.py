@@ -30,10 +30,11 @@ from tqdm import tqdm
 from autoseg.ensemble.models import ModelEnsemble, map_path
 from autoseg.ensemble.sharding import ClaimBoard, Holder, RunRecord, Sharing, claimed_cases, merge_records
 from autoseg.evaluation.quality_rule import QualityRule, quality_row, write_quality_table
-from autoseg.inference.export import probabilities_path
+from autoseg.inference.export import probabilities_path, probability_image_path
 from autoseg.inference.inputs import InputCase, PredictionInputError
 from autoseg.inference.predictor import Predictor
 from autoseg.io.atomic import remove_stale_temporaries, write_json_atomic
+from autoseg.io.dicom_seg import Algorithm, segments_from_labels, write_dicom_seg
 from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, file_ending, is_complete_image
 from autoseg.plugins.labels import DerivedLabels, body_mask
 from autoseg.preprocessing.preprocess import PreprocessedArrays
@@ -42,6 +43,8 @@ from autoseg.preprocessing.preprocess import PreprocessedArrays
 RECORD = "prediction.json"
 #: subfolder of the output with the uncertainty maps
 UNCERTAINTY_DIR = "uncertainty"
+#: subfolder of the output with the probability images
+PROBABILITIES_DIR = "probabilities"
 #: ``(case_id, images (C, *spatial), geometry, missing channels) -> findings`` (one message each)
 DriftCheck = Callable[[str, np.ndarray, Geometry, Sequence[int]], Sequence[str]]
 
@@ -86,21 +89,42 @@ def output_paths(cases: Sequence[InputCase], output: str | os.PathLike[str]) -> 
     return {c.case_id: out / f"{c.case_id}{c.ending}" for c in cases}
 
 
-def is_finished(seg_path: Path, save_probabilities: bool, uncertainty: bool = False) -> bool:
+@dataclass(frozen=True)
+class Extras:
+    """Outputs besides the segmentation and ``.npz``: probability images named ``probability_names`` (per output,
+    in ``OUTPUT/probabilities/``), and a DICOM-SEG ``OUTPUT/<case>.dcm`` recording ``dicom_seg`` as its algorithm."""
+
+    probability_names: tuple[str, ...] = ()
+    dicom_seg: Algorithm | None = None
+
+    def paths(self, seg_path: Path) -> list[Path]:
+        """The extra files of the segmentation ``seg_path``."""
+        out = [probability_image_path(seg_path.parent / PROBABILITIES_DIR, seg_path, n) for n in self.probability_names]
+        return out + ([dicom_seg_path(seg_path)] if self.dicom_seg is not None else [])
+
+
+def dicom_seg_path(seg_path: Path) -> Path:
+    """``<case>.dcm`` next to ``<case><ending>``."""
+    return seg_path.with_name(seg_path.name[: -len(file_ending(seg_path))] + ".dcm")
+
+
+def is_finished(seg_path: Path, save_probabilities: bool, uncertainty: bool = False, extras: Extras = Extras()
+                ) -> bool:
     """An output counts as finished when its files are whole. Files appear only when complete (the
-    probabilities and uncertainty maps are written before the segmentation); one cut short anyway (a machine
-    crash before the disk synced, a copy that stopped) is redone, not skipped."""
+    probabilities and uncertainty maps are written before the segmentation, the DICOM-SEG after it); one cut
+    short anyway (a machine crash before the disk synced, a copy that stopped) is redone, not skipped."""
     return is_complete_image(seg_path) and (
         not save_probabilities or zipfile.is_zipfile(probabilities_path(seg_path))) and (
-        not uncertainty or is_complete_image(map_path(seg_path.parent / UNCERTAINTY_DIR, seg_path, "entropy")))
+        not uncertainty or is_complete_image(map_path(seg_path.parent / UNCERTAINTY_DIR, seg_path, "entropy"))) and all(
+        p.is_file() and p.stat().st_size > 0 for p in extras.paths(seg_path))
 
 
 def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], output: str | os.PathLike[str], *,
                   overwrite: bool = False, save_probabilities: bool = False, progress: bool = True,
                   record: dict[str, Any] | None = None, uncertainty: bool = False,
                   drift_check: DriftCheck | None = None, quality_rule: QualityRule | None = None,
-                  on_warning: Callable[[str], None] | None = None, sharing: Sharing | None = None
-                  ) -> PredictionSummary:
+                  on_warning: Callable[[str], None] | None = None, sharing: Sharing | None = None,
+                  extras: Extras = Extras()) -> PredictionSummary:
     """Predict ``cases`` and write one segmentation per case in its input's format and geometry.
 
     Args:
@@ -120,6 +144,7 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
         sharing: other processes write to the same output folder (``cases`` are this process's part, claimed one by
             one with ``sharing.claim``): this process's record goes to ``prediction.runs/``, and ``prediction.json``
             and the quality table are written by whichever process finds every case finished.
+        extras: probability images and DICOM-SEG files to write besides (:class:`Extras`).
 
     The quality table (``quality.csv``/``quality.json``) is written when ``uncertainty`` or ``drift_check`` is on.
 
@@ -128,8 +153,9 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
     """
     model = model if isinstance(model, ModelEnsemble) else ModelEnsemble([model])
     paths = output_paths(sharing.everyone if sharing is not None else cases, output)
-    summary, todo = _prepare_outputs(cases, paths, overwrite, save_probabilities, uncertainty, clean=sharing is None)
-    stages = _Stages(model, paths, save_probabilities, uncertainty, drift_check, quality_rule)
+    summary, todo = _prepare_outputs(cases, paths, overwrite, save_probabilities, uncertainty, clean=sharing is None,
+                                     extras=extras)
+    stages = _Stages(model, paths, save_probabilities, uncertainty, drift_check, quality_rule, extras)
     single_file = len(paths) == 1 and file_ending(Path(output)) in SUPPORTED_ENDINGS
     if sharing is not None:
         _run_shared(stages, todo, summary, sharing, Path(output).parent if single_file else Path(output),
@@ -146,7 +172,8 @@ def predict_cases(model: ModelEnsemble | Predictor, cases: Sequence[InputCase], 
 
 
 def _prepare_outputs(cases: Sequence[InputCase], paths: dict[str, Path], overwrite: bool, save_probabilities: bool,
-                     uncertainty: bool, clean: bool = True) -> tuple[PredictionSummary, list[InputCase]]:
+                     uncertainty: bool, clean: bool = True, extras: Extras = Extras()
+                     ) -> tuple[PredictionSummary, list[InputCase]]:
     """The summary with the finished cases skipped, and the cases to predict. Creates the output folders and, with
     ``clean``, removes what a killed run was writing (hidden temporaries; a live writer's are locked and kept).
     Processes sharing a folder leave that to the merge (:func:`_run_shared`): on a file system without locks (some
@@ -154,7 +181,7 @@ def _prepare_outputs(cases: Sequence[InputCase], paths: dict[str, Path], overwri
     summary = PredictionSummary(outputs={c.case_id: paths[c.case_id] for c in cases})
     todo = []
     for c in cases:
-        if not overwrite and is_finished(paths[c.case_id], save_probabilities, uncertainty):
+        if not overwrite and is_finished(paths[c.case_id], save_probabilities, uncertainty, extras):
             summary.skipped.append(c.case_id)
         else:
             todo.append(c)
@@ -180,6 +207,7 @@ class _Stages:
     uncertainty: bool
     drift_check: DriftCheck | None
     quality_rule: QualityRule | None
+    extras: Extras = field(default_factory=Extras)
     drift: dict[str, list[str]] = field(default_factory=dict)
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     bodies: dict[str, np.ndarray] = field(default_factory=dict)
@@ -213,7 +241,14 @@ class _Stages:
         t0 = time.perf_counter()
         target = self.paths[case.case_id]
         seg, scores = self.model.write(target, logits, props, save_probabilities=self.save_probabilities,
-                                       outputs=outputs, maps_dir=target.parent / UNCERTAINTY_DIR)
+                                       outputs=outputs, maps_dir=target.parent / UNCERTAINTY_DIR,
+                                       probabilities_dir=target.parent / PROBABILITIES_DIR
+                                       if self.extras.probability_names else None)
+        if self.extras.dicom_seg is not None:  # the first present channel's series gave the geometry
+            mapping = self.model.label_map or {}  # segments carry the values written (after --map-labels)
+            segments = [(name, tuple(mapping.get(v, v) for v in values))
+                        for name, values in segments_from_labels(self.model.plans.labels)]
+            write_dicom_seg(dicom_seg_path(target), seg, case.images[0], segments, self.extras.dicom_seg)
         if self.derived is not None:
             self.derived.write(target, seg, props[0].geometry, self.bodies.pop(case.case_id, None))
         if self.uncertainty or self.drift_check is not None:
@@ -277,7 +312,7 @@ def _run_shared(stages: _Stages, todo: list[InputCase], summary: PredictionSumma
     note each finished case in this process's record, and merge every record into ``prediction.json`` (and every
     quality row into the quality table) when every case of every part is finished."""
     def finished(cid: str) -> bool:
-        return is_finished(stages.paths[cid], stages.save_probabilities, stages.uncertainty)
+        return is_finished(stages.paths[cid], stages.save_probabilities, stages.uncertainty, stages.extras)
 
     holder = Holder.current()
     log = RunRecord(folder, {**record, **sharing.describe()}, holder)

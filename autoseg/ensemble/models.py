@@ -22,13 +22,21 @@ from autoseg.inference.export import (
     LabelLayout,
     export_map,
     export_segmentation,
+    output_names,
     probabilities_path,
     probabilities_to_labels,
     save_probabilities_npz,
+    write_probability_images,
 )
 from autoseg.inference.predictor import Predictor
 from autoseg.inference.sliding_window import InferenceError
-from autoseg.inference.uncertainty import MemberOutputs, combined_score, entropy_map, probability_scores
+from autoseg.inference.uncertainty import (
+    MemberOutputs,
+    combined_score,
+    entropy_map,
+    error_head_scores,
+    probability_scores,
+)
 from autoseg.io.image import Geometry, file_ending, label_dtype, write_image, write_label
 from autoseg.preprocessing.preprocess import PreprocessedArrays
 from autoseg.preprocessing.properties import CaseProperties
@@ -159,8 +167,9 @@ class ModelEnsemble:
             probs: the final averaged probabilities in file layout (from :meth:`export`).
 
         Returns:
-            Scores (``tta_agreement``, ``fold_agreement``, ``confidence``, ``expected_dice``; None where not
-            defined) and maps (``entropy``, and ``disagreement`` when there are at least two members).
+            Scores (``tta_agreement``, ``fold_agreement``, ``confidence``, ``expected_dice``, and with learned
+            error heads ``error_head`` and ``error_head_tta``; None where not defined) and maps (``entropy``,
+            ``disagreement`` when there are at least two members, ``error`` with error heads).
         """
         entropy = entropy_map(probs, self.layout)
         scores: dict[str, float | None] = dict(probability_scores(probs, self.layout, entropy))
@@ -174,24 +183,36 @@ class ModelEnsemble:
                  if o.disagreement is not None]
         if grids:
             maps["disagreement"] = sum(export_map(d, p, m.plans, m.config) for d, m, p in grids) / len(grids)
+        errors = [(o.error, m, p) for o, m, p in zip(outputs, self.members, props, strict=True) if o.error is not None]
+        if errors:
+            maps["error"] = sum(export_map(e, p, m.plans, m.config) for e, m, p in errors) / len(errors)
+            scores.update(error_head_scores(probabilities_to_labels(probs, self.layout), maps["error"],
+                                            scores["tta_agreement"]))
         return scores, maps
 
     def write(self, path: str | os.PathLike[str], logits: Sequence[np.ndarray], props: Sequence[CaseProperties], *,
               save_probabilities: bool = False, outputs: Sequence[MemberOutputs] | None = None,
-              maps_dir: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, dict[str, float | None] | None]:
-        """Export and write one case (probabilities first, to ``<case>.npz``).
+              maps_dir: str | os.PathLike[str] | None = None, probabilities_dir: str | os.PathLike[str] | None = None
+              ) -> tuple[np.ndarray, dict[str, float | None] | None]:
+        """Export and write one case (probabilities first, to ``<case>.npz``; with ``probabilities_dir`` also one
+        float32 image per class or region there, see :func:`write_probability_images`).
 
         With ``outputs`` (from :meth:`member_outputs`) the uncertainty maps are also written, to
-        ``maps_dir/<case>_entropy<ending>`` and ``<case>_disagreement<ending>`` (float32, the input's geometry;
-        2D image formats get ``.tif``), and the case's scores are returned.
+        ``maps_dir/<case>_entropy<ending>``, ``<case>_disagreement<ending>`` and, with error heads,
+        ``<case>_error<ending>`` (float32, the input's geometry; 2D image formats get ``.tif``), and the case's
+        scores are returned.
 
         Returns:
             The label map written, and the scores (None without ``outputs``).
         """
         path = Path(path)
-        seg, probs = self.export(logits, props, probabilities=save_probabilities or outputs is not None)
+        seg, probs = self.export(logits, props, probabilities=save_probabilities or outputs is not None
+                                 or probabilities_dir is not None)
         if probs is not None and save_probabilities:
             save_probabilities_npz(probabilities_path(path), probs, self.layout)
+        if probs is not None and probabilities_dir is not None:
+            write_probability_images(probabilities_dir, path, probs, output_names(self.plans.labels, self.layout),
+                                     props[0].geometry)
         scores = None
         if outputs is not None:
             assert probs is not None

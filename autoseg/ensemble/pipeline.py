@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from autoseg.ensemble.cases import PredictionSummary, predict_cases
+from autoseg.ensemble.cases import Extras, PredictionSummary, predict_cases
 from autoseg.ensemble.choice import POSTPROCESSING, QUALITY_RULE, SELECTION, BestChoice, load_best
 from autoseg.ensemble.models import ModelEnsemble, parse_label_map
 from autoseg.ensemble.postprocessing import PostprocessingRules
@@ -24,12 +24,15 @@ from autoseg.ensemble.sharding import Sharing, select_part
 from autoseg.errors import ModelNotFoundError, PredictionInputError
 from autoseg.evaluation.quality_rule import QualityRule
 from autoseg.fingerprint.drift import check_case, load_drift_reference
-from autoseg.inference.inputs import check_cases, check_channel_names, collect_cases
+from autoseg.inference.export import output_names
+from autoseg.inference.inputs import InputCase, check_cases, check_channel_names, collect_cases
 from autoseg.inference.predictor import Predictor
 from autoseg.inference.settings import InferenceSettings
 from autoseg.io.atomic import ensure_writable
+from autoseg.io.dicom import is_series_path
+from autoseg.io.dicom_seg import Algorithm
 from autoseg.io.image import SUPPORTED_ENDINGS, file_ending
-from autoseg.io.model_folder import is_bundle, require_intact, trained_configurations
+from autoseg.io.model_folder import FINAL, fold_folder, is_bundle, require_intact, sha256, trained_configurations
 
 PostprocessingChoice = bool | str | os.PathLike[str] | PostprocessingRules | None
 
@@ -138,6 +141,7 @@ def predict_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     cases = select_part(everyone, settings.num_parts, settings.part_id) if settings.num_parts > 1 else everyone
     volumes = any(c.ndim == 3 for c in model.plans.configurations.values())  # else 2D images (or 1-slice files)
     check_cases(cases, ndim=3 if volumes else None)  # headers readable, one grid, before any prediction
+    extras = _extras(wd, model, settings, cases)
     record = _record(wd, model, chosen, settings, [names[i] for i in sorted({i for c in cases for i in c.missing})])
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(settings.deterministic or before)
@@ -147,9 +151,44 @@ def predict_files(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                              uncertainty=settings.uncertainty, drift_check=_drift_check(wd) if settings.drift else None,
                              quality_rule=load_quality_rule(wd, model.names) if settings.uncertainty else None,
                              on_warning=on_warning or (lambda m: warnings.warn(m, stacklevel=4)),
-                             sharing=Sharing.from_settings(everyone, settings))
+                             sharing=Sharing.from_settings(everyone, settings), extras=extras)
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def _extras(wd: Path, model: ModelEnsemble, settings: InferenceSettings, cases: Sequence[InputCase]) -> Extras:
+    """The probability images and DICOM-SEG files asked for; DICOM-SEG is refused unless every input is a DICOM
+    series (it references the series the segmentation was made from)."""
+    names = tuple(output_names(model.plans.labels, model.layout)) if settings.probability_images else ()
+    if settings.output_format != "dicom-seg":
+        return Extras(names)
+    other = [c.case_id for c in cases if not is_series_path(c.images[0])]
+    if other:
+        listed = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        raise PredictionInputError(f"--output-format dicom-seg needs DICOM series inputs, but case(s) {listed} are "
+                                   "image files; give DICOM series folders, or drop --output-format dicom-seg.")
+    from autoseg import __version__
+    from autoseg.io.dicom_seg import require_highdicom
+
+    require_highdicom()  # missing: say so now, before any prediction
+    return Extras(names, Algorithm(f"autoseg {'+'.join(model.names)}", __version__, model_hash(wd, model)))
+
+
+def model_hash(wd: Path, model: ModelEnsemble) -> str:
+    """SHA-256 identifying the models: of a bundle's manifest (which holds every file's hash), else of the plans and
+    the final checkpoints of the folds used."""
+    import hashlib
+
+    if is_bundle(wd):
+        return sha256(wd / "manifest.json")
+    h = hashlib.sha256()
+    for m in model.members:
+        for fold in m.folds:
+            path = fold_folder(wd, m.config.name, fold) / FINAL
+            h.update(f"{m.config.name}/{fold}:{sha256(path) if path.is_file() else '-'}\n".encode())
+    if (wd / "plans.json").is_file():
+        h.update(sha256(wd / "plans.json").encode())
+    return h.hexdigest()
 
 
 def _check_output(inputs: Sequence[str | os.PathLike[str]], out: Path) -> None:

@@ -42,6 +42,7 @@ from autoseg.evaluation.quality_rule import QualityRule
 from autoseg.evaluation.summary import EvaluationSummary
 from autoseg.inference.export import probabilities_path
 from autoseg.inference.uncertainty import combined_score
+from autoseg.io.annotations import dataset_annotations
 from autoseg.io.atomic import read_json, write_json_atomic
 from autoseg.io.dataset import Dataset, dataset_source, load_dataset
 from autoseg.io.model_folder import fold_folder
@@ -149,7 +150,7 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
     out = wd / SELECTION
     (out / "cv").mkdir(parents=True, exist_ok=True)
     scoring = CVScoring(common, refs, classes, ds.spec.ignore_label, ds.spec.file_ending, metric, out / "cv",
-                        jobs=jobs, progress=progress)
+                        jobs=jobs, progress=progress, annotated=dataset_annotations(ds))
     candidates = [Candidate(c, [Member(c, tuple(folds[c]))], {cid: files[c][cid] for cid in common}) for c in names]
     if need_npz:
         candidates += ensemble_candidates(names, folds, files, scoring, note)

@@ -28,9 +28,10 @@ Example::
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def evaluate_pairs(pairs: Sequence[tuple[str, str | os.PathLike[str], str | os.P
                    classes: Mapping[str, int | Sequence[int]], *, ignore_label: int | None = None,
                    tolerance_mm: float = 1.0, lesion_wise: bool = True, surface: bool = True,
                    lesion_kwargs: Mapping[str, Any] | None = None, jobs: int = 1,
-                   progress: bool = True) -> EvaluationSummary:
+                   progress: bool = True, annotated: Mapping[str, Collection[str]] | None = None) -> EvaluationSummary:
     """Evaluate explicit ``(case_id, pred_path, ref_path)`` pairs.
 
     Args:
@@ -98,6 +99,9 @@ def evaluate_pairs(pairs: Sequence[tuple[str, str | os.PathLike[str], str | os.P
         lesion_kwargs: options of :func:`~autoseg.evaluation.lesions.lesion_metrics`.
         jobs: worker processes (1 = in this process).
         progress: show a progress bar.
+        annotated: partially annotated cases: case id -> the classes annotated in it
+            (:func:`~autoseg.io.annotations.dataset_annotations`); the other classes' metrics of that case are NaN,
+            so the means skip them instead of counting a miss. Cases not listed are fully annotated.
 
     Returns:
         The summary (cases in the order given).
@@ -134,6 +138,10 @@ def evaluate_pairs(pairs: Sequence[tuple[str, str | os.PathLike[str], str | os.P
         "spacing": "reference file's spacing",
         "implementation": IMPLEMENTATION + ("; " + LESION_IMPLEMENTATION if lesion_wise else ""),
     }
+    for cid, names in (annotated or {}).items():
+        for name, metrics in cases.get(cid, {}).items():
+            if name not in names:
+                metrics.update({m: math.nan for m in metrics})
     return EvaluationSummary(classes=cls, cases=cases, settings=to_json_value(settings, "settings"))
 
 

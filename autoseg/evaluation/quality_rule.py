@@ -26,7 +26,7 @@ QUALITY_CSV = "quality.csv"
 QUALITY_JSON = "quality.json"
 #: columns of the table, in order
 COLUMNS = ("case", "flagged", "reasons", "quality_score", "combined", "tta_agreement", "fold_agreement",
-           "confidence", "expected_dice", "drift")
+           "confidence", "expected_dice", "error_head", "error_head_tta", "drift")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class QualityRule:
     """How a case's quality score becomes a flag, as learnt on cross-validation by ``find-best``.
 
     Attributes:
-        score: which score (``combined``, ``tta_agreement``, ``confidence`` or ``expected_dice``; higher = better).
+        score: which score (``combined``, ``tta_agreement``, ``confidence``, ``expected_dice``, or with a learned
+            error head ``error_head`` or ``error_head_tta``; higher = better).
         threshold: cases with a score at or below it are flagged.
         fraction: the share of worst CV cases the threshold was set to catch.
         spearman: per score, Spearman correlation between ``1 - score`` and the CV error ``1 - Dice``.
@@ -92,7 +93,7 @@ def quality_row(case_id: str, scores: Mapping[str, float | None] | None, drift: 
     if drift:
         reasons.append(f"input outside the training data ({len(drift)} finding(s))")
     return {"case": case_id, "flagged": bool(reasons), "reasons": "; ".join(reasons), "quality_score": quality,
-            **{k: scores.get(k) for k in COLUMNS[4:9]}, "drift": list(drift)}
+            **{k: scores.get(k) for k in COLUMNS[4:-1]}, "drift": list(drift)}
 
 
 def write_quality_table(folder: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:

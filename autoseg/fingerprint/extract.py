@@ -28,6 +28,7 @@ from autoseg.fingerprint.model import (
 )
 from autoseg.io.check import CaseCheck, CheckReport, assemble_report, check_case
 from autoseg.io.dataset import CaseFiles, Dataset, DatasetSpec
+from autoseg.io.image import image_stamp
 from autoseg.parallel import imap_ordered
 
 #: Foreground intensity samples kept over the whole dataset, per channel (bounds memory).
@@ -186,9 +187,9 @@ def _case_seed(case_id: str) -> int:
     return int.from_bytes(hashlib.sha1(case_id.encode()).digest()[:4], "little")
 
 
-def _worker(args: tuple[CaseFiles, DatasetSpec, int, bool]) -> CaseStats:
-    case, spec, n_samples, strict = args
-    check = check_case(case, spec, keep_arrays=True, strict_geometry=strict)
+def _worker(args: tuple[CaseFiles, DatasetSpec, int, bool, bool]) -> CaseStats:
+    case, spec, n_samples, strict, allow = args
+    check = check_case(case, spec, keep_arrays=True, strict_geometry=strict, allow_geometry_mismatch=allow)
     data, check.data = check.data, None
     if data is None or data.label is None:
         return CaseStats(check, None, None, None)
@@ -218,18 +219,32 @@ def combine_intensities(samples: list[np.ndarray], moments: list[np.ndarray], n_
     return tuple(out)
 
 
+def analyze_cases(dataset: Dataset, *, jobs: int = 1, progress: bool = True, strict_geometry: bool = False,
+                  allow_geometry_mismatch: bool = False) -> tuple[CheckReport, list[CaseStats]]:
+    """Check every case and take its statistics (:class:`CaseStats`: fingerprint, intensity samples and moments).
+
+    Returns:
+        The integrity report and one :class:`CaseStats` per case, in the dataset's order.
+    """
+    n_samples = samples_per_case(len(dataset.cases))
+    work = [(c, dataset.spec, n_samples, strict_geometry, allow_geometry_mismatch) for c in dataset.cases]
+    results = list(imap_ordered(_worker, work, jobs=jobs, desc="check + fingerprint", progress=progress,
+                                label=lambda w: f"case {w[0].case_id}"))
+    return assemble_report(dataset, [r.check for r in results]), results
+
+
 def analyze_dataset(dataset: Dataset, *, jobs: int = 1, progress: bool = True,
-                    strict_geometry: bool = False) -> tuple[CheckReport, DatasetFingerprint | None]:
+                    strict_geometry: bool = False,
+                    allow_geometry_mismatch: bool = False) -> tuple[CheckReport, DatasetFingerprint | None]:
     """Check every case and compute the fingerprint, reading each case once.
+
+    ``strict_geometry`` and ``allow_geometry_mismatch`` set the geometry policy (:func:`check_case`).
 
     Returns:
         The integrity report and the fingerprint (``None`` when the report has errors).
     """
-    n_samples = samples_per_case(len(dataset.cases))
-    work = [(c, dataset.spec, n_samples, strict_geometry) for c in dataset.cases]
-    results = list(imap_ordered(_worker, work, jobs=jobs, desc="check + fingerprint", progress=progress,
-                                label=lambda w: f"case {w[0].case_id}"))
-    report = assemble_report(dataset, [r.check for r in results])
+    report, results = analyze_cases(dataset, jobs=jobs, progress=progress, strict_geometry=strict_geometry,
+                                    allow_geometry_mismatch=allow_geometry_mismatch)
     if not report.ok or not results:
         return report, None
     spec = dataset.spec
@@ -285,7 +300,7 @@ def dataset_signature(dataset: Dataset, *, times: bool = True) -> str:
         if c.label is not None:
             paths.append(c.label)
     for p in paths:
-        st = Path(p).stat() if Path(p).exists() else None
-        stamp = f"|{st.st_mtime_ns if st else -1}" if times else ""
-        h.update(f"{Path(p).name}|{st.st_size if st else -1}{stamp}\n".encode())
+        size, mtime = image_stamp(p) or (-1, -1)  # a file, or a DICOM series folder's files
+        stamp = f"|{mtime}" if times else ""
+        h.update(f"{Path(p).name}|{size}{stamp}\n".encode())
     return h.hexdigest()

@@ -18,7 +18,8 @@ FINGERPRINT_CACHE = "fingerprint.cache.json"
 
 
 def fingerprint(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None = None, jobs: int = 1,
-                progress: bool = True, strict_geometry: bool = False, reuse: bool = True,
+                progress: bool = True, strict_geometry: bool = False, allow_geometry_mismatch: bool = False,
+                reuse: bool = True,
                 on_report: Callable[[CheckReport], None] | None = None) -> DatasetFingerprint:
     """Check the dataset and compute its fingerprint, saved as ``<workdir>/fingerprint.json``.
 
@@ -32,6 +33,7 @@ def fingerprint(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None 
         jobs: worker processes.
         progress: show a progress bar.
         strict_geometry: origin/direction mismatches inside a case are errors.
+        allow_geometry_mismatch: mismatches that move voxels by more than half their size are warnings, not errors.
         reuse: reuse a saved fingerprint of unchanged files.
         on_report: called with the integrity report (e.g. to print its warnings).
 
@@ -64,7 +66,8 @@ def fingerprint(dataset: DatasetLike, *, workdir: str | os.PathLike[str] | None 
             report.raise_for_errors()
             return saved
     ensure_writable(out.parent)  # a read-only or full work folder fails now, not after the analysis
-    report, fp = analyze_dataset(ds, jobs=jobs, progress=progress, strict_geometry=strict_geometry)
+    report, fp = analyze_dataset(ds, jobs=jobs, progress=progress, strict_geometry=strict_geometry,
+                                 allow_geometry_mismatch=allow_geometry_mismatch)
     if on_report is not None:
         on_report(report)
     report.raise_for_errors()

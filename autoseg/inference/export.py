@@ -10,6 +10,7 @@ the input's spacing, origin and direction.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from autoseg.io.atomic import atomic_path
-from autoseg.io.image import file_ending, write_label
+from autoseg.io.image import Geometry, file_ending, write_image, write_label
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.preprocessing.cropping import uncrop
 from autoseg.preprocessing.properties import CaseProperties
@@ -328,6 +329,43 @@ def write_prediction(path: str | os.PathLike[str], logits: np.ndarray, props: Ca
         save_probabilities_npz(probabilities_path(path), probs, layout)
     write_label(path, seg, props.geometry)
     return seg
+
+
+def output_names(labels: dict, layout: LabelLayout) -> list[str]:
+    """Per network output the dataset.json name of its class or region (``label_<value>`` when unnamed)."""
+    by_value: dict[tuple[int, ...], str] = {}
+    for name, v in labels.items():
+        if name != "ignore":
+            by_value.setdefault(tuple(int(x) for x in (v if isinstance(v, (list, tuple)) else [v])), name)
+    keys = layout.regions if layout.regions is not None else [(k,) for k in range(layout.num_outputs)]
+    return [by_value.get(tuple(key), f"label_{'_'.join(map(str, key))}") for key in keys]
+
+
+def probability_image_path(folder: str | os.PathLike[str], seg_path: str | os.PathLike[str], name: str) -> Path:
+    """``folder/<case>_<name><ending>`` for the segmentation ``seg_path`` (2D image formats: ``.tif``, which holds
+    floats; characters other than letters, digits, ``.``, ``-`` and ``_`` in ``name`` become ``_``)."""
+    seg_path = Path(seg_path)
+    ending = file_ending(seg_path)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    return Path(folder) / f"{seg_path.name[: -len(ending)]}_{safe}{'.tif' if ending in ('.png', '.bmp') else ending}"
+
+
+def write_probability_images(folder: str | os.PathLike[str], seg_path: str | os.PathLike[str], probs: np.ndarray,
+                             names: Sequence[str], geometry: Geometry) -> list[Path]:
+    """Write each output's probabilities (``probs``: ``(K, *file spatial)``, file layout) as a float32 image with
+    the input's geometry, one output at a time: besides ``probs`` only one output's float32 volume (and the
+    writer's copy of it) is held, whatever the number of classes.
+
+    Returns:
+        The files written, in output order.
+    """
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, name in enumerate(names):
+        path = probability_image_path(folder, seg_path, name)
+        write_image(path, np.asarray(probs[k], np.float32), geometry)
+        written.append(path)
+    return written
 
 
 def save_probabilities_npz(path: str | os.PathLike[str], probs: np.ndarray, layout: LabelLayout) -> None:

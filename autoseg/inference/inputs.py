@@ -1,7 +1,9 @@
 """Find and check the images to predict, before any prediction starts.
 
-Input is a folder in the nnU-Net layout (``{CASE}_{XXXX}{ending}``, one file per channel), or a list of
-files. Files without a channel suffix are accepted as whole cases when the model takes one channel, and a
+Input is a folder in the nnU-Net layout (``{CASE}_{XXXX}{ending}``, one file per channel; a channel may be a
+DICOM series folder ``{CASE}_{XXXX}/``, and its case's output is NIfTI), one DICOM series folder (holding several
+series: one case per series, named by its SeriesInstanceUID), or a list of files and series folders (a series of a
+folder holding several is named ``FOLDER/<SeriesInstanceUID>``). Files without a channel suffix are accepted as whole cases when the model takes one channel, and a
 list of exactly as many unsuffixed files as the model has channels is taken as the channels of one case, in
 order. Channels that were not acquired are named with ``missing``: their files are not needed, and
 :meth:`InputCase.read` zero-fills them (preprocessing blanks them after normalisation). Every header is read up front, so a missing channel, an unreadable file, channels that do not line up
@@ -22,6 +24,7 @@ import numpy as np
 
 from autoseg.errors import AutosegError, ImageReadError, PredictionInputError
 from autoseg.io.dataset import CHANNEL_RE, CaseFiles, read_dataset_json
+from autoseg.io.dicom import is_series_path, series_uids
 from autoseg.io.image import SUPPORTED_ENDINGS, Geometry, compact_dtype, file_ending, read_header, read_image
 
 #: problems listed in one error message before "and N more"
@@ -190,34 +193,59 @@ def collect_cases(inputs: Sequence[str | os.PathLike[str]], channel_names: Seque
     paths = [Path(p) for p in inputs]
     if not paths:
         raise PredictionInputError("no input given; pass a folder of images or image files with -i.")
-    missing = [str(p) for p in paths if not p.exists()]
+    missing = [str(p) for p in paths if not p.exists() and not is_series_path(p)]
     if missing:
         raise PredictionInputError(f"input not found: {', '.join(missing)}. Check the path(s).")
     if len(paths) == 1 and paths[0].is_dir():
-        folder = paths[0]
-        files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
-                 and file_ending(p) in SUPPORTED_ENDINGS]
-        if not files:
-            raise PredictionInputError(
-                f"{folder}: no image files ({', '.join(SUPPORTED_ENDINGS)}) in this folder. Put the cases here "
-                f"as CASE_0000.nii.gz ... (one file per channel: {_channels_text(channel_names)}).")
+        files = _folder_entries(paths[0], channel_names)
     else:
-        dirs = [str(p) for p in paths if p.is_dir()]
-        if dirs:
-            raise PredictionInputError(f"{', '.join(dirs)}: give either one folder or image files, not both.")
         files = paths
-        bad = [str(p) for p in files if file_ending(p) not in SUPPORTED_ENDINGS]
+        bad = [str(p) for p in files if not is_series_path(p) and file_ending(p) not in SUPPORTED_ENDINGS]
         if bad:
             raise PredictionInputError(f"{', '.join(bad)}: not a supported image type. Supported: "
-                                       f"{', '.join(SUPPORTED_ENDINGS)}.")
-        plain = [p for p in files if not CHANNEL_RE.match(p.name[: -len(file_ending(p))])]
+                                       f"{', '.join(SUPPORTED_ENDINGS)}, or a DICOM series folder.")
+        plain = [p for p in files if not CHANNEL_RE.match(_stem_ending(p)[0])]
         one_case = len(files) == n or (n_present > 1 and len(files) == n_present)
         if n > 1 and len(plain) == len(files) and one_case:  # one case's channels, in the order given
             if len(files) == n:  # every channel given: those marked missing are ignored
                 files = [files[c] for c in range(n) if c not in absent]
-            stem = files[0].name[: -len(file_ending(files[0]))]
-            return [InputCase(stem, tuple(files), file_ending(files[0]), absent)]
+            stem, ending = _stem_ending(files[0])
+            return [InputCase(stem, tuple(files), ending, absent)]
     return _group(files, channel_names, absent)
+
+
+#: the output ending of cases read from DICOM series folders
+SERIES_OUTPUT_ENDING = ".nii.gz"
+
+
+def _stem_ending(path: Path) -> tuple[str, str]:
+    """A file's name without its ending, and the ending; a DICOM series folder's name (or chosen series' UID), and the
+    output ending."""
+    if is_series_path(path):
+        return path.name, SERIES_OUTPUT_ENDING
+    ending = file_ending(path)
+    return path.name[: -len(ending)], ending
+
+
+def _holds_series(folder: Path) -> bool:
+    """Whether a folder looks like a DICOM series: it holds files and none of an image type autoseg reads (a folder
+    of NIfTI files, e.g. earlier predictions, is not taken for a case)."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and not any(file_ending(p) in SUPPORTED_ENDINGS for p in files)
+
+
+def _folder_entries(folder: Path, channel_names: Sequence[str]) -> list[Path]:
+    """The image files and DICOM series folders in ``folder``; the folder itself when it is one DICOM series."""
+    entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")
+               and (_holds_series(p) if p.is_dir() else p.is_file() and file_ending(p) in SUPPORTED_ENDINGS)]
+    if entries:
+        return entries
+    if _holds_series(folder):  # the folder itself is a series (read_image judges whether it is DICOM); several: a case each
+        uids = series_uids(folder)
+        return [folder / uid for uid in uids] if len(uids) > 1 else [folder]
+    raise PredictionInputError(
+        f"{folder}: no image files ({', '.join(SUPPORTED_ENDINGS)}) or DICOM series folders in this folder. Put the "
+        f"cases here as CASE_0000.nii.gz ... (one file or series folder per channel: {_channels_text(channel_names)}).")
 
 
 def _group(files: Iterable[Path], channel_names: Sequence[str], missing: tuple[int, ...] = ()) -> list[InputCase]:
@@ -226,8 +254,7 @@ def _group(files: Iterable[Path], channel_names: Sequence[str], missing: tuple[i
     by_case: dict[tuple[str, str], dict[int, Path]] = {}
     problems: list[str] = []
     for p in files:
-        ending = file_ending(p)
-        stem = p.name[: -len(ending)]
+        stem, ending = _stem_ending(p)
         m = CHANNEL_RE.match(stem)
         if m is None and len(present) == 1:
             case, ch = stem, present[0]

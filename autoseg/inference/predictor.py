@@ -33,6 +33,7 @@ from autoseg.io.dataset import read_dataset_json
 from autoseg.io.image import Geometry
 from autoseg.io.model_folder import FINAL, configuration_folder, is_bundle, trained_folds
 from autoseg.networks.checkpoint import CheckpointMeta, load_checkpoint
+from autoseg.networks.error_head import ErrorOutput, error_head_of
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.plugins.channels import ChannelAppender
 from autoseg.preprocessing.cascade import one_hot, previous_stage_to_grid
@@ -58,6 +59,8 @@ class Predictor:
         previous: the first stage of a cascade (its segmentation becomes extra input channels), or None.
         cascade_labels: labels one-hot encoded from the first stage's segmentation.
         channels: the channel plugins' fitted states (``models/<config>/plugins/``), or None without any.
+        error_networks: per fold, the network returning its learned error head's logit as one more channel (None
+            for a fold without one; empty when no fold has one), used by :meth:`members`.
     """
 
     plans: Plans
@@ -72,6 +75,7 @@ class Predictor:
     previous: Predictor | None = None
     cascade_labels: tuple[int, ...] = ()
     channels: ChannelAppender | None = None
+    error_networks: tuple[Callable[[torch.Tensor], torch.Tensor] | None, ...] = ()
 
     @classmethod
     def from_workdir(cls, workdir: str | os.PathLike[str], configuration: str = "3d_fullres", *,
@@ -108,17 +112,20 @@ class Predictor:
         order = read_dataset_json(spec_path).regions_class_order if spec_path.is_file() else None
         layout = LabelLayout.from_labels(plans.labels, order)
         runtime = settings.runtime()
-        networks, metas = [], []
+        networks, errors, metas = [], [], []
         for f in wanted:
-            network, meta = _load_fold(Path(workdir), model_dir / f"fold_{f}", config, runtime, settings.backend)
+            network, error, meta = _load_fold(Path(workdir), model_dir / f"fold_{f}", config, runtime,
+                                              settings.backend)
             networks.append(network)
+            errors.append(error)
             metas.append(meta)
         previous = None
         if config.previous_stage:
             previous = cls.from_workdir(workdir, str(config.previous_stage), settings=replace(settings, folds=None))
         return cls(plans, config, layout, networks, metas[0].mirror_axes if settings.mirroring else (), runtime.device,
                    settings.window_step, runtime.amp,
-                   tuple(wanted), previous, metas[0].cascade_labels, ChannelAppender.load(plans, config, model_dir))
+                   tuple(wanted), previous, metas[0].cascade_labels, ChannelAppender.load(plans, config, model_dir),
+                   tuple(errors) if any(e is not None for e in errors) else ())
 
     def preprocess(self, images: np.ndarray, geometry: Geometry, missing: Sequence[int] = ()) -> PreprocessedArrays:
         """Preprocess one case exactly as the training cases were (the cascade's first stage runs here).
@@ -143,7 +150,8 @@ class Predictor:
             for net in self.networks:
                 out = predict_logits(net, data, patch_size=self.config.patch_size,
                                      num_outputs=self.layout.num_outputs, step_size=self.step_size,
-                                     mirror_axes=self.mirror_axes, device=self.device, amp=self.amp)
+                                     mirror_axes=self.mirror_axes, device=self.device, amp=self.amp,
+                                     rules=self.config.rules)
                 total = out if total is None else total.add_(out)
             if len(self.networks) > 1:
                 total /= len(self.networks)
@@ -153,7 +161,7 @@ class Predictor:
         """Like :meth:`logits`, plus how the folds and mirror variants agree (see :func:`predict_members`)."""
         return predict_members(self.networks, data, patch_size=self.config.patch_size, layout=self.layout,
                                mirror_axes=self.mirror_axes, step_size=self.step_size, device=self.device,
-                               amp=self.amp)
+                               amp=self.amp, error_networks=self.error_networks or None, rules=self.config.rules)
 
     def predict_logits(self, images: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, CaseProperties]:
         """Fold-averaged logits on the preprocessed grid and the preprocessing record."""
@@ -221,14 +229,20 @@ def _wanted_folds(model_dir: Path, configuration: str, folds: Sequence[int | str
 
 
 def _load_fold(workdir: Path, fold_dir: Path, config: ConfigurationPlan, runtime: Runtime, backend: str
-               ) -> tuple[Callable[[torch.Tensor], torch.Tensor], CheckpointMeta]:
-    """One fold's network, ready for the sliding window, and its checkpoint's description."""
+               ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor] | None,
+                          CheckpointMeta]:
+    """One fold's network, ready for the sliding window, the same network returning its error head's logit as
+    one more channel (None without an error head, and with ONNX, which exports the segmentation alone), and its
+    checkpoint's description."""
     ckpt = load_checkpoint(fold_dir / FINAL, map_location="cpu")
     if backend == "onnx":  # a bundle's files are fixed: no export there, only a clear error
         from autoseg.inference.onnx_backend import load_fold_onnx
 
         meta = CheckpointMeta.from_json(ckpt, fold_dir / FINAL)
-        return load_fold_onnx(fold_dir, config, device=runtime.device, cache=not is_bundle(workdir)), meta
+        return load_fold_onnx(fold_dir, config, device=runtime.device, cache=not is_bundle(workdir)), None, meta
     net, meta = network_from_checkpoint(ckpt, config, fold_dir / FINAL)
-    return inference_network(net.to(runtime.device), in_channels=meta.in_channels, patch_size=config.patch_size,
-                             device=runtime.device, amp=runtime.amp), meta
+    kw = {"in_channels": meta.in_channels, "patch_size": config.patch_size, "device": runtime.device,
+          "amp": runtime.amp}
+    network = inference_network(net.to(runtime.device), **kw)
+    error = inference_network(ErrorOutput(net), **kw) if error_head_of(net) is not None else None
+    return network, error, meta

@@ -33,6 +33,10 @@ def check_part(num_parts: int, part_id: int) -> None:
                                    f"--part-id 0 to {num_parts - 1} (part_id; parts count from 0).")
 
 
+#: what ``predict`` writes per case: the segmentation image, and with ``dicom-seg`` a DICOM Segmentation besides
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     """How cases are predicted. ``None`` means "the choice of ``find-best``" or "automatic".
@@ -49,6 +53,10 @@ class InferenceSettings:
         backend: ``torch``, or ``onnx`` for ONNX Runtime (float32).
         deterministic: float32 and deterministic algorithms, so the same inputs give the same files.
         save_probabilities: also write ``<case>.npz`` probabilities (for ensembling).
+        probability_images: also write one float32 image per class or region (its probability, in the input's
+            geometry) to ``OUTPUT/probabilities/<case>_<name><ending>``, for viewers.
+        output_format: ``nifti`` (the segmentation in the input's format; NIfTI for DICOM series), or ``dicom-seg``:
+            also ``OUTPUT/<case>.dcm``, a DICOM Segmentation object referencing the input series (DICOM inputs only).
         overwrite: redo cases whose output exists (default: skip them).
         progress: show a progress bar.
         postprocessing: None = the learnt rules when following ``find-best``'s choice; True = the learnt rules;
@@ -76,6 +84,8 @@ class InferenceSettings:
     backend: str = "torch"
     deterministic: bool = False
     save_probabilities: bool = False
+    probability_images: bool = False
+    output_format: str = "nifti"
     overwrite: bool = False
     progress: bool = True
     postprocessing: bool | str | os.PathLike[str] | None = None
@@ -90,6 +100,9 @@ class InferenceSettings:
 
     def __post_init__(self) -> None:
         check_part(self.num_parts, self.part_id)
+        if self.output_format not in OUTPUT_FORMATS:
+            raise PredictionInputError(f"--output-format {self.output_format!r} is not known; choose one of "
+                                       f"{', '.join(OUTPUT_FORMATS)} (output_format).")
         if not self.claim_timeout > 0:
             raise PredictionInputError(f"--claim-timeout {self.claim_timeout!r}: give a number of seconds above 0 "
                                        "(claim_timeout).")

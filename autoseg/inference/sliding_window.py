@@ -22,7 +22,8 @@ import torch
 
 from autoseg.errors import InferenceError
 
-__all__ = ["InferenceError", "gaussian_importance_map", "inference_network", "mirror_variants", "predict_logits",
+__all__ = ["InferenceError", "gaussian_importance_map", "inference_network", "mirror_variants", "nnunet_importance_map",
+           "predict_logits",
            "window_starts"]
 
 #: largest 3D patch (voxels) whose float32 CPU network is traced and optimised (see :func:`inference_network`)
@@ -75,14 +76,38 @@ def gaussian_importance_map(patch_size: Sequence[int], *, sigma_scale: float = D
     return torch.from_numpy(np.ascontiguousarray(g)).to(device if device is not None else "cpu")
 
 
-def window_starts(image_shape: Sequence[int], patch_size: Sequence[int], step_size: float) -> list[list[int]]:
+def nnunet_importance_map(patch_size: Sequence[int], *, device: str | torch.device | None = None) -> torch.Tensor:
+    """nnU-Net v2's importance map, value for value (imported models): a unit impulse at ``p // 2`` per axis
+    smoothed by scipy's ``gaussian_filter`` (sigma ``p / 8``, zero outside), scaled to peak 10, rounded to
+    float16 (as nnU-Net stores it), zeros replaced by the smallest non-zero value; returned as float32.
+
+    Example:
+        >>> float(nnunet_importance_map((8, 8)).max())
+        10.0
+    """
+    from scipy.ndimage import gaussian_filter
+
+    sizes = tuple(int(p) for p in patch_size)
+    impulse = np.zeros(sizes)
+    impulse[tuple(p // 2 for p in sizes)] = 1.0
+    g = gaussian_filter(impulse, [p * DEFAULT_SIGMA_SCALE for p in sizes], 0, mode="constant", cval=0.0)
+    g = (g / (g.max() / 10.0)).astype(np.float16)
+    if (g == 0).any():
+        g[g == 0] = g[g > 0].min()
+    return torch.from_numpy(g.astype(np.float32)).to(device if device is not None else "cpu")
+
+
+def window_starts(image_shape: Sequence[int], patch_size: Sequence[int], step_size: float, *,
+                  rules: str = "autoseg") -> list[list[int]]:
     """Start indices of the windows along each axis.
 
     Along an axis of size ``s`` and patch ``p`` (``s >= p``), the starts run evenly from 0 to ``s - p``
     (rounded), as few as possible with consecutive starts at most ``floor(p * step_size)`` apart, so
     neighbouring windows overlap by at least ``(1 - step_size) * p`` and the last one ends at the border.
     This is nnU-Net's rule, ``ceil((s - p) / (p * step)) + 1`` windows, with the step rounded down to whole
-    voxels. An axis not larger than the patch gets the single start 0 (the caller pads it).
+    voxels. An axis not larger than the patch gets the single start 0 (the caller pads it). With
+    ``rules="nnunet"`` (imported models) the count uses the unrounded step and the starts are rounded half to
+    even, exactly as nnU-Net v2 places them.
 
     Args:
         image_shape: spatial size of the image.
@@ -113,15 +138,19 @@ def window_starts(image_shape: Sequence[int], patch_size: Sequence[int], step_si
         if s <= p:
             starts.append([0])
             continue
+        if rules == "nnunet":
+            n = math.ceil((s - p) / (p * step_size)) + 1
+            starts.append([int(np.round((s - p) / (n - 1) * i)) for i in range(n)])
+            continue
         max_step = max(1, math.floor(p * step_size + 1e-9))
         n = -(-(s - p) // max_step) + 1  # ceil division, in integers
         starts.append([(i * (s - p) + (n - 1) // 2) // (n - 1) for i in range(n)])
     return starts
 
 
-def _tiles(spatial: Sequence[int], patch: Sequence[int], step_size: float, n_sliced: int) -> list[Tile]:
+def _tiles(spatial: Sequence[int], patch: Sequence[int], step_size: float, n_sliced: int, rules: str) -> list[Tile]:
     """Every window of the (padded) image; ``n_sliced`` leading axes are iterated one index at a time."""
-    per_axis = window_starts(spatial[n_sliced:], patch, step_size)
+    per_axis = window_starts(spatial[n_sliced:], patch, step_size, rules=rules)
     tiles: list[Tile] = []
     for lead in itertools.product(*(range(s) for s in spatial[:n_sliced])):
         for starts in itertools.product(*per_axis):
@@ -255,20 +284,23 @@ def _divide_by_window_sums(logits: torch.Tensor, profiles: list[np.ndarray], sta
 
 def _accumulate(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, patch: tuple[int, ...],
                 num_outputs: int, step_size: float, variants: Sequence[tuple[int, ...]], use_gaussian: bool,
-                batch_size: int,
-                device: torch.device, results_device: torch.device, amp: bool, progress: bool) -> torch.Tensor:
+                batch_size: int, device: torch.device, rules: str,
+                results_device: torch.device, amp: bool, progress: bool) -> torch.Tensor:
     """Weighted sum of the windows' logits divided by the summed weights: one float32 ``(K, *spatial)`` tensor
-    (plus a full-size weight volume only where the weights do not factor, see :func:`_window_profiles`)."""
+    (plus a full-size weight volume only where the weights do not factor, see :func:`_window_profiles`, and
+    with nnU-Net's rules, whose float16 map is not a product)."""
     spatial = tuple(image.shape[1:])
     n_sliced = len(spatial) - len(patch)
-    weight = (gaussian_importance_map(patch, device=results_device) if use_gaussian
+    nnunet = rules == "nnunet" and use_gaussian
+    weight = (nnunet_importance_map(patch, device=results_device) if nnunet else
+              gaussian_importance_map(patch, device=results_device) if use_gaussian
               else torch.ones(patch, dtype=torch.float32, device=results_device))
-    profiles = _window_profiles(patch, use_gaussian)
+    profiles = None if nnunet else _window_profiles(patch, use_gaussian)
     logits = torch.zeros((num_outputs, *spatial), dtype=torch.float32, device=results_device)
     weights = torch.zeros(spatial, dtype=torch.float32, device=results_device) if profiles is None else None
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     autocast = torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp)
-    tiles = _tiles(spatial, patch, step_size, n_sliced)
+    tiles = _tiles(spatial, patch, step_size, n_sliced, rules)
     batches = _batches(tiles, batch_size)
     if progress:
         from tqdm import tqdm
@@ -297,7 +329,7 @@ def predict_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch
                    patch_size: Sequence[int], num_outputs: int, step_size: float = 0.5,
                    mirror_axes: Sequence[int] = (), use_gaussian: bool = True, batch_size: int = 1,
                    device: str | torch.device = "cpu", amp: bool = False, progress: bool = False,
-                   variant: Sequence[int] | None = None) -> torch.Tensor:
+                   variant: Sequence[int] | None = None, rules: str = "autoseg") -> torch.Tensor:
     """Logits of a whole (preprocessed) image by Gaussian-weighted sliding-window prediction.
 
     Args:
@@ -318,6 +350,8 @@ def predict_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch
         variant: predict only this mirror variant (patch axes flipped; ``()`` = the image as is) instead of
             averaging over ``mirror_axes``. Averaging the logits of every variant of :func:`mirror_variants`
             gives the test-time-augmented logits (up to float rounding); used for uncertainty.
+        rules: ``"nnunet"`` for imported nnU-Net models: nnU-Net's window starts and importance map
+            (:func:`nnunet_importance_map`); the accumulation stays float32.
 
     Returns:
         float32 logits ``(num_outputs, *spatial)`` on the CPU, same spatial shape as ``image``.
@@ -366,7 +400,7 @@ def predict_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch
         results_device = torch.device("cpu")
         if device.type == "cuda" and _fits_on_gpu(device, (num_outputs + 1) * math.prod(img.shape[1:]) * 4):
             results_device = device
-        args = (network, img, patch, num_outputs, step_size, variants, use_gaussian, batch_size, device)
+        args = (network, img, patch, num_outputs, step_size, variants, use_gaussian, batch_size, device, rules)
         try:
             logits = _accumulate(*args, results_device, amp, progress)
         except torch.OutOfMemoryError:

@@ -24,6 +24,11 @@ Two sources of uncertainty, computed while predicting at no extra network cost:
     ``2 sum(p m) / (sum p + sum m)``, or ``exp(-sum p)`` (the chance the class is truly absent) when the
     mask is empty; mean over classes.
 
+* **A learned error head** (recipe ``network=...:error_head=true``, :mod:`autoseg.networks.error_head`):
+  the **error map**, its probability that the label is wrong per voxel (one pass: the unmirrored one), and
+  ``error_head`` / ``error_head_tta`` (:func:`error_head_scores`), the Dice it expects, alone and times
+  ``tta_agreement``.
+
 * **Combined** (the default quality score): ``expected_dice * tta_agreement``, the Dice the model expects,
   discounted by how inconsistent it is under mirroring. Probability-based scores alone stay high when a
   corrupted input makes the network confidently wrong; the variants' disagreement catches that, while the
@@ -45,7 +50,7 @@ from autoseg.inference.export import LabelLayout, logits_to_labels, probabilitie
 from autoseg.inference.sliding_window import mirror_variants, predict_logits
 
 #: per-case scores, higher = more trustworthy; the first is the default quality score
-QUALITY_SCORES = ("combined", "tta_agreement", "confidence", "expected_dice")
+QUALITY_SCORES = ("combined", "tta_agreement", "confidence", "expected_dice", "error_head", "error_head_tta")
 #: voxels per chunk when comparing label maps (bounds memory to a few 100 MB whatever the image size)
 CHUNK = 1 << 22
 
@@ -112,41 +117,47 @@ class MemberOutputs:
         tta_agreement: mean over folds of the mirror variants' pairwise Dice; None without mirroring.
         fold_agreement: pairwise Dice between the folds' label maps; None with one fold.
         disagreement: vote disagreement map (folds, or mirror variants with one fold); None with one member.
+        error: the learned error heads' probability that the label is wrong, mean over folds (float32); None
+            without error heads.
     """
 
     logits: np.ndarray
     tta_agreement: float | None
     fold_agreement: float | None
     disagreement: np.ndarray | None
+    error: np.ndarray | None = None
 
 
-def predict_members(networks: Sequence[Callable[[torch.Tensor], torch.Tensor]], data: np.ndarray, *,
-                    patch_size: Sequence[int], layout: LabelLayout, mirror_axes: Sequence[int], step_size: float,
-                    device: torch.device, amp: bool) -> MemberOutputs:
+Network = Callable[[torch.Tensor], torch.Tensor]
+
+
+def predict_members(networks: Sequence[Network], data: np.ndarray, *, patch_size: Sequence[int],
+                    layout: LabelLayout, mirror_axes: Sequence[int], step_size: float, device: torch.device,
+                    amp: bool, error_networks: Sequence[Network | None] | None = None,
+                    rules: str = "autoseg") -> MemberOutputs:
     """Predict ``data`` with every fold and every mirror variant separately and summarise their agreement.
 
     The network passes are those of ordinary test-time augmentation, so this costs what a normal prediction
     costs plus comparing label maps; ``logits`` equal the usual fold-averaged, mirror-averaged logits up to
-    float rounding.
+    float rounding. A fold's entry of ``error_networks`` (its network returning the error logit as one more
+    channel, :class:`~autoseg.networks.error_head.ErrorOutput`) makes the unmirrored pass, giving the error map
+    at no extra pass. ``rules`` is the configuration's (``nnunet`` for imported models, see
+    :func:`predict_logits`).
     """
     variants = mirror_variants(mirror_axes)
     classes = _classes(layout)
+    errors = list(error_networks) if error_networks is not None else [None] * len(networks)
+    kw = {"patch_size": patch_size, "step_size": step_size, "device": device, "amp": amp, "rules": rules}
     total = None
     fold_maps: list[np.ndarray] = []
     variant_maps: list[np.ndarray] = []
     agreements: list[float] = []
+    error_maps: list[np.ndarray] = []
     with torch.inference_mode():
-        for net in networks:
-            fold = None
-            variant_maps = []
-            for v in variants:
-                out = predict_logits(net, data, patch_size=patch_size, num_outputs=layout.num_outputs,
-                                     step_size=step_size, device=device, amp=amp, variant=v)
-                if len(variants) > 1:
-                    variant_maps.append(_small(logits_to_labels(out.numpy(), layout)))
-                fold = out if fold is None else fold.add_(out)
-            assert fold is not None
-            fold /= len(variants)
+        for net, error_net in zip(networks, errors, strict=True):
+            fold, variant_maps, error = _predict_fold(net, error_net, data, variants, layout, kw)
+            if error is not None:
+                error_maps.append(error)
             if variant_maps:
                 agreements.append(pairwise_dice(variant_maps, classes))
             if len(networks) > 1:
@@ -160,7 +171,27 @@ def predict_members(networks: Sequence[Callable[[torch.Tensor], torch.Tensor]], 
         logits=total.numpy(),
         tta_agreement=float(np.mean(agreements)) if agreements else None,
         fold_agreement=pairwise_dice(fold_maps, classes) if len(fold_maps) > 1 else None,
-        disagreement=vote_disagreement(members) if len(members) > 1 else None)
+        disagreement=vote_disagreement(members) if len(members) > 1 else None,
+        error=(sum(error_maps) / len(error_maps)).astype(np.float32) if error_maps else None)
+
+
+def _predict_fold(net: Network, error_net: Network | None, data: np.ndarray, variants: list[tuple[int, ...]],
+                  layout: LabelLayout, kw: dict) -> tuple[torch.Tensor, list[np.ndarray], np.ndarray | None]:
+    """One fold's mirror-averaged logits, its variants' label maps (with several variants) and its error map."""
+    fold, maps, error = None, [], None
+    for v in variants:
+        if error_net is not None and not v:  # the image as is: the pass that also gives the error logit
+            both = predict_logits(error_net, data, num_outputs=layout.num_outputs + 1, variant=v, **kw)
+            error = torch.sigmoid(both[-1]).numpy()
+            out = both[:-1]
+        else:
+            out = predict_logits(net, data, num_outputs=layout.num_outputs, variant=v, **kw)
+        if len(variants) > 1:
+            maps.append(_small(logits_to_labels(out.numpy(), layout)))
+        fold = out if fold is None else fold.add_(out)
+    assert fold is not None
+    fold /= len(variants)
+    return fold, maps, error
 
 
 def _small(seg: np.ndarray) -> np.ndarray:
@@ -211,6 +242,26 @@ def combined_score(scores: dict[str, float | None]) -> float | None:
     if ed is None:
         return None
     return float(ed) * (float(tta) if tta is not None else 1.0)
+
+
+def error_head_scores(seg: np.ndarray, error: np.ndarray, tta_agreement: float | None) -> dict[str, float]:
+    """``error_head``: the foreground Dice the learned error head expects of the label map ``seg``, with ``e`` its
+    probability of error per voxel and ``F`` the predicted foreground,
+    ``2 sum_F (1 - e) / (2 sum_F (1 - e) + sum_F e + sum_notF e)`` (expected true positives, false positives, false
+    negatives; 1 when nothing is predicted nor expected missed); ``error_head_tta``: that times ``tta_agreement``.
+
+    Example:
+        >>> seg = np.array([0, 1, 1, 1]); e = np.array([0.5, 0.0, 0.0, 0.5])
+        >>> error_head_scores(seg, e, None)["error_head"]
+        0.8
+    """
+    fg = np.asarray(seg) > 0
+    e = np.asarray(error, np.float64)
+    fg_err, total_err = float(e[fg].sum()), float(e.sum())
+    tp = float(fg.sum()) - fg_err
+    denom = 2.0 * tp + total_err
+    score = 2.0 * tp / denom if denom > 0 else 1.0
+    return {"error_head": score, "error_head_tta": score * (float(tta_agreement) if tta_agreement is not None else 1.0)}
 
 
 def _output_index(layout: LabelLayout) -> list[int]:

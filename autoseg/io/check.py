@@ -27,10 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import DatasetError
+from autoseg.errors import DatasetError, DicomSeriesError
+from autoseg.io.annotations import ANNOTATED_KEY, coverage, dataset_annotations
 from autoseg.io.check_report import CheckReport, Problem, error, warning
 from autoseg.io.check_values import check_dataset_level, check_label_values, label_names, nifti_nonfinite
 from autoseg.io.dataset import CaseFiles, Dataset, DatasetSpec, load_dataset, read_dataset_json
+from autoseg.io.dicom import is_series_path
+from autoseg.io.geometry_policy import geometry_problem, voxel_displacement
 from autoseg.io.image import (
     Geometry,
     ImageHeader,
@@ -83,13 +86,22 @@ def _read_error(exc: Exception | str, path: Path) -> str:
     return text[len(str(path)) + 2:] if text.startswith(f"{path}: ") else text
 
 
+def _unreadable(case_id: str, path: Path, exc: Exception) -> Problem:
+    """The problem of a file that cannot be read; a refused DICOM series carries its own fix."""
+    text = _read_error(exc, path)
+    if isinstance(exc, DicomSeriesError):
+        what, _, fix = text.partition(" Fix: ")
+        return error("dicom_series", case_id, path, what, fix or "see the message")
+    return error("unreadable", case_id, path, text, _REEXPORT)
+
+
 def _header(case_id: str, path: Path, probs: list[Problem]) -> ImageHeader | None:
     try:
         hdr = read_header(path)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to parse a file makes it unreadable
-        probs.append(error("unreadable", case_id, path, _read_error(exc, path), _REEXPORT))
+        probs.append(_unreadable(case_id, path, exc))
         return None
     if not spacing_is_valid(hdr.geometry.spacing):
         probs.append(error("spacing", case_id, path, f"invalid voxel spacing {hdr.geometry.spacing} in the header; "
@@ -110,7 +122,7 @@ def _voxels(case_id: str, path: Path, probs: list[Problem], *, label: bool) -> _
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt files fail in many ways
-        probs.append(error("unreadable", case_id, path, _read_error(exc, path), _REEXPORT))
+        probs.append(_unreadable(case_id, path, exc))
         return None
     return _Loaded(path, img.array, img.geometry)
 
@@ -122,7 +134,7 @@ def _read_channels(case: CaseFiles, spec: DatasetSpec, probs: list[Problem]) -> 
     convention for RGB PNGs).
     """
     cid, n = case.case_id, spec.n_channels
-    exists = [p.is_file() for p in case.images]
+    exists = [p.exists() or is_series_path(p) for p in case.images]  # a file, or a DICOM series (folder/UID)
     loaded: list[_Loaded] = []
     packed = False
     for i, (p, present) in enumerate(zip(case.images, exists, strict=True)):
@@ -177,9 +189,10 @@ def _hash_files(paths: Sequence[Path]) -> str:
     compressed) file is about 3x faster than hashing the decoded voxels (measured on float32 NIfTI)."""
     h = hashlib.sha1()
     for path in paths:
-        with path.open("rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
+        for file in sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]:  # DICOM: every slice
+            with file.open("rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
         h.update(b"\0")
     return h.hexdigest()
 
@@ -209,8 +222,10 @@ def _check_finite(case_id: str, item: _Loaded, probs: list[Problem], scan_nifti:
     return False
 
 
-def _check_geometry(case_id: str, item: _Loaded, ref: _Loaded, ref_name: str, strict: bool,
+def _check_geometry(case_id: str, item: _Loaded, ref: _Loaded, ref_name: str, policy: tuple[bool, bool],
                     probs: list[Problem]) -> None:
+    """Shape and spacing differences are errors; origin/direction ones follow the geometry policy
+    (``policy`` = ``(strict, allow_mismatch)``, :mod:`autoseg.io.geometry_policy`)."""
     shape, ref_shape = item.array.shape[-item.geometry.ndim:], ref.array.shape[-ref.geometry.ndim:]
     if item.geometry.ndim != ref.geometry.ndim:
         probs.append(error("dimensionality", case_id, item.path, f"{item.geometry.ndim}D image (shape {shape}) but "
@@ -220,28 +235,41 @@ def _check_geometry(case_id: str, item: _Loaded, ref: _Loaded, ref_name: str, st
     if shape != ref_shape:
         probs.append(error("shape", case_id, item.path, f"shape {shape} differs from {ref_name}'s shape {ref_shape}",
                            "resample or crop so that every channel and the label share one voxel grid"))
-    for diff in item.geometry.differences(ref.geometry):
-        is_spacing = diff.startswith("spacing")
-        make = error if is_spacing or strict else warning
-        fix = ("resample the file onto the label's grid, or correct the spacing in its header" if is_spacing else
-               "correct the header if the images are aligned (e.g. copy the label's origin/direction); otherwise "
-               "resample onto the label's grid")
-        probs.append(make("geometry", case_id, item.path, f"{diff} (this file vs {ref_name})", fix))
+    diffs = item.geometry.differences(ref.geometry)
+    for diff in diffs:
+        if diff.startswith("spacing"):
+            probs.append(error("geometry", case_id, item.path, f"{diff} (this file vs {ref_name})",
+                               "resample the file onto the label's grid, or correct the spacing in its header"))
+    if any(d.startswith("spacing") for d in diffs) or shape != ref_shape:
+        diffs = [d for d in diffs if not d.startswith("spacing")]
+        shift = None  # the grids differ: how far a voxel moves is not defined
+    else:
+        shift = voxel_displacement(item.geometry, ref.geometry, ref_shape)
+    for diff in diffs:
+        if shift is None:
+            probs.append(warning("geometry", case_id, item.path, f"{diff} (this file vs {ref_name})",
+                                 "fix the grid first (see the error above)"))
+        else:
+            probs.append(geometry_problem(case_id, item.path, diff, ref_name, shift, strict=policy[0],
+                                          allow_mismatch=policy[1]))
 
 
 def check_case(case: CaseFiles, spec: DatasetSpec, *, keep_arrays: bool = False,
-               strict_geometry: bool = False, scan_nifti_nan: bool = True) -> CaseCheck:
+               strict_geometry: bool = False, allow_geometry_mismatch: bool = False,
+               scan_nifti_nan: bool = True) -> CaseCheck:
     """Read one case and check it.
 
     Checks: files present and readable; 2D/3D files with positive spacing; channels and label share shape,
-    spacing (errors), origin and direction (warnings unless ``strict_geometry``); no NaN/inf; label values
+    spacing (errors), origin and direction (errors when they move a voxel by more than half its size, see
+    :mod:`autoseg.io.geometry_policy`, else warnings); no NaN/inf; label values
     whole, non-negative and declared in dataset.json; a label with foreground (warning otherwise).
 
     Args:
         case: the case's files.
         spec: the parsed dataset.json.
         keep_arrays: keep the loaded arrays in ``CaseCheck.data`` (only when the case has no error).
-        strict_geometry: origin/direction mismatches are errors instead of warnings.
+        strict_geometry: every origin/direction mismatch is an error, even one under half a voxel.
+        allow_geometry_mismatch: origin/direction mismatches beyond half a voxel are warnings, not errors.
         scan_nifti_nan: find NaN/inf in float NIfTI files, which SimpleITK reads as 0 (a warning); this
             decompresses float files holding zeros a second time (about 1.4x their read time).
 
@@ -254,7 +282,7 @@ def check_case(case: CaseFiles, spec: DatasetSpec, *, keep_arrays: bool = False,
     """
     cid = case.case_id
     probs: list[Problem] = []
-    if not any(p.is_file() for p in case.images) and (case.label is None or not case.label.is_file()):
+    if not any(p.exists() or is_series_path(p) for p in case.images) and (case.label is None or not case.label.is_file()):
         names = ", ".join(p.name for p in case.images + ((case.label,) if case.label else ()))
         probs.append(error("missing_case", cid, case.images[0] if case.images else case.label,
                            f"none of the case's files exists ({names})",
@@ -271,7 +299,7 @@ def check_case(case: CaseFiles, spec: DatasetSpec, *, keep_arrays: bool = False,
     for item in channels:
         _check_finite(cid, item, probs, scan_nifti_nan)
         if ref is not None and item is not ref:
-            _check_geometry(cid, item, ref, ref_name, strict_geometry, probs)
+            _check_geometry(cid, item, ref, ref_name, (strict_geometry, allow_geometry_mismatch), probs)
     seg, present = None, None
     if label is not None:
         if _check_finite(cid, label, probs, scan_nifti_nan):
@@ -333,12 +361,43 @@ def assemble_report(dataset: Dataset, case_checks: Sequence[CaseCheck]) -> Check
                                      f"(label {v}) is absent from every case ({len(read)} label maps read)",
                                      "check the label export; a class without voxels cannot be learnt (remove it "
                                      "from 'labels' if it is unused)"))
-    return CheckReport(dataset=str(dataset.root), n_cases=len(case_checks), problems=probs)
+    report = CheckReport(dataset=str(dataset.root), n_cases=len(case_checks), problems=probs)
+    _check_annotations(dataset, case_checks, report)
+    return report
 
 
-def _check_job(job: tuple[CaseFiles, DatasetSpec, bool, bool]) -> CaseCheck:
-    case, spec, strict, scan = job
-    return check_case(case, spec, strict_geometry=strict, scan_nifti_nan=scan)
+def _check_annotations(dataset: Dataset, case_checks: Sequence[CaseCheck], report: CheckReport) -> None:
+    """Partial annotations (dataset.json ``annotated``): a malformed entry is an error; so is a label map holding
+    voxels of a class it says was not annotated (label datasets; they must be background). Sets the coverage."""
+    if ANNOTATED_KEY not in dataset.spec.raw:
+        return
+    json_path = dataset.root / "dataset.json"
+    try:
+        annotations = dataset_annotations(dataset)
+    except DatasetError as err:
+        report.problems.append(error("annotated", None, json_path, _read_error(err, json_path),
+                                     "correct the 'annotated' entry (or its CSV) as the message says"))
+        return
+    report.coverage = coverage(dataset.spec.labels, annotations, len(dataset.cases))
+    if dataset.spec.has_regions:
+        return
+    values = {k: v for k, v in dataset.spec.labels.items() if isinstance(v, int) and v != 0 and k != "ignore"}
+    labels = {c.case_id: c for c in dataset.cases}
+    for check in case_checks:
+        names = annotations.get(check.case_id)
+        if names is None or check.labels_present is None:
+            continue
+        drawn = [k for k, v in values.items() if k not in names and v in check.labels_present]
+        if drawn:
+            report.problems.append(error("annotated", check.case_id, labels[check.case_id].label,
+                                         f"the label map holds class(es) {drawn}, which dataset.json 'annotated' "
+                                         f"says were not annotated in this case (it lists {list(names)})",
+                                         "add the class(es) to the case's 'annotated' list"))
+
+
+def _check_job(job: tuple[CaseFiles, DatasetSpec, bool, bool, bool]) -> CaseCheck:
+    case, spec, strict, allow, scan = job
+    return check_case(case, spec, strict_geometry=strict, allow_geometry_mismatch=allow, scan_nifti_nan=scan)
 
 
 def _load(root: Path) -> tuple[Dataset | None, list[Problem]]:
@@ -363,14 +422,16 @@ def _load(root: Path) -> tuple[Dataset | None, list[Problem]]:
 
 
 def check_dataset(dataset_or_path: Dataset | str | Path, *, jobs: int = 1, progress: bool = True,
-                  strict_geometry: bool = False, scan_nifti_nan: bool = True) -> CheckReport:
+                  strict_geometry: bool = False, allow_geometry_mismatch: bool = False,
+                  scan_nifti_nan: bool = True) -> CheckReport:
     """Check a whole dataset and report every problem at once.
 
     Args:
         dataset_or_path: a loaded dataset or its folder.
         jobs: worker processes (spawn-safe; only small results cross processes).
         progress: show a progress bar.
-        strict_geometry: origin/direction mismatches inside a case are errors instead of warnings.
+        strict_geometry: every origin/direction mismatch inside a case is an error, even one under half a voxel.
+        allow_geometry_mismatch: mismatches that move voxels by more than half their size are warnings, not errors.
         scan_nifti_nan: also find NaN/inf in float NIfTI files (see :func:`check_case`).
 
     Returns:
@@ -392,7 +453,7 @@ def check_dataset(dataset_or_path: Dataset | str | Path, *, jobs: int = 1, progr
         if loaded is None:
             return CheckReport(str(Path(dataset_or_path)), 0, notes)
         dataset = loaded
-    jobs_in = [(c, dataset.spec, strict_geometry, scan_nifti_nan) for c in dataset.cases]
+    jobs_in = [(c, dataset.spec, strict_geometry, allow_geometry_mismatch, scan_nifti_nan) for c in dataset.cases]
     checks = list(imap_ordered(_check_job, jobs_in, jobs=jobs, desc="check", progress=progress,
                                label=lambda j: f"case {j[0].case_id}"))
     report = assemble_report(dataset, checks)

@@ -66,11 +66,14 @@ class CheckReport:
         dataset: the dataset folder (file paths in the table are shown relative to it).
         n_cases: number of training cases checked.
         problems: all problems, in the order found (dataset-level first, then case by case).
+        coverage: for a partially annotated dataset (dataset.json ``annotated``), per class or region the number
+            of cases in which it was annotated; None otherwise.
     """
 
     dataset: str
     n_cases: int
     problems: list[Problem] = field(default_factory=list)
+    coverage: dict[str, int] | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -110,7 +113,7 @@ class CheckReport:
         """
         ordered = self.errors + self.warnings
         if not ordered:
-            return f"no problems found in {self.dataset}\n{self.summary()}"
+            return "\n".join([f"no problems found in {self.dataset}", *self.coverage_lines(), self.summary()])
         shown = ordered[:max(max_rows, 0)]
         head = ("severity", "case", "file", "problem", "fix")
         rows = [(p.severity, p.case_id or "-", _shorten(self.relative_path(p.path), _FILE_WIDTH), p.message, p.fix)
@@ -132,8 +135,16 @@ class CheckReport:
             n_err = sum(p.is_error for p in left_out)
             lines.append(f"... {_plural(len(left_out), 'more problem')} not shown ({_plural(n_err, 'error')}, "
                          f"{_plural(len(left_out) - n_err, 'warning')}); `autoseg check --json FILE` lists them all")
+        lines += self.coverage_lines()
         lines.append(self.summary())
         return "\n".join(lines)
+
+    def coverage_lines(self) -> list[str]:
+        """``annotation coverage: NAME k/n cases, ...`` for a partially annotated dataset, else nothing."""
+        if self.coverage is None:
+            return []
+        parts = [f"{name} {k}/{self.n_cases}" for name, k in self.coverage.items()]
+        return [f"annotation coverage (cases annotated per class): {', '.join(parts)}"]
 
     def raise_for_errors(self) -> None:
         """Raise when the report holds errors.
@@ -154,6 +165,7 @@ class CheckReport:
             "problems": [{"severity": p.severity, "kind": p.kind, "case": p.case_id,
                           "file": None if p.path is None else self.relative_path(p.path),
                           "message": p.message, "fix": p.fix} for p in self.problems],
+            **({"coverage": dict(self.coverage)} if self.coverage is not None else {}),
         }
 
 

@@ -252,6 +252,10 @@ NIFTI_ENDINGS = (".nii.gz", ".nii")
 def _stray_problem(dataset: Dataset, path: Path) -> Problem:
     ending = dataset.spec.file_ending
     name, folder = path.name, path.parent.name
+    if path.is_dir():  # a DICOM series folder CASE_XXXX/ whose channel dataset.json does not declare
+        return warning("stray_file", None, path, f"series folder {name}/ is channel {name[-4:]}, which dataset.json's "
+                       f"channel_names does not declare, so it is not used",
+                       "add the channel to channel_names if the model should see it, otherwise remove the folder")
     twin = _nifti_twin(path, ending)
     if twin is not None and twin.is_file():
         return error("stray_file", None, path, f"{name} lies beside {twin.name}: the NIfTI reader looks for '.nii' "

@@ -1,7 +1,8 @@
 """The nnU-Net v2 raw dataset layout: ``dataset.json``, ``imagesTr/``, ``labelsTr/``, ``imagesTs/``.
 
 Datasets prepared for nnU-Net load unchanged: images are ``{CASE}_{XXXX}{file_ending}`` (XXXX = 4-digit
-channel index), labels ``{CASE}{file_ending}``; alternatively dataset.json lists the files of each case under
+channel index), labels ``{CASE}{file_ending}``; a channel may also be a folder ``{CASE}_{XXXX}/`` holding one
+DICOM series (the label stays a ``{CASE}{file_ending}`` file); alternatively dataset.json lists the files of each case under
 a ``"dataset"`` key. Loading never reads voxels; problems with the files themselves are the integrity
 check's job (:mod:`autoseg.io.check`).
 """
@@ -191,9 +192,17 @@ class Dataset:
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 
+def channel_path(folder: Path, case_id: str, channel: int, file_ending: str) -> Path:
+    """A case's channel: the DICOM series folder ``{CASE}_{XXXX}/`` when there is one, else the file
+    ``{CASE}_{XXXX}{file_ending}`` (which may not exist)."""
+    series = folder / f"{case_id}_{channel:04d}"
+    return series if series.is_dir() else folder / f"{case_id}_{channel:04d}{file_ending}"
+
+
 def find_cases(folder: Path, file_ending: str, n_channels: int,
                label_folder: Path | None = None) -> tuple[tuple[CaseFiles, ...], tuple[Path, ...]]:
-    """Group ``{CASE}_{XXXX}{file_ending}`` files in ``folder`` into cases.
+    """Group ``{CASE}_{XXXX}{file_ending}`` files (or ``{CASE}_{XXXX}/`` DICOM series folders) in ``folder``
+    into cases.
 
     Returns:
         The cases sorted by id (expected channel paths ``_0000`` .. ``_{n-1}``; the label path if
@@ -203,15 +212,20 @@ def find_cases(folder: Path, file_ending: str, n_channels: int,
     ids: set[str] = set()
     stray: list[Path] = []
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if p.name.startswith(".") or not p.is_file():
+        if p.name.startswith("."):
             continue
-        m = CHANNEL_RE.match(p.name[: -len(file_ending)]) if p.name.endswith(file_ending) else None
+        if p.is_dir():
+            m = CHANNEL_RE.match(p.name)
+            if m is None:  # not a channel's series: another folder, as before DICOM
+                continue
+        else:
+            m = CHANNEL_RE.match(p.name[: -len(file_ending)]) if p.name.endswith(file_ending) else None
         if m is None or int(m["ch"]) >= n_channels:  # no channel suffix, or a channel dataset.json does not declare
             stray.append(p)
         else:
             ids.add(m["case"])
     cases = tuple(
-        CaseFiles(cid, tuple(folder / f"{cid}_{c:04d}{file_ending}" for c in range(n_channels)),
+        CaseFiles(cid, tuple(channel_path(folder, cid, c, file_ending) for c in range(n_channels)),
                   (label_folder / f"{cid}{file_ending}") if label_folder is not None else None)
         for cid in sorted(ids)
     )

@@ -6,7 +6,8 @@ spacing in array-axis order). Reading and then writing a file gives back the sam
 direction bit for bit.
 
 Every format goes through SimpleITK (NIfTI, NRRD, MHA/MHD, PNG, TIFF, ...), so one code path handles the
-geometry of all of them.
+geometry of all of them. A folder is a DICOM series (:mod:`autoseg.io.dicom`): every reader here takes one
+wherever it takes an image file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import SimpleITK as sitk
 
 from autoseg.errors import ImageReadError, ImageWriteError, describe_os_error
 from autoseg.io.atomic import atomic_path
+from autoseg.io.dicom import inspect_series, is_series_path, read_series, split_series_path
 from autoseg.io.nifti_length import nifti_lengths
 
 #: File endings autoseg reads and writes, longest first so that ``.nii.gz`` wins over ``.gz``.
@@ -121,7 +123,23 @@ def file_ending(path: str | os.PathLike[str]) -> str:
     return Path(name).suffix
 
 
+def image_stamp(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """``(bytes, latest modification ns)`` of an image file or of a DICOM series folder's files; None when absent
+    (for telling whether an input changed)."""
+    path = Path(path)
+    if is_series_path(path):
+        folder = (split_series_path(path) or (path, None))[0]
+        stats = [p.stat() for p in folder.iterdir() if p.is_file()]
+        return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=-1)
+    if not path.exists():
+        return None
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 def _check_readable(path: Path) -> None:
+    if is_series_path(path):
+        return
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found. Check the path and the dataset's file_ending.")
     if path.stat().st_size == 0:
@@ -133,6 +151,8 @@ def _check_readable(path: Path) -> None:
 
 
 def _sitk_read(path: Path) -> sitk.Image:
+    if is_series_path(path):
+        return read_series(path)
     _check_readable(path)
     if file_ending(path) in (".nii", ".nii.gz"):
         sizes = nifti_lengths(path)
@@ -157,12 +177,17 @@ def _geometry_of(img: sitk.Image) -> Geometry:
 
 
 def read_header(path: str | os.PathLike[str]) -> ImageHeader:
-    """Read geometry, shape and pixel type without loading the voxels.
+    """Read geometry, shape and pixel type without loading the voxels (of a DICOM series: the slice headers).
 
     Raises:
         ImageReadError: the file is missing, empty, of an unsupported type or unreadable.
     """
     path = Path(path)
+    if is_series_path(path):
+        info = inspect_series(path)
+        return ImageHeader(path=path, geometry=Geometry(info.spacing, info.origin, info.direction),
+                           shape=tuple(int(s) for s in reversed(info.size)), n_components=info.n_components,
+                           pixel_type=sitk.GetPixelIDValueAsString(info.pixel_id))
     _check_readable(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -187,7 +212,7 @@ def read_image(path: str | os.PathLike[str], *, dtype: Any = np.float32) -> Imag
     3D volume, with the geometry of the first three axes.
 
     Args:
-        path: the image file (.nii/.nii.gz/.nrrd/.mha/.mhd/.png/.tif/...).
+        path: the image file (.nii/.nii.gz/.nrrd/.mha/.mhd/.png/.tif/...), or a folder holding one DICOM series.
         dtype: numpy dtype of the returned array (float32 by default; ``None`` keeps the file's type;
             ``"compact"`` keeps it when it is compact, see :func:`compact_dtype`, e.g. int16 CT stays int16).
 

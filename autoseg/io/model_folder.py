@@ -2,7 +2,7 @@
 
 A work folder (or a bundle, which is a minimal work folder) holds::
 
-    models/<configuration>/plans.json  dataset.json  plugins/
+    models/<configuration>/plans.json  dataset.json  plugins/  imported_from.json (imported models)
     models/<configuration>/fold_<k>/checkpoint_latest.pt  checkpoint_final.pt  log.jsonl  val/
     manifest.json                      (bundles only: versions, settings and the SHA-256 of every file)
 
@@ -22,6 +22,8 @@ from autoseg.io.atomic import read_json
 LATEST = "checkpoint_latest.pt"
 FINAL = "checkpoint_final.pt"
 MANIFEST = "manifest.json"
+#: a model imported from another framework: its source files' hashes and licence (``autoseg import-nnunet``)
+IMPORTED_FROM = "imported_from.json"
 #: the ``format`` field of a bundle manifest
 FORMAT = "autoseg-bundle"
 

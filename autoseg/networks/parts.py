@@ -28,6 +28,7 @@ from torch import nn
 
 from autoseg.errors import PluginError
 from autoseg.networks import attention_unet, memory, swin_unetr
+from autoseg.networks.error_head import attach_error_head
 from autoseg.networks.memory import BYTES_PER_ELEMENT_MIXED, BYTES_PER_PARAMETER_MIXED
 from autoseg.networks.topology import UNetTopology
 from autoseg.networks.unet import UNet
@@ -102,17 +103,22 @@ class NetworkPart:
 
 
 class UNetPart(NetworkPart):
-    """nnU-Net's U-Net (plain or residual encoder as :attr:`block` says), exactly as the plans describe it."""
+    """nnU-Net's U-Net (plain or residual encoder as :attr:`block` says), exactly as the plans describe it;
+    with ``error_head``, plus a learned error head (:mod:`autoseg.networks.error_head`)."""
 
-    def __init__(self, block: str | None = None) -> None:
+    def __init__(self, block: str | None = None, error_head: bool = False) -> None:
         self.block = block
+        self.error_head = error_head
 
     def build(self, topology: UNetTopology, *, in_channels: int, num_classes: int,
               deep_supervision: bool = True) -> nn.Module:
-        return UNet(self.topology(topology), in_channels=in_channels, num_classes=num_classes,
-                    deep_supervision=deep_supervision)
+        net = UNet(self.topology(topology), in_channels=in_channels, num_classes=num_classes,
+                   deep_supervision=deep_supervision)
+        return attach_error_head(net) if self.error_head else net
 
     def count_parameters(self, topology: UNetTopology, *, in_channels: int, num_classes: int) -> int:
+        if self.error_head:
+            return super().count_parameters(topology, in_channels=in_channels, num_classes=num_classes)
         return memory.count_parameters(self.topology(topology), in_channels=in_channels, num_classes=num_classes)
 
     def feature_map_elements(self, topology: UNetTopology, patch_size: Sequence[int], *, num_classes: int) -> int:
@@ -120,14 +126,21 @@ class UNetPart(NetworkPart):
 
 
 class AttentionUNetPart(NetworkPart):
-    """The plan's U-Net with additive attention gates (Oktay et al. 2018) on every skip connection."""
+    """The plan's U-Net with additive attention gates (Oktay et al. 2018) on every skip connection (and, with
+    ``error_head``, a learned error head)."""
+
+    def __init__(self, error_head: bool = False) -> None:
+        self.error_head = error_head
 
     def build(self, topology: UNetTopology, *, in_channels: int, num_classes: int,
               deep_supervision: bool = True) -> nn.Module:
-        return attention_unet.build(topology, in_channels=in_channels, num_classes=num_classes,
-                                    deep_supervision=deep_supervision)
+        net = attention_unet.build(topology, in_channels=in_channels, num_classes=num_classes,
+                                   deep_supervision=deep_supervision)
+        return attach_error_head(net) if self.error_head else net
 
     def count_parameters(self, topology: UNetTopology, *, in_channels: int, num_classes: int) -> int:
+        if self.error_head:
+            return super().count_parameters(topology, in_channels=in_channels, num_classes=num_classes)
         return attention_unet.count_parameters(topology, in_channels=in_channels, num_classes=num_classes)
 
     def feature_map_elements(self, topology: UNetTopology, patch_size: Sequence[int], *, num_classes: int) -> int:
@@ -162,15 +175,20 @@ class SwinUNETRPart(NetworkPart):
         return swin_unetr.patch_constraint(tuple(int(v) for v in patch_size))
 
 
+#: the recipe parameter of the networks that can have a learned error head
+ERROR_HEAD = Param("error_head", "bool", False, "also learn a head predicting where the segmentation is wrong "
+                   "(trained on detached features; written by predict --uncertainty)")
+
+
 def builtin_networks() -> tuple[PluginInfo, ...]:
     """The networks that come with autoseg."""
     return (
-        PluginInfo("unet", KIND, "nnU-Net's plain-encoder U-Net, as the plans describe it (the default).", (),
-                   lambda: UNetPart("plain")),
+        PluginInfo("unet", KIND, "nnU-Net's plain-encoder U-Net, as the plans describe it (the default).",
+                   (ERROR_HEAD,), lambda error_head=False: UNetPart("plain", error_head)),
         PluginInfo("resenc_unet", KIND, "nnU-Net's residual-encoder U-Net (ResEnc; the resenc presets' default).",
-                   (), lambda: UNetPart("residual")),
+                   (ERROR_HEAD,), lambda error_head=False: UNetPart("residual", error_head)),
         PluginInfo("attention_unet", KIND, "The plan's U-Net with additive attention gates on the skip connections "
-                   "(Oktay et al. 2018); gate maps readable for explanations.", (), AttentionUNetPart),
+                   "(Oktay et al. 2018); gate maps readable for explanations.", (ERROR_HEAD,), AttentionUNetPart),
         PluginInfo("swin_unetr", KIND, "MONAI's SwinUNETR transformer hybrid (needs the monai extra; patches are "
                    "multiples of 32, the planner adapts them).",
                    (Param("feature_size", "int", None, "embedding size, a multiple of 12 (default: from the plan's "
@@ -189,6 +207,19 @@ def network_parts() -> dict[str, PluginInfo]:
     return part_table(builtin_networks(), (KIND,))
 
 
+def check_error_head(name: str, params: Mapping[str, Any] | None, table: Mapping[str, PluginInfo]) -> None:
+    """Refuse ``error_head`` for a network that has no such parameter, in one line.
+
+    Raises:
+        PluginError: the network does not expose the features an error head reads.
+    """
+    info = table.get(name)
+    if "error_head" in (params or {}) and info is not None and ERROR_HEAD not in info.params:
+        capable = ", ".join(n for n, i in table.items() if ERROR_HEAD in i.params)
+        raise PluginError(f"network {name!r} cannot have an error head (it does not expose its last decoder "
+                          f"features to autoseg); error_head=true works with {capable}.")
+
+
 def get_network_part(name: str, params: Mapping[str, Any] | None = None, *, origin: str = "built-in",
                      table: Mapping[str, PluginInfo] | None = None) -> NetworkPart:
     """The network part called ``name``, built with checked ``params``.
@@ -198,6 +229,7 @@ def get_network_part(name: str, params: Mapping[str, Any] | None = None, *, orig
             a bad parameter, or a package's entry that does not build a :class:`NetworkPart`.
     """
     table = network_parts() if table is None else table
+    check_error_head(name, params, table)
     if name not in table and origin != "built-in":
         raise PluginError(f"network {name!r} is not installed: it came from {origin}; install the package that "
                           f"provides it (pip install <that package>) and run the command again.")

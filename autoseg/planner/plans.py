@@ -22,6 +22,8 @@ from autoseg.planner.resampling import ResamplingPlan
 PLANS_VERSION = 1
 #: formats of the preprocessed cases (``Plans.storage``; :mod:`autoseg.preprocessing.storage` reads and writes them)
 STORAGES = ("npy", "blosc2")
+#: whose numerical rules preprocessing and inference follow (``ConfigurationPlan.rules``)
+RULES = ("autoseg", "nnunet")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class ConfigurationPlan:
         overrides: what was set by hand after planning (``autoseg plan --set``), key -> value as given (e.g.
             ``{"patch_size": [96, 160, 160], "batch_size": 4}``; see :mod:`autoseg.planner.overrides`); empty when
             nothing was, and then absent from the JSON.
+        rules: ``autoseg``, or ``nnunet`` for a model imported from nnU-Net v2 (``autoseg import-nnunet``), whose
+            preprocessing and sliding window follow nnU-Net's rules where they differ: order-3 image resampling
+            clipped to the input's range, window starts rounded half-to-even, nnU-Net's Gaussian importance map.
     """
 
     name: str
@@ -74,6 +79,11 @@ class ConfigurationPlan:
     val_iterations: int = 50
     recipe: Recipe | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    rules: str = "autoseg"
+
+    def __post_init__(self) -> None:
+        if self.rules not in RULES:
+            raise PlanningError(f"configuration {self.name!r}: rules {self.rules!r} is not one of {', '.join(RULES)}.")
 
     @property
     def ndim(self) -> int:
@@ -94,6 +104,7 @@ class ConfigurationPlan:
             "val_iterations": self.val_iterations,
             **({"recipe": self.recipe.to_json()} if self.recipe is not None else {}),
             **({"overrides": dict(self.overrides)} if self.overrides else {}),  # absent: plans as before
+            **({"rules": self.rules} if self.rules != "autoseg" else {}),
         }
 
     @classmethod
@@ -112,7 +123,7 @@ class ConfigurationPlan:
             num_epochs=int(d.get("num_epochs", 1000)), iterations_per_epoch=int(d.get("iterations_per_epoch", 250)),
             val_iterations=int(d.get("val_iterations", 50)),
             recipe=Recipe.from_json(d["recipe"]) if d.get("recipe") is not None else None,
-            overrides=dict(d.get("overrides") or {}),
+            overrides=dict(d.get("overrides") or {}), rules=str(d.get("rules", "autoseg")),
         )
 
 
@@ -139,6 +150,9 @@ class Plans:
             every parameter filled in (see :mod:`autoseg.plugins`); empty in plans written before plugins existed.
         storage: how preprocessed cases are stored: ``npy`` (memory-mapped, the default) or ``blosc2``
             (compressed; :mod:`autoseg.preprocessing.storage`); plans written before the choice existed are ``npy``.
+        allow_geometry_mismatch: planned with ``--allow-geometry-mismatch``: some image and label headers place
+            voxels more than half a voxel apart and the user chose to train on them as they are
+            (:mod:`autoseg.io.geometry_policy`); absent from the JSON when False.
         version: plans format version.
     """
 
@@ -158,6 +172,7 @@ class Plans:
     dataset_signature: str = ""
     plugins: tuple[dict[str, Any], ...] = ()
     storage: str = "npy"
+    allow_geometry_mismatch: bool = False
     version: int = PLANS_VERSION
 
     def __post_init__(self) -> None:
@@ -233,6 +248,7 @@ class Plans:
             "configurations": {k: v.to_json() for k, v in self.configurations.items()},
             **({"plugins": [dict(p) for p in self.plugins]} if self.plugins else {}),  # absent: plans as before
             "storage": self.storage,
+            **({"allow_geometry_mismatch": True} if self.allow_geometry_mismatch else {}),
         }
 
     @classmethod
@@ -257,6 +273,7 @@ class Plans:
                 decisions=tuple(d.get("decisions", ())), dataset_signature=str(d.get("dataset_signature", "")),
                 plugins=tuple(_plugin_entry(p) for p in d.get("plugins", ())),
                 storage=str(d.get("storage", "npy")),
+                allow_geometry_mismatch=bool(d.get("allow_geometry_mismatch", False)),
             )
         except (KeyError, TypeError, ValueError, PlanningError) as err:
             raise FileFormatError(f"plans JSON is missing or has a malformed field ({err!r}); rerun `autoseg plan` "

@@ -30,7 +30,7 @@ from autoseg.fingerprint.extract import bincount_chunked, nonzero_bbox
 from autoseg.fingerprint.model import DUMMY_2D_SPACING
 from autoseg.io.atomic import ensure_writable, remove_stale_temporaries
 from autoseg.io.dataset import CaseFiles, Dataset
-from autoseg.io.image import Geometry, compact_dtype, read_image, read_label
+from autoseg.io.image import Geometry, compact_dtype, image_stamp, read_image, read_label
 from autoseg.parallel import imap_ordered
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.preprocessing.cropping import crop_to_nonzero
@@ -178,7 +178,7 @@ def preprocess_arrays(images: np.ndarray, seg: np.ndarray | None, geometry: Geom
             dest[...] = 0
 
     data = resample_filled(cropped.shape[1:], cropped.shape[0], fill, new_shape, order=rs.order_image,
-                           separate_axis=axis, order_z=rs.order_z)
+                           separate_axis=axis, order_z=rs.order_z, clip=config.rules == "nnunet")
     fill = normalized = None  # type: ignore[assignment]  # frees the cropped image the normaliser holds
     del cropped
     data[list(absent)] = 0  # exact zeros whatever the interpolation does
@@ -237,7 +237,7 @@ def plan_hash(plans: Plans, config: ConfigurationPlan, case: CaseFiles) -> str:
     cfg = config.to_json()
     relevant = {k: cfg[k] for k in ("spacing", "normalization", "resampling")}
     files = [p for p in case.images + ((case.label,) if case.label else ())]
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (p.name, -1, -1) for p in files]
+    stats = [(p.name, *(image_stamp(p) or (-1, -1))) for p in files]
     blob = json.dumps([relevant, plans.transpose_forward, plans.labels, stats, 1], sort_keys=True, default=list)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 

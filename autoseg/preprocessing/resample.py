@@ -81,13 +81,23 @@ def _edge_fill(padded: np.ndarray, pad: int) -> None:
         padded[(*lead, slice(n - pad, n))] = padded[(*lead, slice(n - pad - 1, n - pad))]
 
 
+def _input_range(interior: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum and maximum of a channel, per slice along ``axis`` (shaped to broadcast over the slices)."""
+    if axis is None:
+        return interior.min(), interior.max()
+    others = tuple(a for a in range(interior.ndim) if a != axis)
+    return interior.min(axis=others, keepdims=True), interior.max(axis=others, keepdims=True)
+
+
 def resample_filled(shape: Sequence[int], n_channels: int, fill: Callable[[int, np.ndarray], None],
                     new_shape: Sequence[int], *, order: int, separate_axis: int | None = None,
-                    order_z: int = 0) -> np.ndarray:
+                    order_z: int = 0, clip: bool = False) -> np.ndarray:
     """:func:`resample_data` of channels that ``fill(c, dest)`` writes into a float32 array of ``shape``.
 
     With a spline order each channel is written straight into the padded buffer the spline prefilter works
     in, so no full copy of the input channels is held besides it (preprocessing normalises into it).
+    ``clip`` limits the spline's output to the channel's input range (per slice along ``separate_axis`` when
+    that axis is resampled separately), as nnU-Net's resampling does (imported models).
 
     Returns:
         float32 array ``(n_channels, *new_shape)``.
@@ -104,12 +114,19 @@ def resample_filled(shape: Sequence[int], n_channels: int, fill: Callable[[int, 
     for c in range(n_channels):
         if order > 1 and tuple(first) != shape:
             padded = np.empty(tuple(s + 2 * _SPLINE_PAD for s in shape), np.float32)
-            fill(c, padded[(slice(_SPLINE_PAD, -_SPLINE_PAD),) * len(shape)])
+            interior = padded[(slice(_SPLINE_PAD, -_SPLINE_PAD),) * len(shape)]
+            fill(c, interior)
+            low, high = _input_range(interior, separate_axis) if clip else (None, None)
             _edge_fill(padded, _SPLINE_PAD)
             if separate_axis is None:
                 _spline_resize_padded(padded, new_shape, order, out=out[c])
+                if clip:
+                    np.clip(out[c], low, high, out=out[c])
             else:
-                _zoom(_spline_resize_padded(padded, first, order), new_shape, order_z, out=out[c])
+                plane = _spline_resize_padded(padded, first, order)
+                if clip:
+                    np.clip(plane, low, high, out=plane)
+                _zoom(plane, new_shape, order_z, out=out[c])
             del padded
         else:
             channel = np.empty(shape, np.float32)

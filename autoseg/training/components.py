@@ -21,10 +21,12 @@ import torch
 from autoseg.device import Runtime
 from autoseg.errors import TrainingConfigError, TrainingError
 from autoseg.inference.export import LabelLayout, probabilities_path
+from autoseg.io.annotations import annotatable_names, annotated_outputs, dataset_annotations
 from autoseg.io.atomic import remove_stale_temporaries
 from autoseg.io.dataset import Dataset
 from autoseg.io.model_folder import FINAL, LATEST, fold_folder
 from autoseg.networks.checkpoint import CheckpointMeta
+from autoseg.networks.error_head import error_head_of
 from autoseg.networks.parts import UNetPart
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.planner.recipe import Recipe, parse_recipe
@@ -39,8 +41,10 @@ from autoseg.training.augmentation_presets import AugmentationPreset
 from autoseg.training.batch_augment import BatchAugmenter
 from autoseg.training.cascade import cascade_input_folder, prepare_cascade_inputs
 from autoseg.training.dataloader import BatchStream, CaseStore, CompactBatch, DeviceFeeder, PatchLoader
+from autoseg.training.error_head import ErrorHeadLoss
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.losses import DeepSupervisionLoss, build_loss
+from autoseg.training.losses.partial import PartialLabelLoss
 from autoseg.training.parts import build_part, check_recipe_builds, resolve_recipe
 from autoseg.training.settings import TrainSettings
 from autoseg.training.splits import Fold, fold_cases, get_splits
@@ -75,6 +79,7 @@ class PreparedFold:
     extra_folders: tuple[Path, ...] = ()
     in_channels: int = 0  # network input: the images, plugin channels and one-hot cascade labels
     recipe: Recipe | None = None  # the planned recipe with this run's overrides, every part checked
+    annotated: dict[str, tuple[bool, ...]] | None = None  # partially annotated datasets: per case, outputs annotated
 
     @property
     def fold(self) -> str:
@@ -125,7 +130,18 @@ def finish_preparing(run: PreparedFold, dataset: Dataset, plans: Plans, workdir:
     channels = training_channels(dataset, plans, run.config.name, workdir, install=runtime.is_main)
     return replace(run, split=split, layout=LabelLayout.from_labels(plans.labels, dataset.spec.regions_class_order),
                    prev_folder=prev_folder, prev_labels=prev_labels, extra_folders=tuple(channels.folders),
-                   in_channels=len(plans.channel_names) + channels.n_channels + len(prev_labels))
+                   in_channels=len(plans.channel_names) + channels.n_channels + len(prev_labels),
+                   annotated=_annotated(dataset, plans))
+
+
+def _annotated(dataset: Dataset, plans: Plans) -> dict[str, tuple[bool, ...]] | None:
+    """Per case the outputs annotated, when dataset.json declares partial annotations (else None)."""
+    partial = dataset_annotations(dataset)
+    if not partial:
+        return None
+    full = annotated_outputs(plans.labels, annotatable_names(plans.labels))
+    return {c.case_id: annotated_outputs(plans.labels, partial[c.case_id]) if c.case_id in partial else full
+            for c in dataset.cases}
 
 
 @dataclass
@@ -160,6 +176,11 @@ def build_components(run: PreparedFold, plans: Plans, ignore_label: int | None, 
                       factory=build_part("loss", recipe.loss))
     if len(ds_scales) == 1:  # a 2-stage network (small images) still returns a list of one output
         loss = DeepSupervisionLoss(loss, [1.0])
+    if run.annotated is not None:  # unannotated classes teach nothing (marginal / masked loss)
+        loss = PartialLabelLoss(loss, regions=run.layout.regions is not None)
+    if error_head_of(network) is not None:  # its term, added to the recipe's loss
+        loss = ErrorHeadLoss(loss, num_outputs=run.layout.num_outputs, regions=run.layout.regions is not None,
+                             ignore_label=ignore_label)
     if runtime.distributed:  # DDP needs a gradient for every head (the unused_weight above)
         from torch.nn.parallel import DistributedDataParallel
 
@@ -207,9 +228,11 @@ def batch_streams(run: PreparedFold, plans: Plans, parts: Components, ignore_lab
     workers = settings.resolved_workers(runtime.device.type)
     train = BatchStream(PatchLoader(store_train, patch_size=parts.aug.initial_patch_size,
                                     final_patch_size=config.patch_size, batch_size=batch, seed=seed,
-                                    start=epoch * run.iters + parts.loop.state.iteration), t_train, workers=workers)
+                                    start=epoch * run.iters + parts.loop.state.iteration, annotated=run.annotated),
+                        t_train, workers=workers)
     val = BatchStream(PatchLoader(store_val, patch_size=config.patch_size, final_patch_size=config.patch_size,
-                                  batch_size=batch, seed=seed + 1, start=epoch * run.val_iters), t_val,
+                                  batch_size=batch, seed=seed + 1, start=epoch * run.val_iters,
+                                  annotated=run.annotated), t_val,
                       workers=min(workers, 2))
     # a thread receives, pins and copies the next batches (and augments them there with nnunet_torch) meanwhile
     device = runtime.device

@@ -25,7 +25,7 @@ import multiprocessing as mp
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from queue import Empty, Full
 from typing import Any
@@ -103,11 +103,14 @@ class PatchLoader(SlimDataLoaderBase):
         start: index of the first batch (resume).
         oversample: fraction of forced-foreground samples per batch.
         threads: number of worker processes reading from copies of this loader (1 for none).
+        annotated: for partially annotated datasets, per case which network outputs were annotated
+            (:func:`~autoseg.io.annotations.annotated_outputs`); the batch then carries them as ``"annotated"``
+            (bool ``(B, K)``). None: no such key.
     """
 
     def __init__(self, store: CaseStore, *, patch_size: Sequence[int], final_patch_size: Sequence[int],
                  batch_size: int, seed: int, start: int = 0, oversample: float = OVERSAMPLE_FOREGROUND,
-                 threads: int = 1) -> None:
+                 threads: int = 1, annotated: Mapping[str, Sequence[bool]] | None = None) -> None:
         super().__init__(store, batch_size, max(1, threads))
         self.store = store
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -115,6 +118,7 @@ class PatchLoader(SlimDataLoaderBase):
         self.seed = int(seed)
         self.start = int(start)
         self.oversample = oversample
+        self.annotated = dict(annotated) if annotated else None
         self._count = 0
 
     def batch_index(self) -> int:
@@ -135,8 +139,10 @@ class PatchLoader(SlimDataLoaderBase):
                 d, s = self._sample(cid, rng, forced=j >= self.batch_size - n_forced)
                 data.append(d)
                 segs.append(s)
-            return {"data": np.stack(data), "seg": np.stack(segs), "keys": keys, "batch_index": k,
-                    "seed": self.seed}
+            batch = {"data": np.stack(data), "seg": np.stack(segs), "keys": keys, "batch_index": k, "seed": self.seed}
+            if self.annotated is not None:
+                batch["annotated"] = np.array([self.annotated[c] for c in keys], dtype=bool)
+            return batch
         except Exception:  # noqa: BLE001 - sent to the main process with its traceback
             return {ERROR_KEY: traceback.format_exc(), "keys": keys, "case": keys[-1] if keys else None}
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from autoseg.errors import TrainingInterrupted
 from autoseg.networks.checkpoint import FINAL, LATEST, rng_state, save_checkpoint, set_rng_state
+from autoseg.networks.error_head import gradient_groups
 from autoseg.parallel import WorkerError
 from autoseg.training.metrics import pseudo_dice, tp_fp_fn
 from autoseg.training.optim import poly, poly_lr, sgd
@@ -91,6 +92,21 @@ def _read_losses(pending: list[torch.Tensor], into: list[float]) -> None:
     if pending:
         into.extend(float(v) for v in torch.stack(pending).float().cpu().tolist())
         pending.clear()
+
+
+def _clip_gradients(network: torch.nn.Module, max_norm: float) -> None:
+    """Clip the gradient norm of each group separately: an error head's gradients never rescale the
+    segmentation's (see :func:`autoseg.networks.error_head.gradient_groups`)."""
+    for group in gradient_groups(network):
+        torch.nn.utils.clip_grad_norm_(group, max_norm)
+
+
+def _loss_extra(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """What a batch hands the loss besides outputs and targets: partially annotated datasets' ``annotated``
+    (:class:`~autoseg.training.losses.partial.PartialLabelLoss`)."""
+    if "annotated" not in batch:
+        return {}
+    return {"annotated": torch.as_tensor(batch["annotated"], dtype=torch.bool).to(device)}
 
 
 def _first(x: Any) -> Any:
@@ -200,16 +216,16 @@ class TrainingLoop:
         data, target = _to(batch["data"], self.device), _to(batch["target"], self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss = self.loss(self.network(data), target)
+            loss = self.loss(self.network(data), target, **_loss_extra(batch, self.device))
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+            _clip_gradients(self.network, self.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+            _clip_gradients(self.network, self.grad_clip)
             self.optimizer.step()
         return loss.detach()
 
@@ -219,7 +235,7 @@ class TrainingLoop:
         data, target = _to(batch["data"], self.device), _to(batch["target"], self.device)
         with self._autocast():
             out = self.network(data)
-            loss = self.loss(out, target)
+            loss = self.loss(out, target, **_loss_extra(batch, self.device))
         tp, fp, fn = tp_fp_fn(_first(out).float(), _first(target), regions=self.regions,
                               ignore_label=self.ignore_label)
         return float(loss), tp, fp, fn

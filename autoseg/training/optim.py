@@ -112,7 +112,37 @@ def adamw(params: Iterable[Any], settings: TrainSettings | None = None, /, *, lr
 
 #: Optimiser name -> factory ``factory(parameters, settings=None, /, **tunables)``; the tunables are the
 #: keyword-only parameters (``inspect.signature(factory, eval_str=True)``).
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": sgd, "adamw": adamw}
+class ProximalSGD(torch.optim.SGD):
+    """SGD whose gradients get ``mu * (w - w0)``, ``w0`` the weights at the first step: the gradient of FedProx's
+    proximal term ``mu/2 |w - w0|^2``, which keeps a site's local training near the global weights it started from."""
+
+    def __init__(self, params: Iterable[Any], *, mu: float, **options: Any) -> None:
+        super().__init__(params, **options)
+        self.mu = mu
+        self._anchor: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        params = [p for group in self.param_groups for p in group["params"]]
+        if self._anchor is None:
+            self._anchor = [p.detach().clone() for p in params]
+        for p, anchor in zip(params, self._anchor, strict=True):
+            if p.grad is not None:
+                p.grad.add_(p - anchor, alpha=self.mu)
+        return super().step(closure)
+
+
+def fedprox(params: Iterable[Any], settings: TrainSettings | None = None, /, *, mu: float = 0.01,
+            lr: float | None = None, momentum: float | None = None, weight_decay: float | None = None
+            ) -> torch.optim.Optimizer:
+    """:func:`sgd` (Nesterov) plus FedProx's proximal term towards the weights training started from (``mu >= 0``);
+    what ``autoseg federated --strategy fedprox`` trains the sites with."""
+    mu = check_number("optimizer", "fedprox", "mu", mu, lambda v: v >= 0, "a number >= 0")
+    base = sgd(params, settings, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return ProximalSGD(base.param_groups, mu=mu, **base.defaults)
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": sgd, "adamw": adamw, "fedprox": fedprox}
 
 
 # ---- schedules -----------------------------------------------------------------------------------------------

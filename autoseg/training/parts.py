@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from autoseg.errors import PluginError
-from autoseg.networks.parts import network_parts
+from autoseg.networks.parts import check_error_head, network_parts
 from autoseg.planner.recipe import PART_KINDS, PartChoice, Recipe
 from autoseg.registry import PluginInfo, lookup, params_from_signature, part_table
 from autoseg.training.augmentation_presets import AUGMENTATIONS
@@ -76,6 +76,8 @@ def part_tables() -> dict[str, dict[str, PluginInfo]]:
 
 
 def _resolve(kind: str, choice: PartChoice, table: Mapping[str, PluginInfo]) -> PartChoice:
+    if kind == "network":
+        check_error_head(choice.name, choice.params, table)
     if choice.name not in table and choice.origin != "built-in":
         raise PluginError(f"{kind} {choice.name!r} is not installed: it came from {choice.origin}; install the "
                           "package that provides it (pip install <that package>) and run the command again.")

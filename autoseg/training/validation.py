@@ -20,12 +20,27 @@ from tqdm import tqdm
 from autoseg.device import Runtime
 from autoseg.errors import FileFormatError
 from autoseg.evaluation.dice import dice_scores
-from autoseg.inference.export import LabelLayout, export_segmentation, probabilities_path, save_probabilities_npz
+from autoseg.inference.export import (
+    LabelLayout,
+    export_map,
+    export_segmentation,
+    probabilities_path,
+    probabilities_to_labels,
+    save_probabilities_npz,
+)
 from autoseg.inference.sliding_window import inference_network
-from autoseg.inference.uncertainty import QUALITY_SCORES, combined_score, predict_members, probability_scores
+from autoseg.inference.uncertainty import (
+    QUALITY_SCORES,
+    combined_score,
+    error_head_scores,
+    predict_members,
+    probability_scores,
+)
+from autoseg.io.annotations import dataset_annotations
 from autoseg.io.atomic import read_json, write_json_atomic
 from autoseg.io.dataset import Dataset
 from autoseg.io.image import read_label, write_label
+from autoseg.networks.error_head import ErrorOutput, error_head_of
 from autoseg.planner.plans import ConfigurationPlan, Plans
 from autoseg.plugins.channels import with_case_channels
 from autoseg.preprocessing.cascade import one_hot
@@ -151,11 +166,15 @@ def validate_fold(network: torch.nn.Module, dataset: Dataset, plans: Plans, inpu
     names = class_names(plans, inputs.layout)
     out_dir.mkdir(parents=True, exist_ok=True)
     ds_flag = getattr(network, "deep_supervision", False)
-    run = inference_network(network, in_channels=network.in_channels, patch_size=inputs.config.patch_size,
-                            device=runtime.device, amp=runtime.amp)  # the graph `autoseg predict` uses: same labels
+    kw = {"in_channels": network.in_channels, "patch_size": inputs.config.patch_size, "device": runtime.device,
+          "amp": runtime.amp}
+    run = inference_network(network, **kw)  # the graph `autoseg predict` uses: same labels
+    if error_head_of(network) is not None:
+        run = (run, inference_network(ErrorOutput(network), **kw))
     per_case: dict[str, dict[str, float | None]] = {}
     quality: dict[str, dict[str, float | None]] = {}
     refs = {c.case_id: c for c in dataset.cases}
+    partial = dataset_annotations(dataset)  # a class not annotated in a case is not scored there
     try:
         for cid in tqdm(inputs.case_ids, desc="validation", leave=False, disable=not settings.progress):
             seg, quality[cid] = _validate_case(run, cid, plans, inputs, workdir, out_dir / f"{cid}"
@@ -164,7 +183,8 @@ def validate_fold(network: torch.nn.Module, dataset: Dataset, plans: Plans, inpu
             if case is not None and case.label is not None:
                 scores = dice_scores(seg, read_label(case.label).array, eval_classes(inputs.layout),
                                      ignore_label=dataset.spec.ignore_label)
-                per_case[cid] = {n: (None if math.isnan(v) else v) for n, v in zip(names, scores, strict=True)}
+                per_case[cid] = {n: (None if math.isnan(v) or (cid in partial and n not in partial[cid]) else v)
+                                 for n, v in zip(names, scores, strict=True)}
     finally:
         network.deep_supervision = ds_flag
     summary = ValidationSummary.from_cases(inputs.config.name, names, per_case)
@@ -184,9 +204,11 @@ def _validate_case(run: Any, cid: str, plans: Plans, inputs: ValidationInputs, w
     if inputs.prev_folder is not None:
         data = np.concatenate([data, one_hot(np.load(inputs.prev_folder / f"{cid}_prev.npy"), inputs.prev_labels)])
     props = CaseProperties.load(folder / f"{cid}.json")
-    outs = predict_members([run], data, patch_size=config.patch_size, layout=layout, mirror_axes=mirror_axes,
-                           step_size=settings.step_size, device=runtime.device, amp=runtime.amp)
-    tta = outs.tta_agreement
+    net, error_net = run if isinstance(run, tuple) else (run, None)
+    outs = predict_members([net], data, patch_size=config.patch_size, layout=layout, mirror_axes=mirror_axes,
+                           step_size=settings.step_size, device=runtime.device, amp=runtime.amp,
+                           error_networks=[error_net])
+    tta, error = outs.tta_agreement, outs.error
     seg, probs = export_segmentation(outs.logits, props, plans, config, layout, return_probabilities=True)
     del outs
     if settings.save_probabilities:
@@ -194,4 +216,7 @@ def _validate_case(run: Any, cid: str, plans: Plans, inputs: ValidationInputs, w
     write_label(target, seg, props.geometry)
     quality = {"tta_agreement": tta, **probability_scores(probs, layout)}
     quality["combined"] = combined_score(quality)
+    if error is not None:
+        quality.update(error_head_scores(probabilities_to_labels(probs, layout),
+                                         export_map(error, props, plans, config), tta))
     return seg, quality

@@ -295,16 +295,50 @@ def test_spacing_mismatch_is_an_error(ds):
     assert p.severity == "error" and "spacing" in p.message and "(1, 1, 3)" in p.message and "(1, 1, 2)" in p.message
 
 
-def test_origin_and_direction_mismatch_warn_unless_strict(ds):
-    write_image(image(ds, 0), np.zeros(SHAPE, np.float32), Geometry(GEO.spacing, (5.0, 0.0, 0.0), GEO.direction))
-    flipped = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+def test_label_shifted_by_10_mm_or_flipped_on_one_axis_is_refused_with_its_line(ds):
+    write_image(image(ds, 0), np.zeros(SHAPE, np.float32), Geometry(GEO.spacing, (10.0, 0.0, 0.0), GEO.direction))
+    flipped = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # z flipped, same origin
     write_image(image(ds, 1), np.zeros(SHAPE, np.float32), Geometry(GEO.spacing, GEO.origin, flipped))
-    lenient = check(ds)
-    found = {p.case_id: p for p in lenient.problems if p.kind == "geometry"}
-    assert lenient.ok and {p.severity for p in found.values()} == {"warning"}
-    assert "origin (5, 0, 0)" in found["case_000"].message and "direction" in found["case_001"].message
-    strict = check(ds, strict_geometry=True)
-    assert [p.severity for p in strict.problems if p.kind == "geometry"] == ["error", "error"]
+    report = check(ds)
+    found = {p.case_id: p for p in report.problems if p.kind == "geometry"}
+    assert not report.ok and {p.severity for p in found.values()} == {"error"}
+    shifted = found["case_000"]
+    assert "origin (10, 0, 0) vs (0, 0, 0)" in shifted.message and "10 mm (10 voxels)" in shifted.message
+    assert "CopyInformation" in shifted.fix and "--allow-geometry-mismatch" in shifted.fix
+    assert "direction" in found["case_001"].message and "28 mm" in found["case_001"].message  # 7 slices of 2 mm, x2
+    table = report.format_table()
+    assert "case_000" in table and "case_001" in table
+    allowed = check(ds, allow_geometry_mismatch=True)
+    assert allowed.ok and {p.severity for p in allowed.problems if p.kind == "geometry"} == {"warning"}
+
+
+def test_cli_check_refuses_a_shifted_label_unless_allowed(ds, capsys):
+    from autoseg.cli import main
+
+    write_image(image(ds, 0), np.zeros(SHAPE, np.float32), Geometry(GEO.spacing, (10.0, 0.0, 0.0), GEO.direction))
+    assert main(["-q", "check", str(ds)]) == 1
+    assert "error" in capsys.readouterr().out
+    assert main(["-q", "check", str(ds), "--allow-geometry-mismatch"]) == 0
+
+
+def test_shift_under_half_a_voxel_is_a_warning_unless_strict(ds):
+    write_image(image(ds, 0), np.zeros(SHAPE, np.float32), Geometry(GEO.spacing, (0.1, 0.0, 0.0), GEO.direction))
+    p = only(check(ds), "geometry")
+    assert p.severity == "warning" and "0.1 mm (0.1 voxels)" in p.message
+    assert only(check(ds, strict_geometry=True), "geometry").severity == "error"
+
+
+def test_plan_refuses_a_shifted_label_and_records_the_override(ds, tmp_path):
+    from autoseg.api import plan
+    from autoseg.planner.plans import Plans
+
+    write_image(image(ds, 0), np.zeros(SHAPE, np.float32), Geometry(GEO.spacing, (10.0, 0.0, 0.0), GEO.direction))
+    with pytest.raises(DatasetIntegrityError, match="more than half a voxel"):
+        plan(ds, workdir=tmp_path / "work", preset="cpu", progress=False)
+    plans = plan(ds, workdir=tmp_path / "work", preset="cpu", progress=False, allow_geometry_mismatch=True)
+    saved = json.loads((tmp_path / "work" / "plans.json").read_text())
+    assert saved["allow_geometry_mismatch"] is True and Plans.from_json(saved).allow_geometry_mismatch
+    assert any("--allow-geometry-mismatch" in d for d in plans.decisions)
 
 
 def test_non_positive_spacing_is_an_error(tmp_path):

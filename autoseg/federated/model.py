@@ -1,0 +1,90 @@
+"""The global model: weights as a list of arrays (what Flower carries), and the server's copy as an ordinary autoseg
+model folder (``models/<configuration>/fold_all/checkpoint_final.pt``), so ``predict``, ``find-best`` and ``export``
+use it unchanged. The checkpoint is written atomically after every round and records the round for resuming."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autoseg.inference.export import LabelLayout
+from autoseg.io.atomic import write_text_atomic
+from autoseg.io.model_folder import configuration_folder, fold_folder
+from autoseg.networks.checkpoint import FINAL, CheckpointMeta, load_checkpoint, save_checkpoint
+from autoseg.planner.plans import Plans
+from autoseg.training.augmentation import augmentation_params
+from autoseg.training.components import derived_seed
+from autoseg.training.parts import build_part
+from autoseg.training.settings import TrainSettings
+
+#: the fold name of the global model (trained on every site's cases)
+GLOBAL_FOLD = "all"
+
+
+def build_network(plans: Plans, configuration: str) -> torch.nn.Module:
+    """The configuration's network with the initial weights ``autoseg train`` would give it (seeded by the plans)."""
+    config = plans.configuration(configuration)
+    torch.manual_seed(derived_seed(plans.seed, configuration, GLOBAL_FOLD, "init"))
+    layout = LabelLayout.from_labels(plans.labels, None)
+    part = build_part("network", plans.recipe(configuration).network)
+    return part.build(config.topology, in_channels=len(plans.channel_names), num_classes=layout.num_outputs)
+
+
+def to_arrays(state: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """A state dict's tensors in its order, as numpy arrays."""
+    return [t.detach().cpu().numpy() for t in state.values()]
+
+
+def to_state(arrays: list[np.ndarray], like: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """Arrays back into a state dict shaped and typed like ``like`` (averaged integer buffers are rounded)."""
+    if len(arrays) != len(like):
+        from autoseg.errors import FederationError
+
+        raise FederationError(f"received {len(arrays)} weight arrays for a network of {len(like)} tensors; every "
+                              "site and the server must use the same plans and autoseg version.")
+    out = OrderedDict()
+    for (name, ref), arr in zip(like.items(), arrays, strict=True):
+        a = np.asarray(arr)
+        if not ref.dtype.is_floating_point:
+            a = np.rint(a)
+        out[name] = torch.as_tensor(a.reshape(tuple(ref.shape))).to(ref.dtype)
+    return out
+
+
+def global_checkpoint(workdir: Path, configuration: str) -> Path:
+    """Where the server keeps the global model."""
+    return fold_folder(workdir, configuration, GLOBAL_FOLD) / FINAL
+
+
+def save_global(workdir: Path, plans: Plans, configuration: str, state: dict[str, torch.Tensor], *, round_: int,
+                epochs: int) -> Path:
+    """Write the global model atomically as an ordinary checkpoint (plus ``plans.json`` next to the configuration)."""
+    config = plans.configuration(configuration)
+    layout = LabelLayout.from_labels(plans.labels, None)
+    recipe = plans.recipe(configuration)
+    meta = CheckpointMeta(configuration=configuration, fold=GLOBAL_FOLD, in_channels=len(plans.channel_names),
+                          num_outputs=layout.num_outputs, mirror_axes=tuple(augmentation_params(
+                              config.patch_size, mirror_axes=recipe.mirror_axes_for(config.ndim)).mirror_axes),
+                          epochs=epochs, settings=TrainSettings(epochs=epochs).to_json(), recipe=recipe.to_json())
+    path = global_checkpoint(workdir, configuration)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = configuration_folder(workdir, configuration)
+    if not (folder / "plans.json").is_file():
+        plans.save(folder / "plans.json")
+    if (workdir / "dataset.json").is_file() and not (folder / "dataset.json").is_file():  # labels, region order
+        write_text_atomic(folder / "dataset.json", (workdir / "dataset.json").read_text(encoding="utf-8"))
+    save_checkpoint(path, {"network": state, "epoch": epochs, "federated_round": round_, **meta.to_json()})
+    return path
+
+
+def load_global(workdir: Path, configuration: str) -> tuple[dict[str, Any], int] | None:
+    """The saved global weights and the rounds they include, or None before the first round."""
+    path = global_checkpoint(workdir, configuration)
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    return state["network"], int(state.get("federated_round", 0))

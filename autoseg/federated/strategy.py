@@ -1,0 +1,99 @@
+"""FedAvg (weighted by the sites' training-case counts) that checkpoints the global model after every round and logs
+per-site and pooled Dice; imported only once Flower is known to be installed (:mod:`autoseg.federated.server`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy import FedAvg
+
+from autoseg.federated.model import save_global, to_arrays, to_state
+from autoseg.io.atomic import write_json_atomic
+from autoseg.planner.plans import Plans
+from autoseg.training.optim import poly_lr
+
+#: the server's log of rounds (one record per training and per evaluation round) in its work folder
+HISTORY = "federation.json"
+
+
+def _mb(parameters: Parameters) -> float:
+    return sum(len(t) for t in parameters.tensors) / 1e6
+
+
+class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
+    """FedAvg over the sites that answered a round, when at least ``min_sites`` did (else the weights stay)."""
+
+    def __init__(self, *, workdir: Path, plans: Plans, configuration: str, state: dict[str, Any], done: int,
+                 total: int, min_sites: int, local_epochs: int, iters_per_epoch: int | None, eval_every: int,
+                 proximal_mu: float, initial_lr: float, history: list[dict[str, Any]],
+                 log: Callable[[str], None]) -> None:
+        super().__init__(min_fit_clients=min_sites, min_evaluate_clients=min_sites, min_available_clients=min_sites,
+                         accept_failures=True, initial_parameters=ndarrays_to_parameters(to_arrays(state)))
+        self.workdir, self.plans, self.configuration, self.template = workdir, plans, configuration, state
+        self.done, self.total, self.min_sites, self.local_epochs = done, total, min_sites, local_epochs
+        self.iters, self.eval_every, self.mu, self.history, self.log = (iters_per_epoch, eval_every, proximal_mu,
+                                                                          history, log)
+        self.initial_lr = initial_lr
+        self._plans_json = json.dumps(plans.to_json())
+
+    def _config(self, server_round: int) -> dict[str, Any]:
+        """The round's instructions; the learning rate follows poly decay over the whole federation (the sites hold
+        it constant within a round), so late rounds refine as the last epochs of a centralised run do."""
+        g = self.done + server_round
+        return {"round": g, "local_epochs": self.local_epochs, "iters_per_epoch": self.iters or 0,
+                "plans": self._plans_json, "configuration": self.configuration, "proximal_mu": self.mu,
+                "learning_rate": poly_lr(self.initial_lr, g - 1, self.total)}
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[Any]:
+        pairs = super().configure_fit(server_round, parameters, client_manager)
+        for _, ins in pairs:
+            ins.config = self._config(server_round)
+        return pairs
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[Any]:
+        g = self.done + server_round
+        if g % self.eval_every and g != self.total:
+            return []
+        pairs = super().configure_evaluate(server_round, parameters, client_manager)
+        for _, ins in pairs:
+            ins.config = self._config(server_round)
+        return pairs
+
+    def aggregate_fit(self, server_round: int, results: list[Any], failures: list[Any]) -> tuple[Any, dict[str, Any]]:
+        g = self.done + server_round
+        sites = sorted(str(r.metrics.get("site", "?")) for _, r in results)
+        record = {"round": g, "kind": "fit", "sites": sites, "failures": len(failures),
+                  "mb_up": round(sum(_mb(r.parameters) for _, r in results), 4),
+                  "train_loss": {str(r.metrics.get("site")): r.metrics.get("train_loss") for _, r in results}}
+        if len(results) < self.min_sites:
+            self._record({**record, "aggregated": False})
+            self.log(f"round {g}: {len(results)} site(s) answered, fewer than --min-sites {self.min_sites}; the global "
+                     "model is unchanged")
+            return None, {}
+        parameters, metrics = super().aggregate_fit(server_round, results, failures)
+        state = to_state(parameters_to_ndarrays(parameters), self.template)
+        save_global(self.workdir, self.plans, self.configuration, state, round_=g, epochs=g * self.local_epochs)
+        self._record({**record, "aggregated": True, "mb_down": round(_mb(parameters) * (len(results) + len(failures)), 4)})
+        self.log(f"round {g}: averaged {len(results)} site(s) ({', '.join(sites)}), {len(failures)} failed; "
+                 f"global model saved")
+        return parameters, metrics
+
+    def aggregate_evaluate(self, server_round: int, results: list[Any], failures: list[Any]) -> tuple[Any, dict[str, Any]]:
+        g = self.done + server_round
+        dice = {str(r.metrics.get("site", "?")): (float(r.metrics["dice"]), int(r.num_examples)) for _, r in results}
+        used = [(d, n) for d, n in dice.values() if n > 0 and math.isfinite(d)]
+        pooled = sum(d * n for d, n in used) / sum(n for _, n in used) if used else None
+        self._record({"round": g, "kind": "evaluate", "dice": {k: v[0] for k, v in dice.items()}, "pooled": pooled,
+                      "failures": len(failures)})
+        per_site = ", ".join(f"{k} {v[0]:.4f} ({v[1]} cases)" for k, v in sorted(dice.items()))
+        self.log(f"round {g}: validation Dice {per_site}; pooled {'-' if pooled is None else f'{pooled:.4f}'}")
+        return (None if pooled is None else 1.0 - pooled), {"pooled_dice": pooled if pooled is not None else float("nan")}
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        write_json_atomic(self.workdir / HISTORY, {"configuration": self.configuration, "history": self.history})

@@ -1,0 +1,272 @@
+"""Spatial explanations of a segmentation network: Grad-CAM, Grad-CAM++, occlusion and attention-gate maps.
+
+Every map lives on the preprocessed grid (the caller exports it to the input's geometry) and is built window
+by window over the same Gaussian-weighted sliding window that prediction uses, so no method ever holds more
+than one window batch of network activations, whatever the volume's size.
+
+**Target.** For output (class or region) ``k`` and a mask ``M`` (the predicted mask, or the reference), the
+explained score is the class's logits summed over the mask::
+
+    T = sum over v in M of logit_k(v),   logit_k(v) = sum_w G_w(v) f_k(x_w)(v) / W(v)
+
+(``G_w`` the Gaussian window weight, ``W`` the summed weights), so ``T`` is a sum of one term per window,
+``T_w = sum_v M(v) G_w(v) / W(v) f_k(x_w)(v)``. Each method explains every ``T_w`` on its own window and the
+window maps are added at their places; windows without a mask voxel contribute nothing and are skipped.
+
+* ``gradcam`` (captum ``LayerGradCam``): ``relu(sum_c alpha_c A_c)`` with ``alpha_c`` the spatial mean of
+  ``dT_w / dA_c`` for the activations ``A`` of the chosen layer, upsampled to the window (trilinear).
+* ``gradcam++`` (own code on a forward hook; captum has no Grad-CAM++): the weights of Chattopadhay et al. 2018,
+  ``alpha = g^2 / (2 g^2 + sum_s A g^3)``, ``w_c = sum_s alpha relu(g)``, map ``relu(sum_c w_c A_c)``.
+* ``occlusion`` (captum ``Occlusion``): the drop of ``T_w`` when a block of the window (all channels) is set to
+  0, the value of an absent channel after normalisation; captum averages the overlapping blocks per voxel.
+  Memory: one window times ``batch`` occluded copies (and their activations) at a time, plus the grid-sized
+  data, mask weight and map; never the volume times the number of occluders.
+* ``attention``: the full-resolution gate of an attention U-Net (``network=attention_unet``), Gaussian-weighted
+  over the windows like the logits; one map for every class (the gate does not depend on the class).
+
+The default layer is ``decoder.0``, the last (full-resolution) decoder stage, whose features the 1x1 head turns
+into logits: there Grad-CAM is close to the rectified logit map of the class. Deeper layers (``decoder.1``,
+``encoder.3``) give coarser maps of what the network used further from the output. Without mirroring.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoseg.errors import InferenceError, ModelNotFoundError
+from autoseg.inference.sliding_window import _tiles, gaussian_importance_map
+
+METHODS = ("gradcam", "gradcam++", "occlusion", "attention")
+DEFAULT_LAYER = "decoder.0"
+_STAGES = ("stem", "encoder", "upsample", "decoder", "gates")
+
+
+def layer_names(network: nn.Module) -> list[str]:
+    """The stage-level layers a map can be taken at (``encoder.i``, ``decoder.i``, ...; ``decoder.0`` is the
+    last, full-resolution decoder stage)."""
+    names = []
+    for name, module in network.named_modules():
+        parts = name.split(".")
+        if parts[0] in _STAGES and len(parts) <= 2 and not isinstance(module, (nn.ModuleList, nn.Identity)):
+            names.append(name)
+    return names
+
+
+def resolve_layer(network: nn.Module, name: str | None) -> nn.Module:
+    """The module called ``name`` (default :data:`DEFAULT_LAYER`, else the last listed layer).
+
+    Raises:
+        InferenceError: no such layer (the message lists the valid names).
+    """
+    modules = dict(network.named_modules())
+    valid = layer_names(network)
+    wanted = name or (DEFAULT_LAYER if DEFAULT_LAYER in modules else (valid[-1] if valid else ""))
+    if wanted not in modules or not wanted:
+        raise InferenceError(f"layer {name!r} is not a layer of this {type(network).__name__}; valid layers: "
+                             f"{', '.join(valid) or '(none)'}. Pass one of them with --layer.")
+    return modules[wanted]
+
+
+def check_method(method: str, network: nn.Module) -> None:
+    """Refuse an unknown method, or ``attention`` on a network without attention gates (one line)."""
+    if method not in METHODS:
+        raise InferenceError(f"explanation method {method!r} is unknown; choose one of shapley, "
+                             f"{', '.join(METHODS)}.")
+    if method == "attention" and not hasattr(network, "attention_maps"):
+        raise InferenceError(f"attention maps need attention gates, and this network ({type(network).__name__}) "
+                             "has none; train with --recipe network=attention_unet, or use --method gradcam.")
+
+
+def _captum() -> object:
+    try:
+        import captum.attr
+    except ImportError as exc:
+        raise InferenceError("gradcam and occlusion maps need captum: pip install 'autoseg[explain]'") from exc
+    return captum.attr
+
+
+def _score_fn(network: nn.Module, output: int, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> T_w`` per batch element: the output's logits weighted by ``weight`` and summed."""
+    def score(x: torch.Tensor) -> torch.Tensor:
+        return (network(x)[:, output] * weight).flatten(1).sum(1)
+    return score
+
+
+def _upsample(cam: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    return torch.nn.functional.interpolate(cam, size=tuple(size), mode=mode, align_corners=False)
+
+
+def gradcam(network: nn.Module, x: torch.Tensor, weight: torch.Tensor, output: int, layer: nn.Module
+            ) -> torch.Tensor:
+    """Grad-CAM (captum ``LayerGradCam``) of one window ``x`` ``(1, C, *patch)``; map ``(*patch)``."""
+    attr = _captum()
+    with torch.enable_grad():
+        cam = attr.LayerGradCam(_score_fn(network, output, weight), layer).attribute(x, relu_attributions=True)
+    return _upsample(cam.detach().float(), x.shape[2:])[0, 0]
+
+
+def gradcam_plus_plus(network: nn.Module, x: torch.Tensor, weight: torch.Tensor, output: int, layer: nn.Module
+                      ) -> torch.Tensor:
+    """Grad-CAM++ of one window (own code on a forward hook); map ``(*patch)``."""
+    kept: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: kept.append(out))
+    try:
+        with torch.enable_grad():
+            score = _score_fn(network, output, weight)(x.requires_grad_(True)).sum()
+            (g,) = torch.autograd.grad(score, kept[-1])
+    finally:
+        handle.remove()
+    a = kept[-1].detach()
+    dims = tuple(range(2, a.ndim))
+    g2, g3 = g * g, g * g * g
+    denom = 2 * g2 + (a.sum(dim=dims, keepdim=True) * g3)
+    alpha = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), 0.0)
+    w = (alpha * torch.relu(g)).sum(dim=dims, keepdim=True)
+    cam = torch.relu((w * a).sum(dim=1, keepdim=True))
+    return _upsample(cam.float(), x.shape[2:])[0, 0]
+
+
+def occlusion(network: nn.Module, x: torch.Tensor, weight: torch.Tensor, output: int, *,
+              block: Sequence[int], batch: int = 8) -> torch.Tensor:
+    """Occlusion (captum ``Occlusion``) of one window: per voxel, the mean drop of ``T_w`` when a ``block``
+    around it (every channel, stride = block) is set to 0; at most ``batch`` occluded windows per network call."""
+    attr = _captum()
+    shape = (int(x.shape[1]), *(int(b) for b in block))
+    with torch.no_grad():
+        out = attr.Occlusion(_score_fn(network, output, weight)).attribute(
+            x, sliding_window_shapes=shape, strides=shape, baselines=0.0, perturbations_per_eval=int(batch))
+    return out[0, 0].float()
+
+
+def default_block(patch_size: Sequence[int]) -> tuple[int, ...]:
+    """The occluder: a quarter of the patch per axis (at least one voxel), 4^3 = 64 positions per 3D window."""
+    return tuple(max(1, int(p) // 4) for p in patch_size)
+
+
+def _pad(arr: torch.Tensor, patch: tuple[int, ...]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """``arr`` (lead axes, then the patch axes last) padded to at least the patch, and the crop that undoes it."""
+    spatial = arr.shape[arr.ndim - len(patch):]
+    pads = [((p - s) // 2, p - s - (p - s) // 2) if s < p else (0, 0) for s, p in zip(spatial, patch, strict=True)]
+    flat = [v for ba in reversed(pads) for v in ba]
+    crop = tuple(slice(b, b + s) for (b, _), s in zip(pads, spatial, strict=True))
+    return (torch.nn.functional.pad(arr, flat) if any(flat) else arr), crop
+
+
+def _window_sums(spatial: tuple[int, ...], tiles: list, gauss: torch.Tensor) -> torch.Tensor:
+    sums = torch.zeros(spatial, dtype=torch.float32)
+    for t in tiles:
+        sums[t] += gauss
+    return sums
+
+
+def _attention(network: nn.Module, img: torch.Tensor, tiles: list, gauss: torch.Tensor, device: torch.device
+               ) -> torch.Tensor:
+    """Gaussian-weighted sum over the windows of the full-resolution attention gate."""
+    acc = torch.zeros(img.shape[1:], dtype=torch.float32)
+    network.keep_attention = True
+    try:
+        with torch.no_grad():
+            for t in tiles:
+                network(img[(slice(None), *t)][None].to(device))
+                acc[t] += network.attention_maps[0][0, 0].float().cpu() * gauss
+    finally:
+        network.keep_attention = False
+    return acc
+
+
+def _window_map(method: str, network: nn.Module, x: torch.Tensor, weight: torch.Tensor, output: int,
+                layer: nn.Module | None, block: Sequence[int], batch: int) -> torch.Tensor:
+    if method == "gradcam":
+        return gradcam(network, x, weight, output, layer)
+    if method == "gradcam++":
+        return gradcam_plus_plus(network, x, weight, output, layer)
+    return occlusion(network, x, weight, output, block=block, batch=batch)
+
+
+def saliency_maps(networks: Sequence[nn.Module], data: np.ndarray, masks: np.ndarray, outputs: Sequence[int], *,
+                  method: str, patch_size: Sequence[int], layer: str | None = None, step_size: float = 0.5,
+                  device: str | torch.device = "cpu", block: Sequence[int] | None = None, batch: int = 8
+                  ) -> np.ndarray:
+    """One map per explained output on the preprocessed grid (mean over ``networks``, e.g. folds).
+
+    Args:
+        networks: eager modules (not traced: gradients and hooks are needed), deep supervision off.
+        data: preprocessed ``(C, *grid)``.
+        masks: per explained output, the boolean mask its logits are summed over, ``(len(outputs), *grid)``.
+        outputs: network output index of each map (class or region).
+        method: one of :data:`METHODS`.
+        patch_size: the sliding window (a 2D patch on 3D data goes slice by slice, as in prediction).
+        layer: layer for the Grad-CAMs (:func:`layer_names`; default :data:`DEFAULT_LAYER`).
+        step_size: window step as a fraction of the patch.
+        device: where the networks run (they are moved there).
+        block: occluder size per patch axis (default :func:`default_block`).
+        batch: occluded windows per network call.
+
+    Returns:
+        float32 ``(len(outputs), *grid)``.
+
+    Raises:
+        InferenceError: unknown method or layer, attention without gates, captum missing.
+    """
+    device = torch.device(device)
+    patch = tuple(int(p) for p in patch_size)
+    for net in networks:
+        check_method(method, net)
+    img, crop = _pad(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), patch)
+    mask, _ = _pad(torch.from_numpy(np.array(masks, dtype=np.float32)), patch)  # a copy: divided in place
+    spatial = tuple(img.shape[1:])
+    tiles = _tiles(spatial, patch, step_size, len(spatial) - len(patch))
+    gauss = gaussian_importance_map(patch)
+    sums = _window_sums(spatial, tiles, gauss)
+    maps = torch.zeros((len(outputs), *spatial), dtype=torch.float32)
+    coef = mask.div_(sums)  # in place: the target's weight per voxel, M / W
+    for net in networks:
+        net.to(device).eval()
+        if method == "attention":
+            maps += (_attention(net, img, tiles, gauss, device) / sums)[None]
+            continue
+        mod = resolve_layer(net, layer) if method.startswith("gradcam") else None
+        for j, k in enumerate(outputs):
+            for t in tiles:
+                w = coef[(j, *t)] * gauss
+                if not bool(w.any()):
+                    continue
+                x = img[(slice(None), *t)][None].to(device)
+                wm = _window_map(method, net, x, w.to(device), int(k), mod, block or default_block(patch), batch)
+                maps[(j, *t)] += wm.cpu()
+    maps /= max(len(networks), 1)
+    return maps[(slice(None), *crop)].numpy()
+
+
+
+def load_networks(workdir: str | os.PathLike[str], configuration: str, folds: Sequence[str]) -> list[nn.Module]:
+    """The eager networks of ``folds`` (final checkpoints), deep supervision off, on the CPU.
+
+    Raises:
+        ModelNotFoundError: a fold has no final checkpoint.
+    """
+    from autoseg.inference.model import network_from_checkpoint
+    from autoseg.io.model_folder import FINAL, configuration_folder
+    from autoseg.networks.checkpoint import load_checkpoint
+    from autoseg.planner.plans import Plans
+
+    model_dir = configuration_folder(Path(workdir), configuration)
+    plans_path = model_dir / "plans.json" if (model_dir / "plans.json").is_file() else Path(workdir) / "plans.json"
+    config = Plans.load(plans_path).configuration(configuration)
+    if not folds:
+        raise ModelNotFoundError(f"{model_dir}: no trained fold; train one with `autoseg train`.")
+    nets = []
+    for f in folds:
+        path = model_dir / f"fold_{f}" / FINAL
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path}: no final checkpoint of fold {f}; train it or choose other folds.")
+        net, _ = network_from_checkpoint(load_checkpoint(path, map_location="cpu"), config, path)
+        nets.append(net.eval())
+    return nets

@@ -1,0 +1,1 @@
+"""Models of other frameworks turned into ordinary autoseg work folders (``autoseg import-nnunet``)."""

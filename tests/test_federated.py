@@ -1,0 +1,250 @@
+"""Federated planning and training on Flower over 127.0.0.1: merged statistics plan like the pooled dataset, a real
+server and sites train and validate, a dropped site does not stop a round, a killed server resumes, and nothing but
+statistics, weights, counts and Dice leaves a site."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from autoseg.cli import main  # noqa: E402
+from autoseg.data.synthetic import make_synthetic_dataset  # noqa: E402
+from autoseg.federated import client as client_module  # noqa: E402
+from autoseg.federated.client import run_site  # noqa: E402
+from autoseg.federated.planning import plan_federation  # noqa: E402
+from autoseg.federated.server import FederationSettings, run_server  # noqa: E402
+from autoseg.federated.simulate import free_port  # noqa: E402
+from autoseg.federated.site import Site  # noqa: E402
+from autoseg.federated.strategy import HISTORY  # noqa: E402
+from autoseg.fingerprint.extract import fingerprint_dataset  # noqa: E402
+from autoseg.fingerprint.merge import SiteStatistics, site_statistics  # noqa: E402
+from autoseg.io.dataset import load_dataset  # noqa: E402
+from autoseg.planner.planner import plan_experiment  # noqa: E402
+from autoseg.training.settings import TrainSettings  # noqa: E402
+
+TRAIN = TrainSettings(progress=False, val_iters=1, workers=0, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The server and the sites share this process: one intra-op thread each keeps a loaded machine responsive."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_merged_site_statistics_plan_like_the_pooled_dataset(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "Dataset009_Split", n_cases=6, shape=(20, 24, 28), n_channels=2,
+                                  seed=4, shape_jitter=0.3)
+    ds = load_dataset(root)
+    whole = fingerprint_dataset(ds, progress=False)
+    thirds = [dataclasses.replace(ds, cases=ds.cases[k::3], spec=dataclasses.replace(ds.spec, num_training=2))
+              for k in range(3)]
+    parts = [site_statistics(third, progress=False) for third in thirds]
+    parts = [SiteStatistics.from_json(json.loads(json.dumps(p.to_json()))) for p in parts]  # as sent over the wire
+    merged, plans = plan_federation(parts, dataset_name=whole.dataset_name, preset="cpu")
+    expected = plan_experiment(whole, preset="cpu", recipe=plans.recipe(next(iter(plans.configurations))))
+    got = {k: v.to_json() for k, v in plans.configurations.items()}
+    want = {k: v.to_json() for k, v in expected.configurations.items()}
+    norms = [(g.pop("normalization"), w.pop("normalization")) for g, w in zip(got.values(), want.values(), strict=True)]
+    assert got == want  # spacing, patch, topology, batch, ...: exactly the pooled plan
+    for g, w in ((g, w) for pair in norms for g, w in zip(*pair, strict=True)):
+        assert (g["scheme"], g["use_mask"]) == (w["scheme"], w["use_mask"])
+        assert g["mean"] == pytest.approx(w["mean"], rel=1e-9) and g["std"] == pytest.approx(w["std"], rel=1e-9)
+    assert merged.median_spacing == whole.median_spacing
+    assert merged.median_shape_after_crop == whole.median_shape_after_crop
+    for got, want in zip(merged.intensity, whole.intensity, strict=True):
+        assert got.mean == pytest.approx(want.mean, rel=1e-9) and got.std == pytest.approx(want.std, rel=1e-9)
+        assert (got.min, got.max) == (want.min, want.max)
+        spread = want.percentile_99_5 - want.percentile_00_5
+        for a, b in ((got.median, want.median), (got.percentile_00_5, want.percentile_00_5),
+                     (got.percentile_99_5, want.percentile_99_5)):
+            assert abs(a - b) < 0.02 * spread  # sketched: sampling noise of both computations plus the sketch
+
+
+def _sites(tmp_path, n=2):
+    out = []
+    for k in range(n):
+        root = make_synthetic_dataset(tmp_path / f"site{k}" / "Dataset008_Fed", n_cases=5, shape=(20, 20, 20),
+                                      n_channels=2, regions=True, seed=10 + k)
+        out.append(Site(load_dataset(root), tmp_path / f"work{k}", fold=0, settings=TRAIN))
+    return out
+
+
+def _tiny_server_folder(tmp_path, sites):
+    from conftest import tiny_plans
+
+    _, plans = plan_federation([site_statistics(s.dataset, progress=False) for s in sites], dataset_name="Fed",
+                               preset="cpu")
+    wd = tmp_path / "server"
+    wd.mkdir()
+    tiny_plans(plans).save(wd / "plans.json")  # a coordinator with plans.json uses them (tiny network: fast test)
+    return wd
+
+
+def _history(wd):
+    path = wd / HISTORY
+    return json.loads(path.read_text())["history"] if path.is_file() else []
+
+
+def _thread(target):
+    def quiet():
+        try:
+            target()
+        except SystemExit:  # a site made to drop out
+            pass
+    t = threading.Thread(target=quiet, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every payload the sites return, by message kind."""
+    seen: dict[str, list] = {"get_properties": [], "fit": [], "evaluate": []}
+    make = client_module.make_client
+
+    def recording(site, name):
+        c = make(site, name)
+        for kind in seen:
+            original = getattr(c, kind)
+
+            def wrapped(*a, _o=original, _k=kind, **kw):
+                out = _o(*a, **kw)
+                seen[_k].append(out)
+                return out
+            setattr(c, kind, wrapped)
+        return c
+    monkeypatch.setattr(client_module, "make_client", recording)
+    return seen
+
+
+def _check_payloads(seen, sites):
+    assert all(seen.values()), {k: len(v) for k, v in seen.items()}
+    forbidden = [c.case_id for s in sites for c in s.dataset.cases] + [str(s.dataset.root) for s in sites]
+    for weights, n, metrics in seen["fit"]:
+        assert all(isinstance(w, np.ndarray) and w.dtype.kind in "fiu" for w in weights)
+        assert isinstance(n, int) and set(metrics) == {"site", "train_loss"}
+        assert isinstance(metrics["train_loss"], float)
+    for loss, n, metrics in seen["evaluate"]:
+        assert isinstance(loss, float) and isinstance(n, int) and set(metrics) == {"site", "dice"}
+    for props in seen["get_properties"]:
+        text = props["description"]
+        assert not any(f in text for f in forbidden)
+
+
+def test_federation_trains_on_127_0_0_1_and_a_dropped_site_does_not_stop_the_round(
+        tmp_path, recorded):
+    sites = _sites(tmp_path)
+    wd = _tiny_server_folder(tmp_path, sites)
+    client_module.make_client(sites[0], "siteA").get_properties({})  # what a site answers when asked to plan
+    address = f"127.0.0.1:{free_port()}"
+
+    class Dropping(Site):  # the site's process dies in round 2: its connection closes mid-round
+        def train_round(self, *a, **kw):
+            if kw["round_"] == 2:
+                raise SystemExit("site lost")
+            return super().train_round(*a, **kw)
+
+    dropping = Dropping(sites[1].dataset, sites[1].workdir, fold=0, settings=TRAIN)
+    settings = FederationSettings(rounds=2, min_sites=1, iters_per_epoch=2, eval_every=2, wait_timeout=60, round_timeout=120)
+    result = {}
+    server = _thread(lambda: result.setdefault("r", run_server(wd, settings, address=address, log=lambda s: None)))
+    first = _thread(lambda: run_site(sites[0], "siteA", address, max_wait_time=60))
+    time.sleep(1.0)
+    _thread(lambda: run_site(dropping, "siteB", address, max_wait_time=60)).join(60)
+    server.join(120)
+    first.join(30)
+    assert not server.is_alive() and result["r"].rounds_done == 2
+    history = json.loads((wd / HISTORY).read_text())["history"]
+    fits = [h for h in history if h["kind"] == "fit"]
+    assert [h["round"] for h in fits] == [1, 2] and all(h["aggregated"] for h in fits), history
+    assert fits[1]["sites"] == ["siteA"] and fits[1]["failures"] == 1
+    assert all(set(h["dice"]) <= {"siteA", "siteB"} for h in history if h["kind"] == "evaluate")
+    # the coordinator is killed (SIGKILL) after round 3 is saved and restarted on its folder: it continues with round
+    # 4, and siteA, which lost it, reconnects and gets the current weights
+    command = [sys.executable, "-m", "autoseg", "-q", "federated", "server", "--workdir", str(wd), "--rounds", "4",
+               "--min-sites", "1", "--address", address, "--iters-per-epoch", "2", "--eval-every", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    site = _thread(lambda: run_site(sites[0], "siteA", address, max_wait_time=90, log=lambda s: None))
+    deadline = time.time() + 90
+    while time.time() < deadline and not any(h["round"] == 3 for h in _history(wd)):
+        time.sleep(0.2)
+    killed.kill()
+    killed.wait(10)
+    assert max(h["round"] for h in _history(wd)) == 3
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    site.join(30)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after round 3 of 4" in resumed.stdout
+    fits = [h for h in _history(wd) if h["kind"] == "fit"]
+    assert [h["round"] for h in fits] == [1, 2, 3, 4] and fits[-1]["sites"] == ["siteA"]
+    _check_payloads(recorded, sites)
+    # the global model is an ordinary work folder (with dataset.json's labels and region order): predict uses it
+    assert (wd / "models" / "3d_fullres" / "dataset.json").is_file()
+    case = sites[0].dataset.cases[0]
+    out = tmp_path / "pred"
+    assert main(["-q", "predict", "-i", *map(str, case.images), "-o", str(out), "--workdir", str(wd),
+                 "-c", "3d_fullres", "-f", "all", "--no-tta"]) == 0
+    assert any(out.iterdir())
+
+
+def test_cli_refuses_a_bad_federation_setting_in_one_line(capsys):
+    assert main(["federated", "simulate", "nowhere", "--workdir", "w", "--rounds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "rounds=0 is not valid; it must be at least 1" in err and "Traceback" not in err
+
+
+def test_fedprox_optimiser_pulls_the_weights_towards_where_training_started():
+    import torch
+
+    from autoseg.training.optim import fedprox, sgd
+
+    def train(make):
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = make([w])
+        for _ in range(5):
+            opt.zero_grad()
+            (2 * w).sum().backward()
+            opt.step()
+        return w.detach()
+
+    plain = train(lambda p: sgd(p, TRAIN, lr=0.1, momentum=0.5, weight_decay=0.0))
+    assert torch.equal(train(lambda p: fedprox(p, TRAIN, mu=0.0, lr=0.1, momentum=0.5, weight_decay=0.0)), plain)
+    proximal = train(lambda p: fedprox(p, TRAIN, mu=1.0, lr=0.1, momentum=0.5, weight_decay=0.0))
+    assert bool(((proximal - 1).abs() < (plain - 1).abs()).all())
+
+
+def test_a_federation_of_one_site_trains_exactly_what_autoseg_train_trains(tmp_path):
+    import torch
+
+    from autoseg.api import train
+    from autoseg.federated.simulate import simulate
+
+    site = _sites(tmp_path, n=1)[0]
+    wd = _tiny_server_folder(tmp_path, [site])
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "plans.json").write_text((wd / "plans.json").read_text())
+    settings = dataclasses.replace(TRAIN, validate=False)
+    train(site.dataset, "3d_fullres", "all", workdir=alone, settings=dataclasses.replace(settings, epochs=2,
+                                                                                          iters_per_epoch=2))
+    simulate([site.dataset.root], wd, FederationSettings(rounds=2, min_sites=1, iters_per_epoch=2, eval_every=2),
+             train=settings, fold="all", log=lambda s: None)
+    final = "models/3d_fullres/fold_all/checkpoint_final.pt"
+    a, f = (torch.load(p / final, weights_only=True)["network"] for p in (alone, wd))
+    assert all(torch.equal(a[k], f[k]) for k in a)  # same start, batches, learning rates and momentum
