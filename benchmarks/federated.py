@@ -9,7 +9,8 @@ on a loaded 2-core CPU. All arms train for the same total number of iterations:
 
 * centralised: the pooled training cases, ``epochs x iters`` (fold ``all``);
 * federated: ``rounds`` rounds of 1 local epoch of ``iters / 3`` iterations at each of the 3 sites (FedAvg weighted by
-  training cases, a real Flower server and sites on 127.0.0.1);
+  training cases with the default server learning rate, 3 = the number of sites; ``--server-lr 1``: plain FedAvg;
+  a real Flower server and sites on 127.0.0.1);
 * each site alone: its own cases, ``epochs x iters``.
 
 Prints the test Dice (mean of the three regions, per test case, averaged) per site's test set and pooled, for each
@@ -18,6 +19,7 @@ wall time. One seed and short training: differences of a few Dice points are noi
 benchmarks/out/federated/.
 
     python benchmarks/federated.py [--rounds 5] [--iters 30] [--no-single] [--equal-steps] [--federated-only]
+        [--server-lr X] [--share-momentum]
 """
 
 from __future__ import annotations
@@ -135,9 +137,9 @@ def main() -> None:
     ap.add_argument("--no-single", action="store_true", help="skip the single-site arms (centralised vs federated)")
     ap.add_argument("--equal-steps", action="store_true",
                     help="each site trains --iters per round (the centralised run's sequential steps, 3x the compute)")
-    ap.add_argument("--no-share-momentum", dest="share_momentum", action="store_false",
-                    help="each site keeps its own momentum (default: averaged with the weights)")
-    ap.add_argument("--server-lr", type=float, default=None, help="FederationSettings.server_lr (default: its default)")
+    ap.add_argument("--share-momentum", action="store_true", help="average the sites' momentum with the weights")
+    ap.add_argument("--server-lr", type=float, default=None,
+                    help="server learning rate (default: the number of sites; 1: plain FedAvg)")
     ap.add_argument("--federated-only", action="store_true", help="only the federated arm")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -163,9 +165,9 @@ def main() -> None:
     plans.save(wd / "plans.json")
     t = time.time()
     site_iters = args.iters if args.equal_steps else max(1, args.iters // 3)
-    extra = {} if args.server_lr is None else {"server_lr": args.server_lr}
     simulate(sites, wd, FederationSettings(rounds=args.rounds, min_sites=3, iters_per_epoch=site_iters,
-                                           eval_every=args.rounds, share_momentum=args.share_momentum, **extra),
+                                           eval_every=args.rounds, share_momentum=args.share_momentum,
+                                           server_lr=args.server_lr),
              train=settings, fold="all", log=lambda s: None)
     arms["federated"] = (test_dice(wd, sites, "federated"), time.time() - t)
     history = json.loads((wd / "federation.json").read_text())["history"]

@@ -48,7 +48,8 @@ class FederationSettings:
         initial_lr: learning rate of the first round, decayed as poly over the rounds (constant within a round).
         share_momentum: the sites' SGD momentum buffers travel with the weights and are averaged like them (each
             round starts from the global weights and the global momentum); False: each site keeps its own.
-        server_lr: the global weights move this many times the sites' case-weighted average update (1: FedAvg).
+        server_lr: the global weights move this many times the sites' case-weighted average update (None: the
+            number of sites that answered the round; 1: plain FedAvg).
         configuration: configuration to train (None: ``3d_fullres``, else ``2d``).
         preset, gpu_memory_gb, seed: as for ``autoseg plan``.
         round_timeout: seconds a round waits for its sites (None: no limit).
@@ -63,8 +64,8 @@ class FederationSettings:
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     initial_lr: float = 1e-2
-    share_momentum: bool = True
-    server_lr: float = 1.0
+    share_momentum: bool = False
+    server_lr: float | None = None
     configuration: str | None = None
     preset: str = "default"
     gpu_memory_gb: float = 8.0
@@ -75,6 +76,8 @@ class FederationSettings:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise FederationError(f"strategy {self.strategy!r} is not known; use one of {', '.join(STRATEGIES)}.")
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise FederationError(f"server_lr={self.server_lr} is not valid; it must be > 0 (1: plain FedAvg).")
         for name in ("rounds", "min_sites", "local_epochs", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise FederationError(f"{name}={getattr(self, name)} is not valid; it must be at least 1.")
