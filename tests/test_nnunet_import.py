@@ -154,3 +154,77 @@ def test_imported_folder_exports_verifies_and_fine_tunes(tmp_path, capsys):
     net = UNet(config.topology, in_channels=1, num_classes=3)
     report = load_matching_weights(net, work, configuration="3d_fullres")
     assert not report.to_json().get("skipped") and not report.to_json().get("missing"), report.to_json()
+
+
+def _dice(seg: np.ndarray, ref: np.ndarray, label: int) -> float | None:
+    a, b = seg == label, ref == label
+    total = int(a.sum() + b.sum())
+    return 2.0 * float((a & b).sum()) / total if total else None
+
+
+def test_find_best_scores_imported_cv_results(tmp_path, capsys):
+    """nnU-Net's fold_0/validation/ becomes the fold's val/ and splits.json; find-best scores nnU-Net's own files
+    against labelsTr (Dice as computed here) and records the imported model as the choice."""
+    from autoseg.cli.app import main
+    from autoseg.ensemble.selection import find_best
+    from autoseg.inference.export import load_probabilities_npz
+
+    root, folder = _unpack("3d_fullres", tmp_path)
+    work = tmp_path / "work"
+    assert main(["import-nnunet", str(folder), "--workdir", str(work)]) == 0
+    assert "CV results of fold(s) 0 imported (2 case(s))" in capsys.readouterr().out
+    source = sorted((folder / "fold_0" / "validation").glob("*.nii.gz"))
+    cases = [p.name[:-len(".nii.gz")] for p in source]
+    assert json.loads((work / "splits.json").read_text())[0]["val"] == cases
+    val = work / "models" / "3d_fullres" / "fold_0" / "val"
+    probs, _ = load_probabilities_npz(val / f"{cases[0]}.npz")
+    assert probs.shape[0] == 3 and set(json.loads((val / "quality.json").read_text())["cases"]) == set(cases)
+    dataset = root / "dataset"  # labels of the held-out cases; find-best reads no image, any file with the id does
+    (dataset / "imagesTr").mkdir()
+    for cid in cases:
+        (dataset / "imagesTr" / f"{cid}_0000.nii.gz").write_bytes((dataset / "labelsTr" / f"{cid}.nii.gz").read_bytes())
+    sel = find_best(work, dataset=dataset, progress=False, postprocessing=False)
+    assert sel.best.name == "3d_fullres" and sorted(sel.best.predictions) == cases
+    for cid, path in sel.best.predictions.items():
+        assert path.read_bytes() == (folder / "fold_0" / "validation" / path.name).read_bytes()
+    per_class = []
+    for label in (1, 2):
+        scores = [_dice(read_image(folder / "fold_0" / "validation" / f"{c}.nii.gz").array,
+                        read_image(dataset / "labelsTr" / f"{c}.nii.gz").array, label) for c in cases]
+        per_class.append(np.mean([s for s in scores if s is not None]))
+    assert sel.best.score == pytest.approx(np.mean(per_class), abs=1e-6)
+    assert json.loads((work / "selection" / "best.json").read_text())["members"][0]["configuration"] == "3d_fullres"
+
+
+def test_imported_cv_without_probabilities_says_what_find_best_cannot_do(tmp_path):
+    """Validation without .npz (nnU-Net trained without --npz): imported, reported, no stale probabilities."""
+    from autoseg.ensemble.imported_cv import import_cv_results, missing_probabilities
+
+    _, folder = _unpack("3d_fullres", tmp_path)
+    work = tmp_path / "work"
+    import_nnunet(folder, work)
+    assert not import_cv_results(folder, work, "3d_fullres", ["0"]).without_probabilities
+    for npz in (folder / "fold_0" / "validation").glob("*.npz"):
+        npz.unlink()
+    cv = import_cv_results(folder, work, "3d_fullres", ["0"])
+    assert cv.without_probabilities == ("0",) and "not ensemble" in cv.summary()
+    val = work / "models" / "3d_fullres" / "fold_0" / "val"
+    files = {cid: val / f"{cid}.nii.gz" for cid in cv.cases["0"]}
+    assert missing_probabilities(work, "3d_fullres", files) == sorted(files)
+
+
+def test_imported_model_predicts_with_the_onnx_backend(tmp_path):
+    """``predict --backend onnx`` on an imported folder gives nnU-Net's segmentations (<= 0.1 % of voxels)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from autoseg.api import predict
+
+    root, folder = _unpack("3d_fullres", tmp_path)
+    work = tmp_path / "work"
+    import_nnunet(folder, work)
+    done = predict(root / "imagesTs", tmp_path / "out", workdir=work, backend="onnx", device="cpu", amp=False,
+                   progress=False)
+    assert json.loads((tmp_path / "out" / "prediction.json").read_text())["runs"][0]["backend"] == "onnx"
+    for cid, path in done.outputs.items():
+        seg, ref = read_image(path).array, read_image(root / "nnunet" / f"{cid}.nii.gz").array
+        assert seg.shape == ref.shape and (seg != ref).mean() <= 1e-3, cid
