@@ -162,6 +162,16 @@ def _dice(seg: np.ndarray, ref: np.ndarray, label: int) -> float | None:
     return 2.0 * float((a & b).sum()) / total if total else None
 
 
+def _reference_dataset(root: Path) -> Path:
+    """The fixture's labels of the held-out cases as a dataset folder (find-best reads no image: any file with the
+    case's id does)."""
+    dataset = root / "dataset"
+    (dataset / "imagesTr").mkdir()
+    for label in (dataset / "labelsTr").glob("*.nii.gz"):
+        (dataset / "imagesTr" / label.name.replace(".nii.gz", "_0000.nii.gz")).write_bytes(label.read_bytes())
+    return dataset
+
+
 def test_find_best_scores_imported_cv_results(tmp_path, capsys):
     """nnU-Net's fold_0/validation/ becomes the fold's val/ and splits.json; find-best scores nnU-Net's own files
     against labelsTr (Dice as computed here) and records the imported model as the choice."""
@@ -179,10 +189,7 @@ def test_find_best_scores_imported_cv_results(tmp_path, capsys):
     val = work / "models" / "3d_fullres" / "fold_0" / "val"
     probs, _ = load_probabilities_npz(val / f"{cases[0]}.npz")
     assert probs.shape[0] == 3 and set(json.loads((val / "quality.json").read_text())["cases"]) == set(cases)
-    dataset = root / "dataset"  # labels of the held-out cases; find-best reads no image, any file with the id does
-    (dataset / "imagesTr").mkdir()
-    for cid in cases:
-        (dataset / "imagesTr" / f"{cid}_0000.nii.gz").write_bytes((dataset / "labelsTr" / f"{cid}.nii.gz").read_bytes())
+    dataset = _reference_dataset(root)
     sel = find_best(work, dataset=dataset, progress=False, postprocessing=False)
     assert sel.best.name == "3d_fullres" and sorted(sel.best.predictions) == cases
     for cid, path in sel.best.predictions.items():
@@ -194,23 +201,6 @@ def test_find_best_scores_imported_cv_results(tmp_path, capsys):
         per_class.append(np.mean([s for s in scores if s is not None]))
     assert sel.best.score == pytest.approx(np.mean(per_class), abs=1e-6)
     assert json.loads((work / "selection" / "best.json").read_text())["members"][0]["configuration"] == "3d_fullres"
-
-
-def test_imported_cv_without_probabilities_says_what_find_best_cannot_do(tmp_path):
-    """Validation without .npz (nnU-Net trained without --npz): imported, reported, no stale probabilities."""
-    from autoseg.ensemble.imported_cv import import_cv_results, missing_probabilities
-
-    _, folder = _unpack("3d_fullres", tmp_path)
-    work = tmp_path / "work"
-    import_nnunet(folder, work)
-    assert not import_cv_results(folder, work, "3d_fullres", ["0"]).without_probabilities
-    for npz in (folder / "fold_0" / "validation").glob("*.npz"):
-        npz.unlink()
-    cv = import_cv_results(folder, work, "3d_fullres", ["0"])
-    assert cv.without_probabilities == ("0",) and "not ensemble" in cv.summary()
-    val = work / "models" / "3d_fullres" / "fold_0" / "val"
-    files = {cid: val / f"{cid}.nii.gz" for cid in cv.cases["0"]}
-    assert missing_probabilities(work, "3d_fullres", files) == sorted(files)
 
 
 def test_imported_model_predicts_with_the_onnx_backend(tmp_path):
@@ -228,3 +218,33 @@ def test_imported_model_predicts_with_the_onnx_backend(tmp_path):
     for cid, path in done.outputs.items():
         seg, ref = read_image(path).array, read_image(root / "nnunet" / f"{cid}.nii.gz").array
         assert seg.shape == ref.shape and (seg != ref).mean() <= 1e-3, cid
+
+
+def test_find_best_ensembles_imported_models_and_says_when_it_cannot(tmp_path):
+    """nnU-Net's 3d_fullres and 2d models of one dataset imported into one work folder: find-best scores both and
+    their ensemble (nnU-Net's probabilities averaged); without one model's probabilities it says so and leaves the
+    ensemble out."""
+    from autoseg.ensemble.imported_cv import import_cv_results
+    from autoseg.ensemble.selection import find_best
+
+    root, fullres = _unpack("3d_fullres", tmp_path / "fullres")
+    _, flat = _unpack("2d", tmp_path / "flat")
+    work = tmp_path / "work"
+    for folder, cfg in ((fullres, "3d_fullres"), (flat, "2d")):
+        import_nnunet(folder, work)
+        assert not import_cv_results(folder, work, cfg, ["0"]).without_probabilities
+    dataset = _reference_dataset(root)
+    sel = find_best(work, dataset=dataset, progress=False, postprocessing=False)
+    ensemble = next(c for c in sel.candidates if c.name.startswith("ensemble__"))
+    assert len(sel.candidates) == 3 and ensemble.score == ensemble.score
+    for cid, path in ensemble.predictions.items():  # the average of nnU-Net's own probabilities, argmax
+        mean = sum(np.load(f / "fold_0" / "validation" / f"{cid}.npz")["probabilities"].astype(np.float32)
+                   for f in (fullres, flat)) / 2
+        assert (read_image(path).array[0] == np.argmax(mean, axis=0)).mean() > 0.999
+    for npz in (flat / "fold_0" / "validation").glob("*.npz"):
+        npz.unlink()
+    assert import_cv_results(flat, work, "2d", ["0"]).without_probabilities == ("0",)
+    notes: list[str] = []
+    sel = find_best(work, dataset=dataset, progress=False, postprocessing=False, on_note=notes.append)
+    assert sorted(c.name for c in sel.candidates) == ["2d", "3d_fullres"]
+    assert any(n.startswith("2d: imported without CV probabilities") and "--npz" in n for n in notes), notes
