@@ -9,7 +9,8 @@ on a loaded 2-core CPU. All arms train for the same total number of iterations:
 
 * centralised: the pooled training cases, ``epochs x iters`` (fold ``all``);
 * federated: ``rounds`` rounds of 1 local epoch of ``iters / 3`` iterations at each of the 3 sites (FedAvg weighted by
-  training cases, a real Flower server and sites on 127.0.0.1);
+  training cases with the default server learning rate, 3 = the number of sites; ``--server-lr 1``: plain FedAvg;
+  a real Flower server and sites on 127.0.0.1);
 * each site alone: its own cases, ``epochs x iters``.
 
 Prints the test Dice (mean of the three regions, per test case, averaged) per site's test set and pooled, for each
@@ -18,6 +19,7 @@ wall time. One seed and short training: differences of a few Dice points are noi
 benchmarks/out/federated/.
 
     python benchmarks/federated.py [--rounds 5] [--iters 30] [--no-single] [--equal-steps] [--federated-only]
+        [--server-lr X] [--share-momentum]
 """
 
 from __future__ import annotations
@@ -135,6 +137,9 @@ def main() -> None:
     ap.add_argument("--no-single", action="store_true", help="skip the single-site arms (centralised vs federated)")
     ap.add_argument("--equal-steps", action="store_true",
                     help="each site trains --iters per round (the centralised run's sequential steps, 3x the compute)")
+    ap.add_argument("--share-momentum", action="store_true", help="average the sites' momentum with the weights")
+    ap.add_argument("--server-lr", type=float, default=None,
+                    help="server learning rate (default: the number of sites; 1: plain FedAvg)")
     ap.add_argument("--federated-only", action="store_true", help="only the federated arm")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -161,17 +166,21 @@ def main() -> None:
     t = time.time()
     site_iters = args.iters if args.equal_steps else max(1, args.iters // 3)
     simulate(sites, wd, FederationSettings(rounds=args.rounds, min_sites=3, iters_per_epoch=site_iters,
-                                           eval_every=args.rounds), train=settings, fold="all", log=lambda s: None)
+                                           eval_every=args.rounds, share_momentum=args.share_momentum,
+                                           server_lr=args.server_lr),
+             train=settings, fold="all", log=lambda s: None)
     arms["federated"] = (test_dice(wd, sites, "federated"), time.time() - t)
     history = json.loads((wd / "federation.json").read_text())["history"]
     traffic = [h["mb_up"] + h.get("mb_down", 0.0) for h in history if h["kind"] == "fit"]
+    momentum_up = [h.get("mb_momentum_up", 0.0) for h in history if h["kind"] == "fit"]
     print(f"\ncentralised and single-site iterations: {args.rounds * args.iters}; federated: {args.rounds} rounds x 3 "
           f"sites x {site_iters}")
     print("arm            " + "  ".join(f"{k:>7}" for k in ("site0", "site1", "site2", "pooled")) + "   wall s")
     for name, (dice, wall) in arms.items():
         print(f"{name:<14} " + "  ".join(f"{dice[k]:7.4f}" for k in ("site0", "site1", "site2", "pooled"))
               + f"   {wall:6.0f}")
-    print(f"federated traffic per round: {np.mean(traffic):.3f} MB (weights down + up, 3 sites)")
+    print(f"federated traffic per round: {np.mean(traffic):.3f} MB (weights and momentum down + up, 3 sites; "
+          f"momentum up {np.mean(momentum_up):.3f} MB, shared momentum {args.share_momentum})")
     if args.federated_only:
         return
     fed, cen = arms["federated"][0]["pooled"], arms["centralised"][0]["pooled"]

@@ -188,6 +188,7 @@ def main() -> int:
     ap.add_argument("-j", "--jobs", type=int, default=2, help="worker processes for planning and validation")
     ap.add_argument("--skip", nargs="+", default=[], metavar="NAME", help="networks or losses to leave out")
     ap.add_argument("--data", type=Path, default=OUT / "recipes_data", help="folder of the demo dataset")
+    ap.add_argument("--work", type=Path, help="work folders (default benchmarks/out/recipes_work_EPOCHSxITERS)")
     ap.add_argument("--output", type=Path, help="markdown table (default benchmarks/out/recipes.md, "
                                                 "recipes_quick.md with --quick)")
     args = ap.parse_args()
@@ -202,7 +203,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     dataset = demo_dataset(args.data)
-    work = OUT / f"recipes_work_{args.epochs}x{args.iters}"
+    work = args.work or OUT / f"recipes_work_{args.epochs}x{args.iters}"
     networks = [p.name for p in builtin_networks()]
     losses = list(LOSSES)
     unknown = sorted(set(args.skip) - set(networks) - set(losses))

@@ -160,7 +160,8 @@ def test_federation_trains_on_127_0_0_1_and_a_dropped_site_does_not_stop_the_rou
             return super().train_round(*a, **kw)
 
     dropping = Dropping(sites[1].dataset, sites[1].workdir, fold=0, settings=TRAIN)
-    settings = FederationSettings(rounds=2, min_sites=1, iters_per_epoch=2, eval_every=2, wait_timeout=60, round_timeout=120)
+    settings = FederationSettings(rounds=2, min_sites=1, iters_per_epoch=2, eval_every=2, wait_timeout=60, round_timeout=120,
+                                  share_momentum=True)  # the resumed coordinator below shares none (the default)
     result = {}
     server = _thread(lambda: result.setdefault("r", run_server(wd, settings, address=address, log=lambda s: None)))
     first = _thread(lambda: run_site(sites[0], "siteA", address, max_wait_time=60))
@@ -173,6 +174,7 @@ def test_federation_trains_on_127_0_0_1_and_a_dropped_site_does_not_stop_the_rou
     fits = [h for h in history if h["kind"] == "fit"]
     assert [h["round"] for h in fits] == [1, 2] and all(h["aggregated"] for h in fits), history
     assert fits[1]["sites"] == ["siteA"] and fits[1]["failures"] == 1
+    assert all(h["mb_momentum_up"] > 0 for h in fits)  # the sites' momentum buffers travelled after their weights
     assert all(set(h["dice"]) <= {"siteA", "siteB"} for h in history if h["kind"] == "evaluate")
     # the coordinator is killed (SIGKILL) after round 3 is saved and restarted on its folder: it continues with round
     # 4, and siteA, which lost it, reconnects and gets the current weights
@@ -246,5 +248,36 @@ def test_a_federation_of_one_site_trains_exactly_what_autoseg_train_trains(tmp_p
     simulate([site.dataset.root], wd, FederationSettings(rounds=2, min_sites=1, iters_per_epoch=2, eval_every=2),
              train=settings, fold="all", log=lambda s: None)
     final = "models/3d_fullres/fold_all/checkpoint_final.pt"
-    a, f = (torch.load(p / final, weights_only=True)["network"] for p in (alone, wd))
-    assert all(torch.equal(a[k], f[k]) for k in a)  # same start, batches, learning rates and momentum
+    a, f = (torch.load(p / final, weights_only=True) for p in (alone, wd))
+    assert all(torch.equal(a["network"][k], f["network"][k]) for k in a["network"])  # same start, batches, LR, momentum
+
+
+def test_momentum_buffers_travel_after_the_weights_and_the_server_steps_the_weights_by_its_rate(tmp_path):
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from autoseg.federated.model import build_network, load_global, pack, unpack, zero_momentum
+    from autoseg.federated.strategy import CheckpointingFedAvg
+    from autoseg.planner.plans import Plans
+
+    wd = _tiny_server_folder(tmp_path, _sites(tmp_path, n=1))
+    plans = Plans.load(wd / "plans.json")
+    state = build_network(plans, "3d_fullres").state_dict()
+    zeros = zero_momentum(state, plans, "3d_fullres")
+    assert unpack(pack(state, None), state)[1] is None  # --no-share-momentum: weights alone
+    strategy = CheckpointingFedAvg(workdir=wd, plans=plans, configuration="3d_fullres", state=state, momentum=zeros,
+                                   done=0, total=1, min_sites=2, local_epochs=1, iters_per_epoch=1, eval_every=1,
+                                   proximal_mu=0.0, initial_lr=0.01, history=[], log=lambda s: None)
+    assert strategy._config(1)["share_momentum"] is True
+    results = []
+    for value, cases in ((1.0, 1), (5.0, 3)):  # case-weighted mean: (1 * 1 + 5 * 3) / 4 = 4
+        weights = {k: (v * 0 + value) if v.is_floating_point() else v for k, v in state.items()}
+        arrays = pack(weights, [z + value for z in zeros])
+        results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), cases, {"site": str(cases)})))
+    strategy.aggregate_fit(1, results, [])
+    network, rounds, momentum = load_global(wd, "3d_fullres")
+    assert rounds == 1 and len(momentum) == len(zeros) and all(np.allclose(m, 4.0) for m in momentum)
+    # the weights move server_lr (default: the 2 sites that answered) times the average update; momentum is averaged
+    assert all(np.allclose(v.numpy(), state[k].numpy() + 2 * (4.0 - state[k].numpy()), atol=1e-5)
+               for k, v in network.items() if v.is_floating_point())
+    record = json.loads((wd / HISTORY).read_text())["history"][0]
+    assert 0 < record["mb_momentum_up"] < record["mb_up"]

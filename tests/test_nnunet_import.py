@@ -154,3 +154,97 @@ def test_imported_folder_exports_verifies_and_fine_tunes(tmp_path, capsys):
     net = UNet(config.topology, in_channels=1, num_classes=3)
     report = load_matching_weights(net, work, configuration="3d_fullres")
     assert not report.to_json().get("skipped") and not report.to_json().get("missing"), report.to_json()
+
+
+def _dice(seg: np.ndarray, ref: np.ndarray, label: int) -> float | None:
+    a, b = seg == label, ref == label
+    total = int(a.sum() + b.sum())
+    return 2.0 * float((a & b).sum()) / total if total else None
+
+
+def _reference_dataset(root: Path) -> Path:
+    """The fixture's labels of the held-out cases as a dataset folder (find-best reads no image: any file with the
+    case's id does)."""
+    dataset = root / "dataset"
+    (dataset / "imagesTr").mkdir()
+    for label in (dataset / "labelsTr").glob("*.nii.gz"):
+        (dataset / "imagesTr" / label.name.replace(".nii.gz", "_0000.nii.gz")).write_bytes(label.read_bytes())
+    return dataset
+
+
+def test_find_best_scores_imported_cv_results(tmp_path, capsys):
+    """nnU-Net's fold_0/validation/ becomes the fold's val/ and splits.json; find-best scores nnU-Net's own files
+    against labelsTr (Dice as computed here) and records the imported model as the choice."""
+    from autoseg.cli.app import main
+    from autoseg.ensemble.selection import find_best
+    from autoseg.inference.export import load_probabilities_npz
+
+    root, folder = _unpack("3d_fullres", tmp_path)
+    work = tmp_path / "work"
+    assert main(["import-nnunet", str(folder), "--workdir", str(work)]) == 0
+    assert "CV results of fold(s) 0 imported (2 case(s))" in capsys.readouterr().out
+    source = sorted((folder / "fold_0" / "validation").glob("*.nii.gz"))
+    cases = [p.name[:-len(".nii.gz")] for p in source]
+    assert json.loads((work / "splits.json").read_text())[0]["val"] == cases
+    val = work / "models" / "3d_fullres" / "fold_0" / "val"
+    probs, _ = load_probabilities_npz(val / f"{cases[0]}.npz")
+    assert probs.shape[0] == 3 and set(json.loads((val / "quality.json").read_text())["cases"]) == set(cases)
+    dataset = _reference_dataset(root)
+    sel = find_best(work, dataset=dataset, progress=False, postprocessing=False)
+    assert sel.best.name == "3d_fullres" and sorted(sel.best.predictions) == cases
+    for cid, path in sel.best.predictions.items():
+        assert path.read_bytes() == (folder / "fold_0" / "validation" / path.name).read_bytes()
+    per_class = []
+    for label in (1, 2):
+        scores = [_dice(read_image(folder / "fold_0" / "validation" / f"{c}.nii.gz").array,
+                        read_image(dataset / "labelsTr" / f"{c}.nii.gz").array, label) for c in cases]
+        per_class.append(np.mean([s for s in scores if s is not None]))
+    assert sel.best.score == pytest.approx(np.mean(per_class), abs=1e-6)
+    assert json.loads((work / "selection" / "best.json").read_text())["members"][0]["configuration"] == "3d_fullres"
+
+
+def test_imported_model_predicts_with_the_onnx_backend(tmp_path):
+    """``predict --backend onnx`` on an imported folder gives nnU-Net's segmentations (<= 0.1 % of voxels)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from autoseg.api import predict
+
+    root, folder = _unpack("3d_fullres", tmp_path)
+    work = tmp_path / "work"
+    import_nnunet(folder, work)
+    done = predict(root / "imagesTs", tmp_path / "out", workdir=work, backend="onnx", device="cpu", amp=False,
+                   progress=False)
+    assert json.loads((tmp_path / "out" / "prediction.json").read_text())["runs"][0]["backend"] == "onnx"
+    for cid, path in done.outputs.items():
+        seg, ref = read_image(path).array, read_image(root / "nnunet" / f"{cid}.nii.gz").array
+        assert seg.shape == ref.shape and (seg != ref).mean() <= 1e-3, cid
+
+
+def test_find_best_ensembles_imported_models_and_says_when_it_cannot(tmp_path):
+    """nnU-Net's 3d_fullres and 2d models of one dataset imported into one work folder: find-best scores both and
+    their ensemble (nnU-Net's probabilities averaged); without one model's probabilities it says so and leaves the
+    ensemble out."""
+    from autoseg.ensemble.imported_cv import import_cv_results
+    from autoseg.ensemble.selection import find_best
+
+    root, fullres = _unpack("3d_fullres", tmp_path / "fullres")
+    _, flat = _unpack("2d", tmp_path / "flat")
+    work = tmp_path / "work"
+    for folder, cfg in ((fullres, "3d_fullres"), (flat, "2d")):
+        import_nnunet(folder, work)
+        assert not import_cv_results(folder, work, cfg, ["0"]).without_probabilities
+    dataset = _reference_dataset(root)
+    sel = find_best(work, dataset=dataset, progress=False, postprocessing=False)
+    ensemble = next(c for c in sel.candidates if c.name.startswith("ensemble__"))
+    assert len(sel.candidates) == 3 and ensemble.score == ensemble.score
+    for cid, path in ensemble.predictions.items():  # the average of nnU-Net's own probabilities, argmax
+        mean = sum(np.load(f / "fold_0" / "validation" / f"{cid}.npz")["probabilities"].astype(np.float32)
+                   for f in (fullres, flat)) / 2
+        assert (read_image(path).array[0] == np.argmax(mean, axis=0)).mean() > 0.999
+    for npz in (flat / "fold_0" / "validation").glob("*.npz"):
+        npz.unlink()
+    assert import_cv_results(flat, work, "2d", ["0"]).without_probabilities == ("0",)
+    notes: list[str] = []
+    sel = find_best(work, dataset=dataset, progress=False, postprocessing=False, on_note=notes.append)
+    assert sorted(c.name for c in sel.candidates) == ["2d", "3d_fullres"]
+    assert any(n.startswith("2d: imported without CV probabilities") and "--npz" in n for n in notes), notes

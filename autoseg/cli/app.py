@@ -270,9 +270,12 @@ def _add_import_nnunet_parser(sub: argparse._SubParsersAction) -> None:  # type:
 
 
 def _cmd_import_nnunet(args: argparse.Namespace) -> int:
+    from autoseg.ensemble.imported_cv import import_cv_results
     from autoseg.interop.nnunet import import_nnunet
 
-    print(import_nnunet(args.model_folder, args.workdir, folds=args.folds).summary())
+    report = import_nnunet(args.model_folder, args.workdir, folds=args.folds)
+    print(report.summary())
+    print(import_cv_results(args.model_folder, args.workdir, report.configuration, report.folds).summary())
     return 0
 
 

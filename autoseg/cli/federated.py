@@ -35,6 +35,10 @@ def _add_federation(p: argparse.ArgumentParser) -> None:
                    "(default 2; simulate: every site)")
     p.add_argument("--strategy", choices=("fedavg", "fedprox"), default="fedavg", help="aggregation (default fedavg)")
     p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu (default 0.01)")
+    p.add_argument("--server-lr", type=float, default=None, help="the global weights move this many times the sites' "
+                   "average update (default: the number of sites in the round; 1: plain FedAvg)")
+    p.add_argument("--share-momentum", action="store_true",
+                   help="average the sites' SGD momentum buffers with the weights (default: each site keeps its own)")
     p.add_argument("--local-epochs", type=int, default=1, help="epochs each site trains per round (default 1)")
     p.add_argument("--iters-per-epoch", type=int, default=None, help="iterations per local epoch (default: the plan's)")
     p.add_argument("--eval-every", type=int, default=1, help="rounds between federated validations (default 1)")
@@ -55,7 +59,8 @@ def _settings(args: argparse.Namespace, default_min_sites: int) -> object:
     return FederationSettings(rounds=args.rounds, min_sites=args.min_sites or default_min_sites,
                               strategy=args.strategy, proximal_mu=args.proximal_mu, local_epochs=args.local_epochs,
                               iters_per_epoch=args.iters_per_epoch, eval_every=args.eval_every,
-                              configuration=args.configuration, preset=args.preset, round_timeout=args.round_timeout)
+                              configuration=args.configuration, preset=args.preset, round_timeout=args.round_timeout,
+                              share_momentum=args.share_momentum, server_lr=args.server_lr)
 
 
 def _train_settings(args: argparse.Namespace) -> object:

@@ -32,6 +32,7 @@ from autoseg.ensemble.candidates import (
     ensemble_candidates,
 )
 from autoseg.ensemble.choice import BEST, POSTPROCESSING, QUALITY_RULE, SELECTION, BestChoice, Member, load_best  # noqa: F401
+from autoseg.ensemble.imported_cv import missing_probabilities
 from autoseg.ensemble.learning import CasePair, learn_postprocessing
 from autoseg.ensemble.postprocessing import PostprocessingRules, postprocess_job
 from autoseg.errors import FileFormatError, SelectionError
@@ -45,7 +46,7 @@ from autoseg.inference.uncertainty import combined_score
 from autoseg.io.annotations import dataset_annotations
 from autoseg.io.atomic import read_json, write_json_atomic
 from autoseg.io.dataset import Dataset, dataset_source, load_dataset
-from autoseg.io.model_folder import fold_folder
+from autoseg.io.model_folder import IMPORTED_FROM, configuration_folder, fold_folder
 from autoseg.networks.checkpoint import FINAL
 from autoseg.planner.plans import Plans
 from autoseg.training.splits import load_splits
@@ -142,9 +143,10 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
     names, folds = _cv_configurations(wd, plans, splits, configurations)
     need_npz = ensembles and len(names) > 1
     files: dict[str, dict[str, Path]] = {}
-    for c in names:
-        files[c] = _validation_files(ds, plans, wd, c, folds[c], splits, need_npz, device=device, progress=progress,
-                                     note=note)
+    for c in names:  # an imported model's CV results are nnU-Net's: never recomputed here
+        imported = (configuration_folder(wd, c) / IMPORTED_FROM).is_file()
+        files[c] = _validation_files(ds, plans, wd, c, folds[c], splits, need_npz and not imported, device=device,
+                                     progress=progress, note=note)
     refs, common = _common_cases(wd, ds, names, files, note)
     classes = classes_from_labels(plans.labels)
     out = wd / SELECTION
@@ -152,8 +154,9 @@ def find_best(workdir: str | os.PathLike[str], *, dataset: Dataset | str | os.Pa
     scoring = CVScoring(common, refs, classes, ds.spec.ignore_label, ds.spec.file_ending, metric, out / "cv",
                         jobs=jobs, progress=progress, annotated=dataset_annotations(ds))
     candidates = [Candidate(c, [Member(c, tuple(folds[c]))], {cid: files[c][cid] for cid in common}) for c in names]
-    if need_npz:
-        candidates += ensemble_candidates(names, folds, files, scoring, note)
+    members = _with_probabilities(wd, names, files, note) if need_npz else []
+    if len(members) > 1:
+        candidates += ensemble_candidates(members, folds, files, scoring, note)
     for cand in candidates:
         note(f"evaluating {cand.name}")
         scoring.evaluate(cand)
@@ -206,6 +209,21 @@ def _validation_files(ds: Dataset, plans: Plans, wd: Path, configuration: str, f
     if incomplete:
         _revalidate(ds, plans, wd, configuration, sorted(incomplete), device=device, progress=progress, note=note)
     return files
+
+
+def _with_probabilities(wd: Path, names: Sequence[str], files: dict[str, dict[str, Path]],
+                        note: Callable[[str], None]) -> list[str]:
+    """The configurations that can be ensembled: all but imported ones whose CV results lack probabilities."""
+    out = []
+    for c in names:
+        bare = missing_probabilities(wd, c, files[c])
+        if bare:
+            note(f"{c}: imported without CV probabilities for {len(bare)} case(s) (nnU-Net trained without --npz); "
+                 "it is scored and can be chosen alone, but no ensemble includes it. To ensemble it, rerun nnU-Net's "
+                 "validation with `nnUNetv2_train DATASET CONFIG FOLD --val --npz` and import the model again.")
+        else:
+            out.append(c)
+    return out
 
 
 def _common_cases(wd: Path, ds: Dataset, names: Sequence[str], files: dict[str, dict[str, Path]],

@@ -8,11 +8,12 @@ from typing import Any
 
 from autoseg.errors import FederationError
 from autoseg.federated.flower import flwr
-from autoseg.federated.model import build_network, to_arrays, to_state
+from autoseg.federated.model import build_network, pack, unpack
 from autoseg.federated.site import Site
 from autoseg.planner.plans import Plans
 
-#: what leaves a site: the dataset description and statistics (JSON), weights, counts, a loss and a Dice per round
+#: what leaves a site: the dataset description and statistics (JSON), weights (and, when shared, the SGD momentum
+#: buffers after them), counts, a loss and a Dice per round
 SENT = {"get_properties": ("description",), "fit": ("weights", "num_examples", "site", "train_loss"),
         "evaluate": ("loss", "num_examples", "site", "dice")}
 
@@ -22,28 +23,28 @@ def make_client(site: Site, name: str) -> Any:
     fl = flwr()
     templates: dict[str, Any] = {}
 
-    def _incoming(parameters: list[Any], config: dict[str, Any]) -> tuple[Plans, str, dict[str, Any]]:
+    def _incoming(parameters: list[Any], config: dict[str, Any]) -> tuple[Plans, str, dict[str, Any], Any]:
         plans, configuration = Plans.from_json(json.loads(str(config["plans"]))), str(config["configuration"])
         if configuration not in templates:
             templates[configuration] = build_network(plans, configuration).state_dict()
-        return plans, configuration, to_state(list(parameters), templates[configuration])
+        return plans, configuration, *unpack(list(parameters), templates[configuration])
 
     class _SiteClient(fl.client.NumPyClient):  # type: ignore[misc,name-defined]
         def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
             return {"description": json.dumps(site.describe(statistics=bool(config.get("statistics", True))))}
 
         def fit(self, parameters: list[Any], config: dict[str, Any]) -> tuple[list[Any], int, dict[str, Any]]:
-            plans, configuration, state = _incoming(parameters, config)
+            plans, configuration, state, momentum = _incoming(parameters, config)
             iters = int(config.get("iters_per_epoch", 0)) or None
-            new, n, loss = site.train_round(plans, configuration, state, round_=int(config["round"]),
-                                            epochs=int(config["local_epochs"]), iters_per_epoch=iters,
-                                            proximal_mu=float(config.get("proximal_mu", 0.0)),
-                                            learning_rate=float(config["learning_rate"]) if "learning_rate" in config
-                                            else None)
-            return to_arrays(new), n, {"site": name, "train_loss": float("nan") if loss is None else loss}
+            new, buffers, n, loss = site.train_round(
+                plans, configuration, state, round_=int(config["round"]), epochs=int(config["local_epochs"]),
+                iters_per_epoch=iters, proximal_mu=float(config.get("proximal_mu", 0.0)),
+                learning_rate=float(config["learning_rate"]) if "learning_rate" in config else None,
+                momentum=momentum if config.get("share_momentum", False) else None)
+            return pack(new, buffers), n, {"site": name, "train_loss": float("nan") if loss is None else loss}
 
         def evaluate(self, parameters: list[Any], config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
-            plans, configuration, state = _incoming(parameters, config)
+            plans, configuration, state, _ = _incoming(parameters, config)
             dice, n = site.validate(plans, configuration, state)
             return 1.0 - dice, n, {"site": name, "dice": dice}
 

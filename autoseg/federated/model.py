@@ -55,14 +55,35 @@ def to_state(arrays: list[np.ndarray], like: dict[str, torch.Tensor]) -> Ordered
     return out
 
 
+def zero_momentum(network_state: dict[str, torch.Tensor], plans: Plans, configuration: str) -> list[np.ndarray]:
+    """A fresh optimiser's momentum buffers (zeros, one per trainable parameter in the network's order): SGD's first
+    step from a zero buffer is the step from no buffer."""
+    names = [n for n, _ in build_network(plans, configuration).named_parameters()]
+    return [np.zeros(tuple(network_state[n].shape), dtype=np.float32) for n in names]
+
+
+def pack(state: dict[str, torch.Tensor], momentum: list[np.ndarray] | None) -> list[np.ndarray]:
+    """What travels: the network's tensors, then (when shared) the optimiser's momentum buffers."""
+    return to_arrays(state) + list(momentum or [])
+
+
+def unpack(arrays: list[np.ndarray], like: dict[str, torch.Tensor]
+           ) -> tuple[OrderedDict[str, torch.Tensor], list[np.ndarray] | None]:
+    """Weights (shaped like ``like``) and the momentum buffers that follow them (None when none travelled)."""
+    arrays = list(arrays)
+    return to_state(arrays[:len(like)], like), ([np.asarray(a, dtype=np.float32) for a in arrays[len(like):]]
+                                                or None)
+
+
 def global_checkpoint(workdir: Path, configuration: str) -> Path:
     """Where the server keeps the global model."""
     return fold_folder(workdir, configuration, GLOBAL_FOLD) / FINAL
 
 
 def save_global(workdir: Path, plans: Plans, configuration: str, state: dict[str, torch.Tensor], *, round_: int,
-                epochs: int) -> Path:
-    """Write the global model atomically as an ordinary checkpoint (plus ``plans.json`` next to the configuration)."""
+                epochs: int, momentum: list[np.ndarray] | None = None) -> Path:
+    """Write the global model atomically as an ordinary checkpoint (plus ``plans.json`` next to the configuration);
+    the global momentum buffers, when shared, go with it for a resumed coordinator."""
     config = plans.configuration(configuration)
     layout = LabelLayout.from_labels(plans.labels, None)
     recipe = plans.recipe(configuration)
@@ -77,14 +98,19 @@ def save_global(workdir: Path, plans: Plans, configuration: str, state: dict[str
         plans.save(folder / "plans.json")
     if (workdir / "dataset.json").is_file() and not (folder / "dataset.json").is_file():  # labels, region order
         write_text_atomic(folder / "dataset.json", (workdir / "dataset.json").read_text(encoding="utf-8"))
-    save_checkpoint(path, {"network": state, "epoch": epochs, "federated_round": round_, **meta.to_json()})
+    extra = {"federated_momentum": [torch.as_tensor(m) for m in momentum]} if momentum is not None else {}
+    save_checkpoint(path, {"network": state, "epoch": epochs, "federated_round": round_, **meta.to_json(), **extra})
     return path
 
 
-def load_global(workdir: Path, configuration: str) -> tuple[dict[str, Any], int] | None:
-    """The saved global weights and the rounds they include, or None before the first round."""
+def load_global(workdir: Path, configuration: str
+                ) -> tuple[dict[str, Any], int, list[np.ndarray] | None] | None:
+    """The saved global weights, the rounds they include and the global momentum buffers (None: not shared), or None
+    before the first round."""
     path = global_checkpoint(workdir, configuration)
     if not path.is_file():
         return None
     state = load_checkpoint(path)
-    return state["network"], int(state.get("federated_round", 0))
+    momentum = state.get("federated_momentum")
+    return (state["network"], int(state.get("federated_round", 0)),
+            None if momentum is None else [m.numpy() for m in momentum])

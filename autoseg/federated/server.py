@@ -24,7 +24,7 @@ from typing import Any
 
 from autoseg.errors import FederationError
 from autoseg.federated.flower import flwr
-from autoseg.federated.model import build_network, load_global
+from autoseg.federated.model import build_network, load_global, zero_momentum
 from autoseg.federated.planning import default_configuration, plan_federation
 from autoseg.fingerprint.merge import SiteStatistics
 from autoseg.io.atomic import read_json, write_json_atomic
@@ -46,6 +46,10 @@ class FederationSettings:
         strategy: ``fedavg``, or ``fedprox`` (adds the proximal term ``mu/2 |w - w_global|^2`` at the sites).
         proximal_mu: FedProx's ``mu``.
         initial_lr: learning rate of the first round, decayed as poly over the rounds (constant within a round).
+        share_momentum: the sites' SGD momentum buffers travel with the weights and are averaged like them (each
+            round starts from the global weights and the global momentum); False: each site keeps its own.
+        server_lr: the global weights move this many times the sites' case-weighted average update (None: the
+            number of sites that answered the round; 1: plain FedAvg).
         configuration: configuration to train (None: ``3d_fullres``, else ``2d``).
         preset, gpu_memory_gb, seed: as for ``autoseg plan``.
         round_timeout: seconds a round waits for its sites (None: no limit).
@@ -60,6 +64,8 @@ class FederationSettings:
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     initial_lr: float = 1e-2
+    share_momentum: bool = False
+    server_lr: float | None = None
     configuration: str | None = None
     preset: str = "default"
     gpu_memory_gb: float = 8.0
@@ -70,6 +76,8 @@ class FederationSettings:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise FederationError(f"strategy {self.strategy!r} is not known; use one of {', '.join(STRATEGIES)}.")
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise FederationError(f"server_lr={self.server_lr} is not valid; it must be > 0 (1: plain FedAvg).")
         for name in ("rounds", "min_sites", "local_epochs", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise FederationError(f"{name}={getattr(self, name)} is not valid; it must be at least 1.")
@@ -152,17 +160,21 @@ def run_server(workdir: str | Path, settings: FederationSettings = FederationSet
         plans = _plan(manager, workdir, settings, log)
         configuration = settings.configuration or default_configuration(plans)
         saved = load_global(workdir, configuration)
-        state, done = saved if saved is not None else (build_network(plans, configuration).state_dict(), 0)
+        state, done, momentum = saved if saved is not None else (build_network(plans, configuration).state_dict(), 0,
+                                                                 None)
+        if settings.share_momentum and momentum is None:
+            momentum = zero_momentum(state, plans, configuration)
+        momentum = momentum if settings.share_momentum else None
         history = read_json(workdir / HISTORY, FederationError, "delete it to start a new log")["history"] if (workdir / HISTORY).is_file() else []
         if done:
             log(f"resuming after round {done} of {settings.rounds}")
         if done < settings.rounds:
             strategy = CheckpointingFedAvg(
-                workdir=workdir, plans=plans, configuration=configuration, state=state, done=done,
+                workdir=workdir, plans=plans, configuration=configuration, state=state, momentum=momentum, done=done,
                 total=settings.rounds, min_sites=settings.min_sites, local_epochs=settings.local_epochs,
                 iters_per_epoch=settings.iters_per_epoch, eval_every=settings.eval_every,
                 proximal_mu=settings.proximal_mu if settings.strategy == "fedprox" else 0.0,
-                initial_lr=settings.initial_lr, history=history, log=log)
+                initial_lr=settings.initial_lr, server_lr=settings.server_lr, history=history, log=log)
             server = fl.server.Server(client_manager=manager, strategy=strategy)
             server.fit(settings.rounds - done, timeout=settings.round_timeout)
             server.disconnect_all_clients(timeout=30)

@@ -5,7 +5,9 @@ validates the global model on its own held-out cases, returning the mean Dice on
 
 Each round starts from the global weights: they replace the network in the site's own checkpoint (optimiser state
 and position kept), which is then resumed for the round's epochs; a site's first round starts from them through the
-trainer's ``init_from``. Everything the site writes (preprocessed cases, checkpoints, validation predictions) stays
+trainer's ``init_from``. When the coordinator shares momentum, the global SGD momentum buffers replace the
+optimiser's too, and the site returns its buffers with its weights (a site's first round starts from a fresh
+optimiser, which equals the zero global momentum of round 1; a site that joins later starts that round fresh). Everything the site writes (preprocessed cases, checkpoints, validation predictions) stays
 in its work folder.
 """
 
@@ -73,8 +75,10 @@ class Site:
 
             get_splits(self.workdir, [c.case_id for c in self.dataset.cases], seed=plans.seed)
 
-    def _start_from(self, configuration: str, state: dict[str, Any], epoch: int) -> bool:
-        """Put the global weights into the site's furthest checkpoint at ``epoch`` (False: none exists yet)."""
+    def _start_from(self, configuration: str, state: dict[str, Any], epoch: int,
+                    momentum: list[np.ndarray] | None = None) -> bool:
+        """Put the global weights (and ``momentum`` buffers) into the site's furthest checkpoint at ``epoch`` (False:
+        none exists yet)."""
         folder = fold_folder(self.workdir, configuration, self.fold)
         found = [load_checkpoint(folder / n) for n in (FINAL, LATEST) if (folder / n).is_file()]
         if not found:
@@ -82,16 +86,20 @@ class Site:
         ckpt = max(found, key=lambda s: int(s["epoch"]))
         for key in ("iteration", "train_losses"):
             ckpt.pop(key, None)
+        if momentum is not None:
+            ckpt["optimizer"] = _with_momentum(ckpt["optimizer"], momentum)
         save_checkpoint(folder / LATEST, {**ckpt, "network": state, "epoch": epoch})
         (folder / FINAL).unlink(missing_ok=True)
         return True
 
     def train_round(self, plans: Plans, configuration: str, state: dict[str, Any], *, round_: int, epochs: int,
-                    iters_per_epoch: int | None, proximal_mu: float = 0.0, learning_rate: float | None = None
-                    ) -> tuple[dict[str, Any], int, float | None]:
-        """``epochs`` local epochs from the global ``state`` (with FedProx's proximal term when ``proximal_mu > 0``:
-        the ``fedprox`` optimiser, SGD with the term), at the coordinator's ``learning_rate`` held constant (None: the
-        recipe's schedule over the epochs so far); returns the new weights, the training-case count and the last
+                    iters_per_epoch: int | None, proximal_mu: float = 0.0, learning_rate: float | None = None,
+                    momentum: list[np.ndarray] | None = None
+                    ) -> tuple[dict[str, Any], list[np.ndarray] | None, int, float | None]:
+        """``epochs`` local epochs from the global ``state`` and (shared) global ``momentum`` buffers (with FedProx's
+        proximal term when ``proximal_mu > 0``: the ``fedprox`` optimiser, SGD with the term), at the coordinator's
+        ``learning_rate`` held constant (None: the recipe's schedule over the epochs so far); returns the new
+        weights, the new momentum buffers (None when ``momentum`` is None), the training-case count and the last
         epoch's training loss."""
         from autoseg.training.run import train_fold
 
@@ -104,14 +112,15 @@ class Site:
                                            recipe=(*settings.recipe, "schedule=constant"))
         if proximal_mu > 0:
             settings = dataclasses.replace(settings, recipe=(*settings.recipe, f"optimizer=fedprox:mu={proximal_mu}"))
-        if not self._start_from(configuration, state, start):
+        if not self._start_from(configuration, state, start, momentum):
             init = self.workdir / "federated_global.pt"
             save_checkpoint(init, {"network": state})
             settings = dataclasses.replace(settings, epochs=epochs, init_from=str(init))
         result = train_fold(self.dataset, plans, configuration, self.fold, self.workdir, settings=settings,
                             resume=settings.init_from is None)
         ckpt = load_checkpoint(result.folder / FINAL)
-        return ckpt["network"], len(self._split(plans).train), _last_loss(result.folder / "log.jsonl")
+        buffers = _momentum_of(ckpt["optimizer"], momentum) if momentum is not None else None
+        return ckpt["network"], buffers, len(self._split(plans).train), _last_loss(result.folder / "log.jsonl")
 
     def _split(self, plans: Plans) -> Any:
         from autoseg.training.splits import Fold, fold_cases, get_splits
@@ -138,6 +147,40 @@ class Site:
         summary = result.validation
         dice = summary.mean_foreground_dice if summary is not None else None
         return (float("nan") if dice is None else float(dice)), len(summary.cases) if summary is not None else 0
+
+
+def _parameter_ids(optimizer: dict[str, Any]) -> list[Any]:
+    return [i for group in optimizer["param_groups"] for i in group["params"]]
+
+
+def _momentum_of(optimizer: dict[str, Any], like: list[np.ndarray]) -> list[np.ndarray]:
+    """The SGD momentum buffers of an optimiser's state dict, in parameter order; a parameter that never had a
+    gradient (a deep-supervision head the loss does not use) has none: zeros shaped like ``like``'s."""
+    from autoseg.errors import FederationError
+
+    state = optimizer["state"]
+    ids = _parameter_ids(optimizer)
+    if not any("momentum_buffer" in state.get(i, {}) for i in ids):
+        raise FederationError("sharing momentum needs SGD with momentum at the sites (the recipe's optimiser has no "
+                              "momentum buffers); turn it off with --no-share-momentum.")
+    return [state[i]["momentum_buffer"].detach().cpu().numpy() if "momentum_buffer" in state.get(i, {})
+            else np.zeros_like(ref) for i, ref in zip(ids, like, strict=True)]
+
+
+def _with_momentum(optimizer: dict[str, Any], momentum: list[np.ndarray]) -> dict[str, Any]:
+    """An optimiser state dict whose momentum buffers are ``momentum`` (parameter order)."""
+    import torch
+
+    ids = _parameter_ids(optimizer)
+    if len(ids) != len(momentum):
+        from autoseg.errors import FederationError
+
+        raise FederationError(f"received {len(momentum)} momentum buffers for {len(ids)} parameters; every site and "
+                              "the server must use the same plans and autoseg version.")
+    state = {k: dict(v) for k, v in optimizer["state"].items()}
+    for i, buf in zip(ids, momentum, strict=True):
+        state.setdefault(i, {})["momentum_buffer"] = torch.as_tensor(np.array(buf, dtype=np.float32))
+    return {**optimizer, "state": state}
 
 
 def _last_loss(log: Path) -> float | None:

@@ -12,7 +12,7 @@ from typing import Any
 from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
-from autoseg.federated.model import save_global, to_arrays, to_state
+from autoseg.federated.model import pack, save_global, unpack
 from autoseg.io.atomic import write_json_atomic
 from autoseg.planner.plans import Plans
 from autoseg.training.optim import poly_lr
@@ -21,24 +21,34 @@ from autoseg.training.optim import poly_lr
 HISTORY = "federation.json"
 
 
-def _mb(parameters: Parameters) -> float:
-    return sum(len(t) for t in parameters.tensors) / 1e6
+def _mb(parameters: Parameters, start: int = 0) -> float:
+    """Megabytes of the serialised arrays from the ``start``-th on (after the weights: the momentum buffers)."""
+    return sum(len(t) for t in parameters.tensors[start:]) / 1e6
 
 
 class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
-    """FedAvg over the sites that answered a round, when at least ``min_sites`` did (else the weights stay)."""
+    """FedAvg over the sites that answered a round, when at least ``min_sites`` did (else the weights stay), with a
+    server learning rate: K sites that each take E local steps from the same weights see K times a centralised
+    step's batch but make only E sequential steps, so by default (``server_lr`` None) the global weights move K times
+    the sites' average update (the linear scaling rule for a K-times larger batch); ``server_lr=1`` is plain FedAvg.
 
-    def __init__(self, *, workdir: Path, plans: Plans, configuration: str, state: dict[str, Any], done: int,
+    With ``momentum`` (the global SGD momentum buffers) the buffers travel after the weights and are averaged with the
+    same case-count weights, so every site starts a round from the global weights and the global momentum; with one
+    local step per round this is SGD on the union of the sites' batches."""
+
+    def __init__(self, *, workdir: Path, plans: Plans, configuration: str, state: dict[str, Any],
+                 momentum: list[Any] | None, done: int,
                  total: int, min_sites: int, local_epochs: int, iters_per_epoch: int | None, eval_every: int,
                  proximal_mu: float, initial_lr: float, history: list[dict[str, Any]],
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], server_lr: float | None = None) -> None:
         super().__init__(min_fit_clients=min_sites, min_evaluate_clients=min_sites, min_available_clients=min_sites,
-                         accept_failures=True, initial_parameters=ndarrays_to_parameters(to_arrays(state)))
+                         accept_failures=True, initial_parameters=ndarrays_to_parameters(pack(state, momentum)))
         self.workdir, self.plans, self.configuration, self.template = workdir, plans, configuration, state
         self.done, self.total, self.min_sites, self.local_epochs = done, total, min_sites, local_epochs
         self.iters, self.eval_every, self.mu, self.history, self.log = (iters_per_epoch, eval_every, proximal_mu,
                                                                           history, log)
-        self.initial_lr = initial_lr
+        self.initial_lr, self.share_momentum, self.server_lr = initial_lr, momentum is not None, server_lr
+        self.current = pack(state, momentum)
         self._plans_json = json.dumps(plans.to_json())
 
     def _config(self, server_round: int) -> dict[str, Any]:
@@ -47,7 +57,8 @@ class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
         g = self.done + server_round
         return {"round": g, "local_epochs": self.local_epochs, "iters_per_epoch": self.iters or 0,
                 "plans": self._plans_json, "configuration": self.configuration, "proximal_mu": self.mu,
-                "learning_rate": poly_lr(self.initial_lr, g - 1, self.total)}
+                "learning_rate": poly_lr(self.initial_lr, g - 1, self.total),
+                "share_momentum": self.share_momentum}
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[Any]:
         pairs = super().configure_fit(server_round, parameters, client_manager)
@@ -69,6 +80,7 @@ class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
         sites = sorted(str(r.metrics.get("site", "?")) for _, r in results)
         record = {"round": g, "kind": "fit", "sites": sites, "failures": len(failures),
                   "mb_up": round(sum(_mb(r.parameters) for _, r in results), 4),
+                  "mb_momentum_up": round(sum(_mb(r.parameters, len(self.template)) for _, r in results), 4),
                   "train_loss": {str(r.metrics.get("site")): r.metrics.get("train_loss") for _, r in results}}
         if len(results) < self.min_sites:
             self._record({**record, "aggregated": False})
@@ -76,12 +88,26 @@ class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
                      "model is unchanged")
             return None, {}
         parameters, metrics = super().aggregate_fit(server_round, results, failures)
-        state = to_state(parameters_to_ndarrays(parameters), self.template)
-        save_global(self.workdir, self.plans, self.configuration, state, round_=g, epochs=g * self.local_epochs)
+        arrays = self._server_step(parameters_to_ndarrays(parameters), len(results))
+        parameters = ndarrays_to_parameters(arrays)
+        state, momentum = unpack(arrays, self.template)
+        save_global(self.workdir, self.plans, self.configuration, state, round_=g, epochs=g * self.local_epochs,
+                    momentum=momentum)
         self._record({**record, "aggregated": True, "mb_down": round(_mb(parameters) * (len(results) + len(failures)), 4)})
         self.log(f"round {g}: averaged {len(results)} site(s) ({', '.join(sites)}), {len(failures)} failed; "
                  f"global model saved")
         return parameters, metrics
+
+    def _server_step(self, average: list[Any], answered: int) -> list[Any]:
+        """The new global arrays: the weights move ``server_lr`` (None: the number of sites that ``answered``) times
+        the sites' case-weighted average update; 1 is plain FedAvg. Momentum and integer buffers are the average."""
+        rate = float(answered if self.server_lr is None else self.server_lr)
+        if rate != 1.0:
+            n = len(self.template)
+            average = [old + rate * (new - old) if k < n and new.dtype.kind == "f" else new
+                       for k, (old, new) in enumerate(zip(self.current, average, strict=True))]
+        self.current = list(average)
+        return self.current
 
     def aggregate_evaluate(self, server_round: int, results: list[Any], failures: list[Any]) -> tuple[Any, dict[str, Any]]:
         g = self.done + server_round
