@@ -222,7 +222,7 @@ def saliency_maps(networks: Sequence[nn.Module], data: np.ndarray, masks: np.nda
     img, crop = _pad(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), patch)
     mask, _ = _pad(torch.from_numpy(np.array(masks, dtype=np.float32)), patch)  # a copy: divided in place
     spatial = tuple(img.shape[1:])
-    tiles = _tiles(spatial, patch, step_size, len(spatial) - len(patch))
+    tiles = _tiles(spatial, patch, step_size, len(spatial) - len(patch), rules="autoseg")
     gauss = gaussian_importance_map(patch)
     sums = _window_sums(spatial, tiles, gauss)
     maps = torch.zeros((len(outputs), *spatial), dtype=torch.float32)
