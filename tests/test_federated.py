@@ -84,14 +84,24 @@ def _sites(tmp_path, n=2):
     return out
 
 
-def _tiny_server_folder(tmp_path, sites):
-    from conftest import tiny_plans
+def _tiny_plans(plans):
+    """The suite's ``tests/conftest.py`` helper, loaded by path (a bare ``import conftest`` finds whichever
+    conftest module pytest imported last)."""
+    import importlib.util
+    from pathlib import Path
 
+    spec = importlib.util.spec_from_file_location("autoseg_tests_conftest", Path(__file__).parent / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny_plans(plans)
+
+
+def _tiny_server_folder(tmp_path, sites):
     _, plans = plan_federation([site_statistics(s.dataset, progress=False) for s in sites], dataset_name="Fed",
                                preset="cpu")
     wd = tmp_path / "server"
     wd.mkdir()
-    tiny_plans(plans).save(wd / "plans.json")  # a coordinator with plans.json uses them (tiny network: fast test)
+    _tiny_plans(plans).save(wd / "plans.json")  # a coordinator with plans.json uses them (tiny network: fast test)
     return wd
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from autoseg.io.dicom import keeps_locale
 from autoseg.io.image import Geometry
 
 #: a private UID root for generated series (2.25: UUID-derived UIDs need no registration)
@@ -32,6 +33,7 @@ def slice_positions(geometry: Geometry, n_slices: int) -> np.ndarray:
     return np.asarray(geometry.origin) + np.outer(np.arange(n_slices) * geometry.spacing[2], d[:, 2])
 
 
+@keeps_locale
 def write_dicom_series(folder: str | os.PathLike[str], array: np.ndarray, geometry: Geometry, *, seed: int = 0,
                        modality: str = "CT", description: str = "autoseg synthetic",
                        positions: Sequence[Sequence[float]] | None = None,

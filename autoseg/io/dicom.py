@@ -14,11 +14,15 @@ otherwise it is refused with the series it holds listed.
 
 from __future__ import annotations
 
+import functools
+import locale
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,6 +46,24 @@ RESAMPLE_FIX = ("resample the series to a regular grid and give that file instea
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 
 
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def keeps_locale(fn: F) -> F:
+    """GDCM (SimpleITK's DICOM reader and writer) sets the process's C locale to "C", after which Python decodes
+    subprocess output and text files as ASCII; the decorated function restores the locale it found."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        saved = locale.setlocale(locale.LC_ALL)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            locale.setlocale(locale.LC_ALL, saved)
+
+    return wrapper  # type: ignore[return-value]
+
 def split_series_path(path: str | os.PathLike[str]) -> tuple[Path, str | None] | None:
     """``(folder, None)`` for a folder, ``(folder, uid)`` for ``FOLDER/<SeriesInstanceUID>`` (not on disk, inside an
     existing folder), else None (not a series path)."""
@@ -58,6 +80,7 @@ def is_series_path(path: str | os.PathLike[str]) -> bool:
     return split_series_path(path) is not None
 
 
+@keeps_locale
 def series_uids(folder: str | os.PathLike[str]) -> tuple[str, ...]:
     """The SeriesInstanceUIDs of the DICOM files directly in ``folder`` (GDCM's order)."""
     return _series_uids(Path(folder))
@@ -93,6 +116,7 @@ def _describe(folder: Path, uid: str) -> str:
     return f"{uid} ({len(files)} file(s){', ' + text if text else ''})"
 
 
+@keeps_locale
 def choose_series(folder: str | os.PathLike[str], series_uid: str | None = None) -> str:
     """The SeriesInstanceUID to read from ``folder``: the only one, or ``series_uid``.
 
@@ -196,6 +220,7 @@ def _check_steps(folder: Path, files: tuple[str, ...], positions: np.ndarray) ->
                            f"Fix: {RESAMPLE_FIX}.")
 
 
+@keeps_locale
 def inspect_series(folder: str | os.PathLike[str], series_uid: str | None = None) -> SeriesInfo:
     """Find, sort and check a series from its slice headers (no voxels are read). ``folder`` may be
     ``FOLDER/<SeriesInstanceUID>``.
@@ -229,6 +254,7 @@ def inspect_series(folder: str | os.PathLike[str], series_uid: str | None = None
                       int(first.GetNumberOfComponents()), int(first.GetPixelID()))
 
 
+@keeps_locale
 def read_series(folder: str | os.PathLike[str], series_uid: str | None = None) -> sitk.Image:
     """The series as one SimpleITK volume, after :func:`inspect_series` accepted it.
 
@@ -250,6 +276,7 @@ def read_series(folder: str | os.PathLike[str], series_uid: str | None = None) -
     return img
 
 
+@keeps_locale
 def series_files(folder: str | os.PathLike[str]) -> tuple[str, ...]:
     """The slice files of the folder's series in the order of the volume's first array axis."""
     return inspect_series(folder).files
