@@ -26,7 +26,8 @@ from autoseg.fingerprint.model import (
     DatasetFingerprint,
     IntensityStats,
 )
-from autoseg.io.check import CaseCheck, CheckReport, assemble_report, check_case
+from autoseg.io.check import CheckReport, assemble_report
+from autoseg.io.check_case import CaseCheck, check_case
 from autoseg.io.dataset import CaseFiles, Dataset, DatasetSpec
 from autoseg.io.image import image_stamp
 from autoseg.parallel import imap_ordered

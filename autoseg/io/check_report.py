@@ -54,6 +54,12 @@ def warning(kind: str, case_id: str | None, path: Path | None, message: str, fix
     return Problem(WARNING, kind, case_id, path, message, fix)
 
 
+def problem_text(exc: Exception | str, path: Path) -> str:
+    """An error's text without a leading ``path:`` (the table's file column names the file)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text[len(str(path)) + 2:] if text.startswith(f"{path}: ") else text
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
