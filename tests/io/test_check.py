@@ -11,8 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from autoseg.errors import DatasetIntegrityError
-from autoseg.io.check import CheckReport, Problem, check_dataset
-from autoseg.io.check_case import check_case
+from autoseg.io.check import CheckReport, Problem, check_case, check_dataset
 from autoseg.io.dataset import load_dataset
 from autoseg.io.image import Geometry, write_image, write_label
 
