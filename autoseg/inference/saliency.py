@@ -22,7 +22,12 @@ window maps are added at their places; windows without a mask voxel contribute n
   Memory: one window times ``batch`` occluded copies (and their activations) at a time, plus the grid-sized
   maps (``4 K V`` bytes); never the volume times the number of occluders (see :func:`saliency_maps`).
 * ``attention``: the full-resolution gate of an attention U-Net (``network=attention_unet``), Gaussian-weighted
-  over the windows like the logits; one map for every class (the gate does not depend on the class).
+  over the windows like the logits; one map for every class. The gate has no class index: one sigmoid channel,
+  computed from the skip and the coarser decoder features, multiplies every skip channel alike, and all classes
+  are read from the gated features. Its class-specific counterpart is Grad-CAM at ``decoder.0`` (the default
+  layer), the stage that reads the gated skip: its channel weights come from the class's gradient. A gate map
+  multiplied by a class's Grad-CAM would mostly repeat the Grad-CAM, and Grad-CAM at the gate's own one-channel
+  logit is the same picture for every class up to scale and sign, so neither is offered.
 
 The default layer is ``decoder.0``, the last (full-resolution) decoder stage, whose features the 1x1 head turns
 into logits: there Grad-CAM is close to the rectified logit map of the class. Deeper layers (``decoder.1``,
@@ -52,7 +57,7 @@ from autoseg.inference.windows import (
 
 METHODS = ("gradcam", "gradcam++", "occlusion", "attention")
 DEFAULT_LAYER = "decoder.0"
-_STAGES = ("stem", "encoder", "upsample", "decoder", "gates")
+_STAGES = ("stem", "encoder", "upsample", "decoder")  # attention gates are called through .gate(): no hook output
 
 
 def layer_names(network: nn.Module) -> list[str]:
@@ -111,12 +116,21 @@ def _upsample(cam: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(cam, size=tuple(size), mode=mode, align_corners=False)
 
 
+def _unused_layer(layer: nn.Module) -> InferenceError:
+    return InferenceError(f"the chosen layer ({type(layer).__name__}) is not called by the network's forward pass, so "
+                          "it has no activations to explain; pass one of the listed stage layers with --layer "
+                          "(e.g. decoder.0).")
+
+
 def gradcam(network: nn.Module, x: torch.Tensor, weight: torch.Tensor, output: int, layer: nn.Module
             ) -> torch.Tensor:
     """Grad-CAM (captum ``LayerGradCam``) of one window ``x`` ``(1, C, *patch)``; map ``(*patch)``."""
     attr = _captum()
-    with torch.enable_grad():
-        cam = attr.LayerGradCam(_score_fn(network, output, weight), layer).attribute(x, relu_attributions=True)
+    try:
+        with torch.enable_grad():
+            cam = attr.LayerGradCam(_score_fn(network, output, weight), layer).attribute(x, relu_attributions=True)
+    except AssertionError as exc:  # captum's forward hook saw no output of the layer
+        raise _unused_layer(layer) from exc
     return _upsample(cam.detach().float(), x.shape[2:])[0, 0]
 
 
@@ -128,6 +142,8 @@ def gradcam_plus_plus(network: nn.Module, x: torch.Tensor, weight: torch.Tensor,
     try:
         with torch.enable_grad():
             score = _score_fn(network, output, weight)(x.requires_grad_(True)).sum()
+            if not kept:
+                raise _unused_layer(layer)
             (g,) = torch.autograd.grad(score, kept[-1])
     finally:
         handle.remove()
