@@ -1,19 +1,35 @@
-"""Occlusion memory: the peak grows with the volume by the grid-sized buffers only, not with the number of occluders.
+"""Occlusion memory is bounded: the grid-sized maps plus one batch of windows, up to a 512x512x300 volume.
 
-Each run is a fresh process: a small 3D attention-free U-Net (4-8-16 features, 32^3 patch), one channel, a
-volume of the given size with a small mask in the middle (so a few windows are explained), then
-``saliency_maps(method="occlusion")``. Printed per run: the volume, the occluder positions per window, the peak
-resident memory added by the call (``ru_maxrss`` after minus before) and the formula's grid part
-``4 bytes x (2 K + 1) x voxels`` (the mask-weight copy and the map per class, the window sums) to which one
-batch of windows and their activations is added whatever the volume. A 512x512x300 volume with 3 classes
-needs ``4 x 7 x 78.6e6`` = 2.2 GB for these buffers, beside the 4 bytes x C x voxels of the data itself.
+Formula (documented in :func:`autoseg.inference.saliency.saliency_maps`): the peak resident memory added by
+``saliency_maps`` is
 
-    python benchmarks/occlusion_memory.py       # about 2 minutes on 2 idle cores
+    4 bytes x K x V   (the float32 maps, K explained outputs, V voxels)
+  + one window batch (``batch`` occluded copies of the window and their activations)
 
-Measured (2 heavily loaded cores): 64^3: 18.8 MB added with 8 occluder positions per window, 32.0 MB with 64;
-128^3: 158.7 MB and 166.4 MB. Eight times the occluders add 8-13 MB at either size (one batch of larger
-activations, not a copy per occluder). Eight times the voxels add ~140 MB, more than the 21 MB of grid buffers
-the formula counts; the rest was not traced (a probe of the grid buffers alone measured 31 MB at 128^3).
+beside the caller's data (4 C V bytes, used in place when float32) and boolean masks (K V bytes). No
+grid-sized weight or mask copy is made and nothing scales with the number of occluder positions.
+
+Each measurement is a fresh process: a small 3D U-Net (4-8-16 features, 32^3 patch), one channel, random data
+and a 4^3 mask in the middle (so only the few windows touching it are explained), occluder 8^3 (64 positions
+per window, 8 per network call). The window batch is measured on its own, in another fresh process, as the
+peak added by occluding one window; the prediction is that plus the maps. Printed per volume: the peak added
+by the call (``VmHWM`` reset before it), the prediction, their ratio, the peak RSS of the whole process and
+the seconds taken.
+
+    python benchmarks/occlusion_memory.py     # about 1-2 minutes on 2 cores; needs ~1 GB free
+
+Measured (2 shared cores, loaded): one window batch 129 MB; peak added 146 / 147 / 447 MB at 64^3 / 128^3 /
+512x512x300 (78.6 M voxels) against 130 / 137 / 429 MB by the formula (ratios 1.12 / 1.07 / 1.04; the ~16 MB
+left over is the same at every size: the unoccluded pass and captum's per-window buffers); 13 s for the large
+volume, process peak RSS 977 MB. The code before the fix (a float32 copy of the masks as the target's weight
+and a grid of summed window weights: 2 more grid-sized buffers) added 145 / 172 / 1052 MB (ratio 2.45 at
+512x512x300). The growth between 64^3 and 128^3 that an earlier version of this benchmark reported (140 MB for
+21 MB of buffers) was its own artefact: its warm-up ran on a corner without mask voxels at 128^3, so no window
+was occluded there and the first window batch (~130 MB of activations and allocator pools) was counted as
+growth with the volume. This version measures each run in a fresh process, with no warm-up, against a window
+batch measured the same way. The window batch itself, measured the same way at other ``batch`` sizes: 82 / 82 /
+102 / 129 / 188 MB at 1 / 2 / 4 / 8 / 16 windows per call: a ~75 MB floor of first-call allocations (torch's
+convolution workspaces and pools) plus ~7 MB per occluded 32^3 window of this network.
 """
 
 from __future__ import annotations
@@ -21,46 +37,95 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+
+PATCH = 32
+BLOCK = 8
+BATCH = 8
+SHAPES = ((64, 64, 64), (128, 128, 128), (512, 512, 300))
 
 
-def _run(shape: tuple[int, int, int], block: int) -> dict:
-    import resource
+def _status(key: str) -> float:
+    """``VmRSS`` or ``VmHWM`` of this process in MB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status (Linux only)")
 
-    import numpy as np
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:  # "5" resets VmHWM to the current RSS
+        fh.write("5")
+
+
+def _network():
     import torch
 
-    from autoseg.inference.saliency import saliency_maps
     from autoseg.networks.topology import UNetTopology
     from autoseg.networks.unet import UNet
 
     torch.manual_seed(0)
     topo = UNetTopology(strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)), kernel_sizes=((3, 3, 3),) * 3,
                         features_per_stage=(4, 8, 16), n_blocks_per_stage=(1, 1, 1), n_conv_per_stage_decoder=(1, 1))
-    net = UNet(topo, in_channels=1, num_classes=2, deep_supervision=False).eval()
+    return UNet(topo, in_channels=1, num_classes=2, deep_supervision=False).eval()
+
+
+def _volume(shape: tuple[int, ...]) -> dict:
+    """Peak added by ``saliency_maps(method="occlusion")`` on a volume of ``shape``."""
+    import numpy as np
+
+    from autoseg.inference.saliency import saliency_maps
+
+    net = _network()
     data = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
     mask = np.zeros((1, *shape), bool)
     c = [s // 2 for s in shape]
     mask[0, c[0] - 2:c[0] + 2, c[1] - 2:c[1] + 2, c[2] - 2:c[2] + 2] = True
-    saliency_maps([net], data[:, :32, :32, :32], mask[:, :32, :32, :32], [1], method="occlusion",
-                  patch_size=(32,) * 3, block=(16,) * 3)  # warm-up: allocator pools and lazy imports
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    saliency_maps([net], data, mask, [1], method="occlusion", patch_size=(32,) * 3, block=(block,) * 3, batch=8)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    voxels = int(np.prod(shape))
-    return {"shape": shape, "positions": (32 // block) ** 3, "added_mb": (after - before) / 2**20,
-            "grid_formula_mb": 4 * (2 * 1 + 1) * voxels / 2**20}
+    before = _status("VmRSS")
+    _reset_peak()
+    t0 = time.perf_counter()
+    saliency_maps([net], data, mask, [1], method="occlusion", patch_size=(PATCH,) * 3, block=(BLOCK,) * 3,
+                  batch=BATCH)
+    seconds = time.perf_counter() - t0
+    peak = _status("VmHWM")
+    return {"shape": list(shape), "voxels": int(np.prod(shape)), "added_mb": peak - before, "peak_rss_mb": peak,
+            "seconds": seconds}
+
+
+def _window() -> dict:
+    """Peak added by occluding one window (the window batch of the formula)."""
+    import torch
+
+    from autoseg.inference.saliency import occlusion
+
+    net = _network()
+    x, w = torch.rand(1, 1, PATCH, PATCH, PATCH), torch.rand(PATCH, PATCH, PATCH)
+    before = _status("VmRSS")
+    _reset_peak()
+    occlusion(net, x, w, 1, block=(BLOCK,) * 3, batch=BATCH)
+    return {"window_mb": _status("VmHWM") - before}
+
+
+def _child(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(_run(tuple(json.loads(sys.argv[2])), int(sys.argv[3]))))
+        print(json.dumps(_window() if sys.argv[2] == "window" else _volume(tuple(json.loads(sys.argv[2])))))
         return
-    for shape, block in (((64, 64, 64), 16), ((64, 64, 64), 8), ((128, 128, 128), 16), ((128, 128, 128), 8)):
-        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(shape), str(block)],
-                             capture_output=True, text=True, check=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
-        print(f"volume {'x'.join(map(str, r['shape']))}: {r['positions']} occluder positions per window, "
-              f"peak added {r['added_mb']:.1f} MB, grid buffers by formula {r['grid_formula_mb']:.1f} MB")
+    window = _child("window")["window_mb"]
+    print(f"one window batch ({BATCH} occluded {PATCH}^3 windows and their activations): {window:.1f} MB")
+    for shape in SHAPES:
+        r = _child(json.dumps(shape))
+        maps = 4 * 1 * r["voxels"] / 2**20
+        predicted = maps + window
+        print(f"volume {'x'.join(map(str, r['shape']))} ({r['voxels'] / 1e6:.1f} M voxels): peak added "
+              f"{r['added_mb']:.1f} MB, formula {predicted:.1f} MB (maps {maps:.1f} + window batch {window:.1f}), "
+              f"ratio {r['added_mb'] / predicted:.2f}; process peak RSS {r['peak_rss_mb']:.0f} MB; "
+              f"{r['seconds']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,20 @@
 For one case, one class and one map on the preprocessed grid:
 
 * **deletion**: rank the voxels from most to least salient (ties in random order); for each fraction ``f`` of
-  :data:`FRACTIONS`, blank (set to 0, the value of an absent channel after normalisation) the top ``f`` of
-  the voxels in every channel, predict, and score the class's Dice. A map that points at what the network uses
-  makes the Dice fall fast: **lower AUC is better**.
-* **insertion**: the reverse: only the top ``f`` is kept, the rest blanked; **higher AUC is better**.
+  :data:`FRACTIONS`, blank (set to 0, the value of an absent channel after normalisation) the top
+  ``round(f x |R|)`` voxels in every channel, ``|R|`` the number of voxels of the reference mask (at least 1),
+  predict, and score the class's Dice. A map that points at what the network uses makes the Dice fall fast:
+  **lower AUC is better**.
+* **insertion**: the reverse: only the top ``round(f x |R|)`` voxels are kept, the rest blanked; **higher AUC
+  is better**.
 * **mass inside**: the share of the map's positive mass inside the reference mask (pointing-game style);
   **higher is better**. A uniform map scores the mask's volume share.
+
+The fractions count in units of the mask's own volume (0 to 2 masks, finer below one), not of the image: a
+tumour fills a few % of the volume, so on a grid of image fractions any map that ranks the mask first erases it
+within the first step and the curves only test whether the map covers the mask. Counted in masks, the first
+steps blank parts of the tumour, and a map that ranks the voxels the network relies on first (inside the mask
+too) lowers the Dice sooner than one that only covers the mask.
 
 The AUC is the trapezoid area under Dice over ``f`` divided by the span of ``f`` (so in [0, 1]).
 
@@ -34,7 +42,8 @@ import numpy as np
 from autoseg.evaluation.metrics import EvaluationError
 from autoseg.io.atomic import write_text_atomic
 
-FRACTIONS = tuple(i / 10 for i in range(11))
+#: voxels blanked (deletion) or kept (insertion), in multiples of the reference mask's volume
+FRACTIONS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 BASELINES = ("random", "distance")
 METRICS = (("deletion_auc", "lower"), ("insertion_auc", "higher"), ("mass_inside", "higher"))
 
@@ -55,16 +64,18 @@ def ranking(saliency: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def blanking_curve(saliency: np.ndarray, dice_of: Callable[[np.ndarray], float], fractions: Sequence[float], *,
-                   insertion: bool, rng: np.random.Generator) -> list[float]:
+                   insertion: bool, rng: np.random.Generator, unit: int | None = None) -> list[float]:
     """Dice for each fraction: ``dice_of(keep)`` with ``keep`` the voxels left unblanked (bool, map's shape).
 
-    Deletion blanks the top ``round(f * n)`` voxels; insertion keeps only them.
+    Deletion blanks the top ``f * unit`` voxels (rounded half up) (at most all of them); insertion keeps only them.
+    ``unit`` is the number of voxels a fraction of 1 stands for: the mask's volume, default the whole map.
     """
     order = ranking(saliency, rng)
+    unit = order.size if unit is None else int(unit)
     values = []
     for f in fractions:
         top = np.zeros(order.size, bool)
-        top[order[:int(round(float(f) * order.size))]] = True
+        top[order[:min(order.size, int(float(f) * unit + 0.5))]] = True  # rounded half up
         keep = top if insertion else ~top
         values.append(float(dice_of(keep.reshape(np.shape(saliency)))))
     return values
@@ -115,8 +126,10 @@ class MapScore:
 
 def score_map(case_id: str, class_name: str, method: str, saliency: np.ndarray, reference: np.ndarray,
               dice_of: Callable[[np.ndarray], float], *, seed: int = 0) -> MapScore:
-    """Deletion and insertion curves over :data:`FRACTIONS` and the mass inside ``reference``."""
-    curves = [blanking_curve(saliency, dice_of, FRACTIONS, insertion=ins, rng=np.random.default_rng(seed))
+    """Deletion and insertion curves over :data:`FRACTIONS` of the reference's volume and the mass inside
+    ``reference``."""
+    unit = max(1, int(np.count_nonzero(reference)))
+    curves = [blanking_curve(saliency, dice_of, FRACTIONS, insertion=ins, rng=np.random.default_rng(seed), unit=unit)
               for ins in (False, True)]
     return MapScore(case_id, class_name, method, tuple(curves[0]), tuple(curves[1]),
                     mass_inside(saliency, reference))
@@ -166,7 +179,8 @@ class ExplanationEvaluation:
         lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         n_cases = len({s.case_id for s in self.scores})
-        lines.insert(0, f"Explanation quality, mean over {n_cases} case(s) and the classes:")
+        lines.insert(0, f"Explanation quality, mean over {n_cases} case(s) and the classes (curves over 0 to "
+                        f"{FRACTIONS[-1]:g} reference volumes):")
         for m, lost in self.not_beating().items():
             lines.append(f"{m}: beats both baselines on every metric" if not lost
                          else f"{m}: does NOT beat {', '.join(lost)}")

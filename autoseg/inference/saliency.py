@@ -20,9 +20,14 @@ window maps are added at their places; windows without a mask voxel contribute n
 * ``occlusion`` (captum ``Occlusion``): the drop of ``T_w`` when a block of the window (all channels) is set to
   0, the value of an absent channel after normalisation; captum averages the overlapping blocks per voxel.
   Memory: one window times ``batch`` occluded copies (and their activations) at a time, plus the grid-sized
-  data, mask weight and map; never the volume times the number of occluders.
+  maps (``4 K V`` bytes); never the volume times the number of occluders (see :func:`saliency_maps`).
 * ``attention``: the full-resolution gate of an attention U-Net (``network=attention_unet``), Gaussian-weighted
-  over the windows like the logits; one map for every class (the gate does not depend on the class).
+  over the windows like the logits; one map for every class. The gate has no class index: one sigmoid channel,
+  computed from the skip and the coarser decoder features, multiplies every skip channel alike, and all classes
+  are read from the gated features. Its class-specific counterpart is Grad-CAM at ``decoder.0`` (the default
+  layer), the stage that reads the gated skip: its channel weights come from the class's gradient. A gate map
+  multiplied by a class's Grad-CAM would mostly repeat the Grad-CAM, and Grad-CAM at the gate's own one-channel
+  logit is the same picture for every class up to scale and sign, so neither is offered.
 
 The default layer is ``decoder.0``, the last (full-resolution) decoder stage, whose features the 1x1 head turns
 into logits: there Grad-CAM is close to the rectified logit map of the class. Deeper layers (``decoder.1``,
@@ -40,11 +45,19 @@ import torch
 from torch import nn
 
 from autoseg.errors import InferenceError, ModelNotFoundError
-from autoseg.inference.sliding_window import _tiles, gaussian_importance_map
+from autoseg.inference.windows import (
+    axis_window_sums,
+    divide_by_window_sums,
+    gaussian_importance_map,
+    window_profiles,
+    window_starts,
+    window_sums_at,
+    window_tiles,
+)
 
 METHODS = ("gradcam", "gradcam++", "occlusion", "attention")
 DEFAULT_LAYER = "decoder.0"
-_STAGES = ("stem", "encoder", "upsample", "decoder", "gates")
+_STAGES = ("stem", "encoder", "upsample", "decoder")  # attention gates are called through .gate(): no hook output
 
 
 def layer_names(network: nn.Module) -> list[str]:
@@ -103,12 +116,21 @@ def _upsample(cam: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(cam, size=tuple(size), mode=mode, align_corners=False)
 
 
+def _unused_layer(layer: nn.Module) -> InferenceError:
+    return InferenceError(f"the chosen layer ({type(layer).__name__}) is not called by the network's forward pass, so "
+                          "it has no activations to explain; pass one of the listed stage layers with --layer "
+                          "(e.g. decoder.0).")
+
+
 def gradcam(network: nn.Module, x: torch.Tensor, weight: torch.Tensor, output: int, layer: nn.Module
             ) -> torch.Tensor:
     """Grad-CAM (captum ``LayerGradCam``) of one window ``x`` ``(1, C, *patch)``; map ``(*patch)``."""
     attr = _captum()
-    with torch.enable_grad():
-        cam = attr.LayerGradCam(_score_fn(network, output, weight), layer).attribute(x, relu_attributions=True)
+    try:
+        with torch.enable_grad():
+            cam = attr.LayerGradCam(_score_fn(network, output, weight), layer).attribute(x, relu_attributions=True)
+    except AssertionError as exc:  # captum's forward hook saw no output of the layer
+        raise _unused_layer(layer) from exc
     return _upsample(cam.detach().float(), x.shape[2:])[0, 0]
 
 
@@ -120,6 +142,8 @@ def gradcam_plus_plus(network: nn.Module, x: torch.Tensor, weight: torch.Tensor,
     try:
         with torch.enable_grad():
             score = _score_fn(network, output, weight)(x.requires_grad_(True)).sum()
+            if not kept:
+                raise _unused_layer(layer)
             (g,) = torch.autograd.grad(score, kept[-1])
     finally:
         handle.remove()
@@ -159,26 +183,17 @@ def _pad(arr: torch.Tensor, patch: tuple[int, ...]) -> tuple[torch.Tensor, tuple
     return (torch.nn.functional.pad(arr, flat) if any(flat) else arr), crop
 
 
-def _window_sums(spatial: tuple[int, ...], tiles: list, gauss: torch.Tensor) -> torch.Tensor:
-    sums = torch.zeros(spatial, dtype=torch.float32)
-    for t in tiles:
-        sums[t] += gauss
-    return sums
-
-
-def _attention(network: nn.Module, img: torch.Tensor, tiles: list, gauss: torch.Tensor, device: torch.device
-               ) -> torch.Tensor:
-    """Gaussian-weighted sum over the windows of the full-resolution attention gate."""
-    acc = torch.zeros(img.shape[1:], dtype=torch.float32)
+def _attention(network: nn.Module, img: torch.Tensor, tiles: list, gauss: torch.Tensor, device: torch.device,
+               out: torch.Tensor) -> None:
+    """Add to ``out`` the Gaussian-weighted sum over the windows of the full-resolution attention gate."""
     network.keep_attention = True
     try:
         with torch.no_grad():
             for t in tiles:
                 network(img[(slice(None), *t)][None].to(device))
-                acc[t] += network.attention_maps[0][0, 0].float().cpu() * gauss
+                out[t] += network.attention_maps[0][0, 0].float().cpu() * gauss
     finally:
         network.keep_attention = False
-    return acc
 
 
 def _window_map(method: str, network: nn.Module, x: torch.Tensor, weight: torch.Tensor, output: int,
@@ -190,11 +205,35 @@ def _window_map(method: str, network: nn.Module, x: torch.Tensor, weight: torch.
     return occlusion(network, x, weight, output, block=block, batch=batch)
 
 
+def _explain_windows(network: nn.Module, method: str, img: torch.Tensor, mask: torch.Tensor,
+                     outputs: Sequence[int], windows: tuple[list, torch.Tensor, list[np.ndarray], int],
+                     maps: torch.Tensor, *, layer: str | None, block: Sequence[int], batch: int,
+                     device: torch.device) -> None:
+    """Add ``network``'s window maps of every output to ``maps``; windows without a mask voxel are skipped.
+
+    The target's weight over a window, ``M G_w / W``, is made for that window only (``W`` from the per-axis
+    sums), so no grid-sized weight exists."""
+    tiles, gauss, sums, n_sliced = windows
+    mod = resolve_layer(network, layer) if method.startswith("gradcam") else None
+    for j, k in enumerate(outputs):
+        for t in tiles:
+            m = mask[(j, *t)]
+            if not bool(m.any()):
+                continue
+            w = m * gauss / window_sums_at(sums, t[n_sliced:])
+            x = img[(slice(None), *t)][None].to(device)
+            maps[(j, *t)] += _window_map(method, network, x, w.to(device), int(k), mod, block, batch).cpu()
+
+
 def saliency_maps(networks: Sequence[nn.Module], data: np.ndarray, masks: np.ndarray, outputs: Sequence[int], *,
                   method: str, patch_size: Sequence[int], layer: str | None = None, step_size: float = 0.5,
                   device: str | torch.device = "cpu", block: Sequence[int] | None = None, batch: int = 8
                   ) -> np.ndarray:
     """One map per explained output on the preprocessed grid (mean over ``networks``, e.g. folds).
+
+    Memory: besides the caller's ``data`` and ``masks`` (used in place when float32 and bool), only the maps,
+    ``4 K V`` bytes for ``K`` outputs and ``V`` voxels, are grid-sized; the rest is one window batch (``batch``
+    occluded copies, or one window and its gradients) and its activations, whatever the volume.
 
     Args:
         networks: eager modules (not traced: gradients and hooks are needed), deep supervision off.
@@ -220,30 +259,28 @@ def saliency_maps(networks: Sequence[nn.Module], data: np.ndarray, masks: np.nda
     for net in networks:
         check_method(method, net)
     img, crop = _pad(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), patch)
-    mask, _ = _pad(torch.from_numpy(np.array(masks, dtype=np.float32)), patch)  # a copy: divided in place
+    mask, _ = _pad(torch.from_numpy(np.ascontiguousarray(masks, dtype=bool)), patch)
     spatial = tuple(img.shape[1:])
-    tiles = _tiles(spatial, patch, step_size, len(spatial) - len(patch), rules="autoseg")
+    n_sliced = len(spatial) - len(patch)
+    tiles = window_tiles(spatial, patch, step_size, n_sliced, rules="autoseg")
     gauss = gaussian_importance_map(patch)
-    sums = _window_sums(spatial, tiles, gauss)
+    profiles = window_profiles(patch, True)
+    assert profiles is not None  # the default sigma never underflows
+    starts = window_starts(spatial[n_sliced:], patch, step_size)
     maps = torch.zeros((len(outputs), *spatial), dtype=torch.float32)
-    coef = mask.div_(sums)  # in place: the target's weight per voxel, M / W
     for net in networks:
         net.to(device).eval()
         if method == "attention":
-            maps += (_attention(net, img, tiles, gauss, device) / sums)[None]
-            continue
-        mod = resolve_layer(net, layer) if method.startswith("gradcam") else None
-        for j, k in enumerate(outputs):
-            for t in tiles:
-                w = coef[(j, *t)] * gauss
-                if not bool(w.any()):
-                    continue
-                x = img[(slice(None), *t)][None].to(device)
-                wm = _window_map(method, net, x, w.to(device), int(k), mod, block or default_block(patch), batch)
-                maps[(j, *t)] += wm.cpu()
+            _attention(net, img, tiles, gauss, device, maps[0])
+        else:
+            windows = (tiles, gauss, axis_window_sums(profiles, starts, spatial[n_sliced:]), n_sliced)
+            _explain_windows(net, method, img, mask, outputs, windows, maps, layer=layer,
+                             block=block or default_block(patch), batch=batch, device=device)
+    if method == "attention" and len(outputs):  # the gate is one map for every class
+        divide_by_window_sums(maps[:1], profiles, starts, n_sliced)
+        maps[1:] = maps[0]
     maps /= max(len(networks), 1)
     return maps[(slice(None), *crop)].numpy()
-
 
 
 def load_networks(workdir: str | os.PathLike[str], configuration: str, folds: Sequence[str]) -> list[nn.Module]:

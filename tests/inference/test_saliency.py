@@ -121,6 +121,11 @@ def test_attention_map_is_the_gate_and_maps_cover_2d_patches_on_3d_data():
         net(torch.from_numpy(data[:, 1])[None])
     np.testing.assert_allclose(maps[0, 1], net.attention_maps[0][0, 0].numpy(), atol=1e-5)
     np.testing.assert_array_equal(maps[0], maps[1])
+    assert "gates.0" not in layer_names(net)  # the gates are called through .gate(): no activations to hook
+    for method in ("gradcam", "gradcam++"):
+        with pytest.raises(InferenceError, match="not called by the network's forward pass"):
+            saliency_maps([net], data, np.ones((1, 3, 16, 16), bool), [1], method=method, patch_size=(16, 16),
+                          layer="gates.0")
 
 
 def test_cli_spatial_maps_have_the_input_geometry(trained, tmp_path, capsys):
@@ -138,3 +143,30 @@ def test_cli_spatial_maps_have_the_input_geometry(trained, tmp_path, capsys):
     assert main(["-q", "explain", "--workdir", str(wd), "-i", str(ds.root / "imagesTs"), "--method", "attention",
                  "-o", str(out)]) == 2
     assert "attention_unet" in capsys.readouterr().err
+
+
+def test_cli_evaluate_scores_a_trained_model_end_to_end(trained, tmp_path, capsys, monkeypatch):
+    from autoseg.evaluation import explanation_scores
+    from autoseg.evaluation.explanation_scores import auc
+
+    fractions = (0.0, 0.5, 2.0)  # 4 predictions per map instead of 14: 3 regions x 3 maps
+    monkeypatch.setattr(explanation_scores, "FRACTIONS", fractions)
+    ds, wd, _ = trained
+    out = tmp_path / "scored"
+    assert main(["-q", "explain", "--workdir", str(wd), "-i", str(ds.root / "imagesTs"), "-r",
+                 str(ds.root / "labelsTs"), "--max-cases", "1", "--method", "gradcam", "--evaluate",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Explanation quality" in printed and "gradcam: " in printed
+    rows = list(csv.DictReader(open(out / "explanation_scores.csv", newline="")))
+    assert len(rows) == 9 and {r["method"] for r in rows} == {"random", "distance", "gradcam"}  # 3 regions
+    firsts: dict[str, set] = {}
+    for r in rows:
+        deletion, insertion = ([float(v) for v in r[k].split()] for k in ("deletion_curve", "insertion_curve"))
+        assert len(deletion) == len(insertion) == len(fractions)
+        assert float(r["deletion_auc"]) == pytest.approx(auc(fractions, deletion), abs=1e-4)
+        assert float(r["insertion_auc"]) == pytest.approx(auc(fractions, insertion), abs=1e-4)
+        assert 0 <= float(r["mass_inside"]) <= 1
+        firsts.setdefault(r["class"], set()).add((deletion[0], insertion[0]))
+    # nothing blanked (deletion) and everything blanked (insertion) are the same predictions for every map
+    assert len(firsts) == 3 and all(len(v) == 1 for v in firsts.values())
