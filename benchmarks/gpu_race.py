@@ -10,7 +10,7 @@ Phases, each adding to DIR/results.json and DIR/results.md as soon as it ends:
 2. ``autoseg_gpu_only``: steady-state iterations/s of autoseg's training step on one batch already on the device
    (no data pipeline), and the peak device memory of a step against the planner's estimate.
 3. ``autoseg_pipeline``: steady-state iterations/s with the real pipeline: workers that read and crop, the feeding
-   thread, ``nnunet_torch`` augmentation on the device.
+   thread, ``nnunet`` augmentation on the device.
 4. ``bf16_check``: loss and outputs of one batch in float32 and under bf16 autocast: the relative differences.
 5. ``nnunet``: nnU-Net v2's iterations/s at its own plan of the same data (12 augmentation workers, compiled), from
    its training log (epoch time / iterations, first epoch left out).
@@ -44,7 +44,7 @@ from autoseg.networks.memory import estimate_training_bytes  # noqa: E402
 from autoseg.networks.unet import build_network  # noqa: E402
 from autoseg.planner.plans import load_plans  # noqa: E402
 from autoseg.training.augmentation import augmentation_params  # noqa: E402
-from autoseg.training.augmentation_presets import nnunet_torch  # noqa: E402
+from autoseg.training.augmentation_presets import nnunet  # noqa: E402
 from autoseg.training.batch_augment import BatchAugmenter  # noqa: E402
 from autoseg.training.components import deep_supervision_scales  # noqa: E402
 from autoseg.training.dataloader import BatchStream, CaseStore, CompactBatch, DeviceFeeder, PatchLoader  # noqa: E402
@@ -132,7 +132,7 @@ def _setup(args: argparse.Namespace, name: str, device: torch.device):
                         ignore_label=None, amp=device.type == "cuda", initial_lr=1e-2, weight_decay=3e-5,
                         momentum=0.99, grad_clip=12)
     aug = augmentation_params(config.patch_size)
-    augmenter = BatchAugmenter(aug, nnunet_torch(), regions=layout.regions, ignore_label=None, ds_scales=scales)
+    augmenter = BatchAugmenter(aug, nnunet(), regions=layout.regions, ignore_label=None, ds_scales=scales)
     loader = PatchLoader(CaseStore(wd / "preprocessed" / config.data_identifier, [c.case_id for c in ds.cases]),
                          patch_size=aug.initial_patch_size, final_patch_size=config.patch_size,
                          batch_size=config.batch_size, seed=0)

@@ -1,5 +1,5 @@
-"""How fast the training data pipeline is: ms per augmented batch with the CPU worker pipeline (``nnunet``,
-batchgenerators) against the batched torch pipeline (``nnunet_torch``), and how much of a training step waits for
+"""How fast the training data pipeline is: ms per augmented batch with the CPU worker pipeline (``nnunet_cpu``,
+batchgenerators) against the batched torch pipeline (``nnunet``), and how much of a training step waits for
 data with the real loader.
 
     python benchmarks/train_pipeline.py [--device cpu|cuda] [--batches 8] [--steps 12] [--workers 1] [--preset cpu]
@@ -32,7 +32,7 @@ from autoseg.io.dataset import load_dataset
 from autoseg.networks.memory import estimate_training_bytes
 from autoseg.networks.unet import build_network
 from autoseg.training.augmentation import augmentation_params, training_transforms
-from autoseg.training.augmentation_presets import nnunet, nnunet_torch
+from autoseg.training.augmentation_presets import nnunet, nnunet_cpu
 from autoseg.training.batch_augment import BatchAugmenter
 from autoseg.training.components import deep_supervision_scales
 from autoseg.training.dataloader import BatchStream, CaseStore, CompactBatch, DeviceFeeder, PatchLoader
@@ -58,8 +58,8 @@ def _augment_ms(patch, batch: int, channels: int, ds_scales, n: int, device: tor
     """ms per batch: old pipeline (numpy, in this process), new pipeline (torch on ``device``)."""
     aug = augmentation_params(patch)
     old = training_transforms(aug, label_values=None, regions=BRATS_REGIONS, ignore_label=None, ds_scales=ds_scales,
-                              mask_channels=(), preset=nnunet())
-    new = BatchAugmenter(aug, nnunet_torch(), regions=BRATS_REGIONS, ignore_label=None, ds_scales=ds_scales)
+                              mask_channels=(), preset=nnunet_cpu())
+    new = BatchAugmenter(aug, nnunet(), regions=BRATS_REGIONS, ignore_label=None, ds_scales=ds_scales)
     batches = [_synthetic(aug.initial_patch_size, batch, channels, k) for k in range(n)]
     t_old = 0.0
     for b in batches:
@@ -157,7 +157,7 @@ def main() -> int:
     config = plans.configuration("3d_fullres")
     n_ch = len(plans.channel_names)
     torch.set_num_threads(1)
-    print("ms per augmented batch, 1 CPU thread (old = nnunet on batchgenerators, new = nnunet_torch):")
+    print("ms per augmented batch, 1 CPU thread (old = nnunet_cpu on batchgenerators, new = nnunet):")
     brain_ds = [(1.0, 1.0, 1.0), (1.0, 0.5, 0.5), (0.5, 0.25, 0.25), (0.25, 0.125, 0.125), (0.125, 0.0625, 0.0625)]
     for name, patch, bs, ch, ds_scales in (
             ("demo plan", config.patch_size, config.batch_size, n_ch, deep_supervision_scales(config)),
@@ -172,9 +172,9 @@ def main() -> int:
         return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"training steps on {device}, demo plan, {args.workers} loader worker(s):")
-    for preset in (nnunet(), nnunet_torch()):
+    for preset in (nnunet_cpu(), nnunet()):
         real, premade = _wait_share(args, wd, plans, ds, device, preset)
-        print(f"  {'nnunet_torch' if preset.on_device else 'nnunet'}: real pipeline {real:.2f} it/s, pre-made batch "
+        print(f"  {'nnunet' if preset.on_device else 'nnunet_cpu'}: real pipeline {real:.2f} it/s, pre-made batch "
               f"{premade:.2f} it/s, waiting for data {max(0.0, 1 - real / premade):.0%} of the step")
     planned = estimate_training_bytes(config.topology, config.patch_size, batch_size=config.batch_size,
                                       in_channels=n_ch, num_classes=LabelLayout.from_labels(
