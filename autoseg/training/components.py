@@ -192,7 +192,8 @@ def build_components(run: PreparedFold, plans: Plans, ignore_label: int | None, 
                         grad_clip=settings.grad_clip, is_main=runtime.is_main,
                         optimizer=build_part("optimizer", recipe.optimizer)(network.parameters(), settings),
                         schedule=build_part("schedule", recipe.schedule)(),
-                        amp_dtype=getattr(torch, settings.amp_dtype))
+                        amp_dtype=getattr(torch, settings.amp_dtype),
+                        compile=settings.resolved_compile(device.type))
     aug = augmentation_params(config.patch_size, mirror_axes=recipe.mirror_axes_for(config.ndim))
     loop.state.extra = CheckpointMeta(
         configuration=config.name, fold=run.fold, in_channels=run.in_channels, num_outputs=run.layout.num_outputs,

@@ -31,6 +31,8 @@ class TrainSettings:
         amp: mixed precision (None: on for CUDA).
         amp_dtype: the mixed-precision type on CUDA: ``float16`` (with a gradient scaler, the default) or
             ``bfloat16`` (no scaler needed: float32's range).
+        compile: ``torch.compile`` the network and the loss: ``auto`` (on for CUDA, off elsewhere: on a CPU the
+            compiled step measured no faster, ``benchmarks/compile_step.py``), ``on`` or ``off``.
         save_probabilities: final validation also writes probabilities (``.npz``) for ensembling.
         validate: run the full-volume validation of the held-out cases at the end.
         step_size: sliding-window step of the final validation (fraction of the patch).
@@ -47,7 +49,7 @@ class TrainSettings:
 
     Raises:
         TrainingConfigError: ``modality_dropout`` is not in [0, 1), ``log_to`` names an unknown tracker, or
-            ``amp_dtype`` is neither ``float16`` nor ``bfloat16``.
+            ``amp_dtype`` is neither ``float16`` nor ``bfloat16``, or ``compile`` is not auto, on or off.
     """
 
     epochs: int | None = None
@@ -63,6 +65,7 @@ class TrainSettings:
     deterministic: bool = False
     amp: bool | None = None
     amp_dtype: str = "float16"
+    compile: str = "auto"
     save_probabilities: bool = False
     validate: bool = True
     step_size: float = 0.5
@@ -81,6 +84,9 @@ class TrainSettings:
         if self.amp_dtype not in ("float16", "bfloat16"):
             raise TrainingConfigError(f"amp_dtype={self.amp_dtype!r} is not valid; valid: 'float16' (default, with a "
                                       "gradient scaler) or 'bfloat16'.")
+        if self.compile not in ("auto", "on", "off"):
+            raise TrainingConfigError(f"compile={self.compile!r} is not valid; valid: 'auto' (on for CUDA), 'on' or "
+                                      "'off'.")
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -93,6 +99,10 @@ class TrainSettings:
             TrainingError: the device is not available.
         """
         return Runtime.create(self.device, amp=self.amp, deterministic=self.deterministic, purpose="training")
+
+    def resolved_compile(self, device_type: str) -> bool:
+        """Whether to ``torch.compile`` on a device type (``auto``: on CUDA only)."""
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
 
     def resolved_workers(self, device_type: str) -> int:
         """Worker count to use on a device type: from the cores (all but one, at most 8, on a GPU; half of them on

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from autoseg.training import settings as settings_module
 from autoseg.training.dataloader import CompactBatch, DeviceFeeder
 from autoseg.training.loop import LOSS_READ_EVERY, TrainingLoop, _read_losses
 from autoseg.training.optim import sgd
+from autoseg.training.progress import TrainingLog
 from autoseg.training.settings import TrainSettings
 
 
@@ -73,3 +76,21 @@ def test_step_options_are_checked_and_safe_on_the_cpu(tmp_path):
     _read_losses(pending, losses)
     assert not pending and len(losses) == LOSS_READ_EVERY and losses == sorted(losses, reverse=True)
     assert 0 < loop.train_step(batch) < losses[-1]
+
+
+def test_the_epoch_log_says_how_long_the_steps_waited_for_data(tmp_path):
+    net = torch.nn.Conv3d(1, 1, 1)
+    loop = TrainingLoop(net, lambda out, t: (out - t).square().mean(), folder=tmp_path, device=torch.device("cpu"),
+                        regions=False, ignore_label=None, amp=False, initial_lr=0.01, weight_decay=0.0, momentum=0.5,
+                        grad_clip=1.0)
+
+    def slow():  # a loader 4x slower than nothing: every batch keeps the step waiting 40 ms
+        while True:
+            time.sleep(0.04)
+            yield {"data": torch.ones(1, 1, 2, 2, 2), "target": torch.zeros(1, 1, 2, 2, 2)}
+
+    log = TrainingLog(tmp_path / "log.jsonl")
+    loop.run(slow(), iter(()), epochs=1, iters_per_epoch=5, val_iters=0, save_every=1, log=log, progress=False)
+    (record,) = log.records
+    assert 5 * 0.04 <= record["data_wait"] <= record["train_time"] <= record["epoch_time"]
+    assert record["data_wait"] / record["train_time"] > 0.5  # the share train_pipeline.py reports
