@@ -40,9 +40,11 @@ from autoseg.training.augmentation import (
 )
 from autoseg.training.augmentation_presets import AugmentationPreset
 from autoseg.training.batch_augment import BatchAugmenter
+from autoseg.training.batch_stream import BatchStream
 from autoseg.training.cascade import cascade_input_folder, prepare_cascade_inputs
-from autoseg.training.dataloader import BatchStream, CaseStore, CompactBatch, DeviceFeeder, PatchLoader
+from autoseg.training.dataloader import CaseStore, PatchLoader
 from autoseg.training.error_head import ErrorHeadLoss
+from autoseg.training.feeding import CompactBatch, DeviceFeeder
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.losses import DeepSupervisionLoss, build_loss
 from autoseg.training.losses.partial import PartialLabelLoss
@@ -224,7 +226,8 @@ def batch_streams(run: PreparedFold, plans: Plans, parts: Components, ignore_lab
     preset = build_part("augmentation", run.recipe.augmentation)()
     aug_kw = {"mask_channels": mask_channels, "modality_dropout": settings.modality_dropout,
               "n_image_channels": len(plans.channel_names)}
-    t_train, on_device = _train_transforms(parts.aug, preset, run.prev_labels, label_kw, aug_kw)
+    t_train, on_device = _train_transforms(parts.aug, preset, run.prev_labels, label_kw, aug_kw,
+                                           CompactBatch.for_step(runtime.device.type, runtime.amp))
     t_val = validation_transforms(cascade_labels=run.prev_labels, **label_kw)
     seed = derived_seed(plans.seed, config.name, run.fold_key, runtime.rank)
     workers = settings.resolved_workers(runtime.device.type)
@@ -242,9 +245,11 @@ def batch_streams(run: PreparedFold, plans: Plans, parts: Components, ignore_lab
 
 
 def _train_transforms(aug: AugmentationParams, preset: AugmentationPreset, prev_labels: tuple[int, ...],
-                      label_kw: dict[str, Any], aug_kw: dict[str, Any]) -> tuple[Any, BatchAugmenter | None]:
-    """The workers' transform and, for an augmentation on the training device, the batch augmenter. A cascade
-    stage runs an on-device preset's steps on the CPU workers (with the previous stage's perturbations), said once."""
+                      label_kw: dict[str, Any], aug_kw: dict[str, Any],
+                      compact: CompactBatch) -> tuple[Any, BatchAugmenter | None]:
+    """The workers' transform and, for an augmentation on the training device, the batch augmenter (the workers
+    then only ``compact`` the cropped batch). A cascade stage runs an on-device preset's steps on the CPU workers
+    (with the previous stage's perturbations), said once."""
     if preset.on_device and prev_labels:
         warnings.warn("augmentation: this cascade stage augments on the CPU workers (the previous stage's "
                       "perturbations run there); the other configurations augment on the training device.",
@@ -254,7 +259,7 @@ def _train_transforms(aug: AugmentationParams, preset: AugmentationPreset, prev_
         return training_transforms(aug, preset=preset, cascade_labels=prev_labels, **aug_kw, **label_kw), None
     augmenter = BatchAugmenter(aug, preset, regions=label_kw["regions"], ignore_label=label_kw["ignore_label"],
                                ds_scales=label_kw["ds_scales"], **aug_kw)
-    return CompactBatch(), augmenter
+    return compact, augmenter
 
 
 def keep_recorded_augmentation(run: PreparedFold, checkpoint: dict[str, Any], settings: TrainSettings) -> PreparedFold:

@@ -10,7 +10,7 @@ import torch
 
 from autoseg.errors import TrainingConfigError, WorkerError
 from autoseg.training import settings as settings_module
-from autoseg.training.dataloader import CompactBatch, DeviceFeeder
+from autoseg.training.feeding import CompactBatch, DeviceFeeder
 from autoseg.training.loop import LOSS_READ_EVERY, TrainingLoop, _read_losses
 from autoseg.training.optim import sgd
 from autoseg.training.progress import TrainingLog
@@ -41,8 +41,24 @@ def test_the_feeder_keeps_order_passes_errors_and_closes_the_stream():
         next(feeder)
     feeder.close()
     assert stream.closed
-    compact = CompactBatch()(data=np.zeros(1), seg=np.array([-1, 3], np.int16))
-    assert compact["seg"].dtype == np.int8
+    compact = CompactBatch()(data=np.zeros(1, np.float32), seg=np.array([-1, 3], np.int16))
+    assert compact["seg"].dtype == np.int8 and compact["data"].dtype == np.float32
+
+
+def test_float16_images_cross_the_pipe_only_for_cuda_autocast_and_are_exact_enough():
+    assert CompactBatch.for_step("cuda", amp=True).half_images
+    assert not CompactBatch.for_step("cuda", amp=False).half_images
+    assert not CompactBatch.for_step("cpu", amp=True).half_images  # the CPU keeps float32
+    rng = np.random.default_rng(0)
+    zscored = rng.standard_normal((2, 4, 24, 24, 24)).astype(np.float32)  # max |x| about 5
+    seg = np.zeros((2, 1, 24, 24, 24), np.int16)
+    half = CompactBatch(half_images=True)(data=zscored.copy(), seg=seg)["data"]
+    assert half.dtype == np.float16 and half.nbytes == zscored.nbytes // 2
+    error = np.abs(half.astype(np.float32) - zscored)
+    assert error.max() <= 2**-11 * np.abs(zscored).max()  # 11 significant bits (0.0019 here, |x| <= 4.7)
+    assert (error <= 2**-11 * np.abs(zscored) + 2**-25).all() and error.max() < 2.5e-3  # 2**-25: subnormals
+    huge = np.full((1, 1, 2, 2, 2), 1e5, np.float32)  # beyond float16's range: stays float32
+    assert CompactBatch(half_images=True)(data=huge, seg=seg[:1, :, :2, :2, :2])["data"].dtype == np.float32
 
 
 def test_workers_are_sized_from_cores_and_free_memory(monkeypatch):
