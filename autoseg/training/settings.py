@@ -31,8 +31,9 @@ class TrainSettings:
         amp: mixed precision (None: on for CUDA).
         amp_dtype: the mixed-precision type on CUDA: ``float16`` (with a gradient scaler, the default) or
             ``bfloat16`` (no scaler needed: float32's range).
-        compile: ``torch.compile`` the network and the loss: ``auto`` (on for CUDA, off elsewhere: on a CPU the
-            compiled step measured no faster, ``benchmarks/compile_step.py``), ``on`` or ``off``.
+        compile: ``torch.compile`` the network and the loss: ``auto`` (on for CUDA with Triton installed, off
+            elsewhere: on a CPU the compiled step measured no faster, ``benchmarks/compile_step.py``), ``on`` or
+            ``off``.
         save_probabilities: final validation also writes probabilities (``.npz``) for ensembling.
         validate: run the full-volume validation of the held-out cases at the end.
         step_size: sliding-window step of the final validation (fraction of the patch).
@@ -101,8 +102,9 @@ class TrainSettings:
         return Runtime.create(self.device, amp=self.amp, deterministic=self.deterministic, purpose="training")
 
     def resolved_compile(self, device_type: str) -> bool:
-        """Whether to ``torch.compile`` on a device type (``auto``: on CUDA only)."""
-        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
+        """Whether to ``torch.compile`` on a device type (``auto``: on CUDA, where Triton, which compiles the GPU
+        kernels, is installed)."""
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda" and _triton_installed())
 
     def resolved_workers(self, device_type: str) -> int:
         """Worker count to use on a device type: from the cores (all but one, at most 8, on a GPU; half of them on
@@ -112,6 +114,12 @@ class TrainSettings:
         cores = os.cpu_count() or 1
         by_cores = min(8, max(1, cores - 1)) if device_type == "cuda" else max(1, cores // 2)
         return max(1, min(by_cores, _free_memory_bytes() // (2 * 2**30)))
+
+
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _free_memory_bytes() -> int:

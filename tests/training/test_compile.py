@@ -11,13 +11,17 @@ from autoseg.api import train
 from autoseg.cli import main as cli
 from autoseg.errors import TrainingConfigError
 from autoseg.networks.checkpoint import FINAL, load_checkpoint
+from autoseg.training import settings as settings_module
 from autoseg.training.settings import TrainSettings
 
 FAST = {"iters_per_epoch": 2, "val_iters": 1, "workers": 0, "device": "cpu", "progress": False, "validate": False}
 
 
-def test_auto_compiles_on_cuda_only_and_bad_values_are_refused():
+def test_auto_compiles_on_cuda_only_and_bad_values_are_refused(monkeypatch):
+    monkeypatch.setattr(settings_module, "_triton_installed", lambda: True)
     assert TrainSettings().resolved_compile("cuda") and not TrainSettings().resolved_compile("cpu")
+    monkeypatch.setattr(settings_module, "_triton_installed", lambda: False)  # no GPU compiler: eager
+    assert not TrainSettings().resolved_compile("cuda")
     assert TrainSettings(compile="on").resolved_compile("cpu")
     assert not TrainSettings(compile="off").resolved_compile("cuda")
     with pytest.raises(TrainingConfigError, match="'auto'"):
