@@ -160,10 +160,10 @@ def nnunet(*, elastic: bool = False, order_data: int = 1, order_seg: int = 1) ->
     Raises:
         TrainingConfigError: a parameter out of range.
     """
-    if elastic is True or order_data == 3:
-        return nnunet_cpu(elastic=elastic, order_data=order_data, order_seg=order_seg)
     _flag("nnunet", "elastic", elastic)
     _orders("nnunet", order_data, order_seg)
+    if elastic or order_data == 3:
+        return nnunet_cpu(elastic=elastic, order_data=order_data, order_seg=order_seg)
     return AugmentationPreset(order_data=order_data, order_seg=order_seg, on_device=True)
 
 
