@@ -37,10 +37,10 @@ def test_compiled_training_saves_the_eager_modules_keys_and_resumes(tiny_brats, 
         return real(model, backend="eager")
 
     monkeypatch.setattr(torch, "compile", recording)
-    train(ds.root, "3d_fullres", 4, workdir=wd, epochs=1, compile="off", **FAST)  # the CPU default: auto = off
-    train(ds.root, "3d_fullres", 4, workdir=wd, epochs=1, resume=True, **FAST)
+    train(ds.root, "3d_fullres", 2, workdir=wd, epochs=1, compile="off", **FAST)  # the CPU default: auto = off
+    train(ds.root, "3d_fullres", 2, workdir=wd, epochs=1, resume=True, **FAST)
     assert compiled == []
-    (res,) = train(ds.root, "3d_fullres", 4, workdir=wd, epochs=2, compile="on", resume=True, **FAST)
+    (res,) = train(ds.root, "3d_fullres", 2, workdir=wd, epochs=2, compile="on", resume=True, **FAST)
     assert compiled == ["UNet", "DeepSupervisionLoss"]
     ckpt = load_checkpoint(res.folder / FINAL)
     assert ckpt["epoch"] == 2 and ckpt["settings"]["compile"] == "on"
