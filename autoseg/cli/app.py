@@ -123,7 +123,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     t.add_argument("--val-iters", type=int, help="online validation iterations per epoch (default: the plan's)")
     t.add_argument("--lr", type=float, default=1e-2, help="initial learning rate (default 0.01, poly decay)")
     t.add_argument("--save-every", type=int, default=5, metavar="N", help="latest checkpoint every N epochs")
-    t.add_argument("--workers", type=int, help="augmentation worker processes (default: from the CPU count)")
+    t.add_argument("--workers", type=int, help="data-loading worker processes (default: from the CPU count)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint; with a larger --epochs, extend a finished run")
     t.add_argument("--deterministic", action="store_true", help="deterministic algorithms (reproducible runs)")

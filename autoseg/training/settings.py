@@ -25,7 +25,8 @@ class TrainSettings:
         momentum: SGD Nesterov momentum.
         grad_clip: gradient-norm clipping threshold.
         save_every: write ``checkpoint_latest.pt`` every this many epochs.
-        workers: augmentation worker processes (None: half the CPU cores on CPU, up to 8 on a GPU; 0 = none).
+        workers: data-loading worker processes, which read and crop (and augment, with ``nnunet_cpu``) (None: half
+            the CPU cores on CPU, up to 8 on a GPU, at most one per 2 GiB of free memory; 0 = none).
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         deterministic: deterministic torch algorithms (bit-identical CPU runs for the same seed).
         amp: mixed precision (None: on for CUDA).
