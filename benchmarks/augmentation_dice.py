@@ -1,4 +1,4 @@
-"""Does the batched torch augmentation (``nnunet_torch``) train as well as the CPU worker pipeline (``nnunet``)?
+"""Does the batched torch augmentation (``nnunet``) train as well as the CPU worker pipeline (``nnunet_cpu``)?
 
 The demo dataset (12 synthetic BraTS-like cases, 4 channels, 64^3, 3 nested regions; generated under
 benchmarks/out/ when missing) is planned with the ``cpu`` preset once per seed (``autoseg plan --seed S``: the seed
@@ -54,14 +54,14 @@ def main() -> int:
     root = args.out / "Dataset001_SyntheticBraTS"
     if not (root / "dataset.json").is_file():
         make_synthetic_dataset(root, n_cases=12, shape=(64, 64, 64), n_channels=4, kind="brats", regions=True, seed=0)
-    diffs, speed = [], {"nnunet": [], "nnunet_torch": []}
+    diffs, speed = [], {"nnunet_cpu": [], "nnunet": []}
     for seed in args.seeds:
         base = args.out / f"plan_seed{seed}"
         if not (base / "plans.json").is_file():
             _run("plan", str(root), "--workdir", str(base), "--preset", "cpu", "--seed", str(seed),
                  "--preprocess", CONFIG)
         dice = {}
-        for aug in ("nnunet", "nnunet_torch"):
+        for aug in ("nnunet_cpu", "nnunet"):
             wd = args.out / f"seed{seed}_{aug}"
             copy_workdir(base, wd)
             _run("train", str(root), CONFIG, "0", "--workdir", str(wd), "--device", "cpu", "--epochs",
@@ -69,10 +69,10 @@ def main() -> int:
                  str(args.workers), "--recipe", f"augmentation={aug}")
             dice[aug], s_iter = _result(wd, args.iters)
             speed[aug].append(s_iter)
-        diffs.append(dice["nnunet_torch"] - dice["nnunet"])
-        print(f"seed {seed}: val mean Dice nnunet {dice['nnunet']:.4f}, nnunet_torch {dice['nnunet_torch']:.4f}, "
+        diffs.append(dice["nnunet"] - dice["nnunet_cpu"])
+        print(f"seed {seed}: val mean Dice nnunet_cpu {dice['nnunet_cpu']:.4f}, nnunet {dice['nnunet']:.4f}, "
               f"difference {diffs[-1]:+.4f}", flush=True)
-    print(f"mean difference over {len(diffs)} seeds (nnunet_torch - nnunet): {sum(diffs) / len(diffs):+.4f}; "
+    print(f"mean difference over {len(diffs)} seeds (nnunet - nnunet_cpu): {sum(diffs) / len(diffs):+.4f}; "
           f"max |difference| {max(abs(d) for d in diffs):.4f}")
     for aug, values in speed.items():
         print(f"{aug}: {sum(values) / len(values):.2f} s per training iteration (mean over seeds)")

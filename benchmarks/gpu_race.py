@@ -7,10 +7,10 @@ Phases, each adding to DIR/results.json and DIR/results.md as soon as it ends:
 1. ``data``: a synthetic 4-channel BraTS-like dataset (3 nested regions) and a 1-channel CT-like one (blob lesions)
    in the nnU-Net raw layout; autoseg plans them with nnU-Net's rules (preset ``default``) and preprocesses
    3d_fullres; nnU-Net (when its Python is given and imports nnunetv2) plans and preprocesses its own copy.
-2. ``autoseg_gpu_only``: steady-state iterations/s of autoseg's training step on one batch already on the device
+2. ``autoseg_gpu_only``: steady-state iterations/s of autoseg's training step (compiled on CUDA, as training does) on one batch already on the device
    (no data pipeline), and the peak device memory of a step against the planner's estimate.
 3. ``autoseg_pipeline``: steady-state iterations/s with the real pipeline: workers that read and crop, the feeding
-   thread, ``nnunet_torch`` augmentation on the device.
+   thread, ``nnunet`` augmentation on the device.
 4. ``bf16_check``: loss and outputs of one batch in float32 and under bf16 autocast: the relative differences.
 5. ``nnunet``: nnU-Net v2's iterations/s at its own plan of the same data (12 augmentation workers, compiled), from
    its training log (epoch time / iterations, first epoch left out).
@@ -35,21 +35,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import nnunet_layout  # noqa: E402
+from train_pipeline import training_loop  # noqa: E402
 
 from autoseg.api import plan, preprocess  # noqa: E402
 from autoseg.data.synthetic import make_synthetic_dataset  # noqa: E402
-from autoseg.inference.export import LabelLayout  # noqa: E402
 from autoseg.io.dataset import load_dataset  # noqa: E402
 from autoseg.networks.memory import estimate_training_bytes  # noqa: E402
-from autoseg.networks.unet import build_network  # noqa: E402
 from autoseg.planner.plans import load_plans  # noqa: E402
 from autoseg.training.augmentation import augmentation_params  # noqa: E402
-from autoseg.training.augmentation_presets import nnunet_torch  # noqa: E402
+from autoseg.training.augmentation_presets import nnunet  # noqa: E402
 from autoseg.training.batch_augment import BatchAugmenter  # noqa: E402
-from autoseg.training.components import deep_supervision_scales  # noqa: E402
-from autoseg.training.dataloader import BatchStream, CaseStore, CompactBatch, DeviceFeeder, PatchLoader  # noqa: E402
+from autoseg.training.batch_stream import BatchStream  # noqa: E402
+from autoseg.training.dataloader import CaseStore, PatchLoader  # noqa: E402
+from autoseg.training.feeding import CompactBatch, DeviceFeeder  # noqa: E402
 from autoseg.training.loop import TrainingLoop  # noqa: E402
-from autoseg.training.losses import build_loss  # noqa: E402
 
 DATASETS = {"brats4": ("brats", 4, True), "ct1": ("binary", 1, False)}
 TRAINER = '''
@@ -121,18 +120,10 @@ def _setup(args: argparse.Namespace, name: str, device: torch.device):
     wd = args.out / f"autoseg_{name}"
     plans = load_plans(wd / "plans.json")
     ds = load_dataset(next((args.out / "raw").glob(f"Dataset*_{name}")))
-    config = plans.configuration("3d_fullres")
-    layout = LabelLayout.from_labels(plans.labels, ds.spec.regions_class_order)
-    torch.manual_seed(0)
-    net = build_network(config, in_channels=len(plans.channel_names), num_classes=layout.num_outputs).to(device)
-    scales = deep_supervision_scales(config)
-    loss = build_loss(regions=layout.regions is not None, batch_dice=config.batch_dice, ignore_label=None,
-                      n_outputs=len(scales))
-    loop = TrainingLoop(net, loss, folder=args.out, device=device, regions=layout.regions is not None,
-                        ignore_label=None, amp=device.type == "cuda", initial_lr=1e-2, weight_decay=3e-5,
-                        momentum=0.99, grad_clip=12)
+    # the step training runs: compiled on CUDA (TrainSettings.compile "auto")
+    config, layout, scales, loop = training_loop(plans, ds, device, args.out, compile=device.type == "cuda")
     aug = augmentation_params(config.patch_size)
-    augmenter = BatchAugmenter(aug, nnunet_torch(), regions=layout.regions, ignore_label=None, ds_scales=scales)
+    augmenter = BatchAugmenter(aug, nnunet(), regions=layout.regions, ignore_label=None, ds_scales=scales)
     loader = PatchLoader(CaseStore(wd / "preprocessed" / config.data_identifier, [c.case_id for c in ds.cases]),
                          patch_size=aug.initial_patch_size, final_patch_size=config.patch_size,
                          batch_size=config.batch_size, seed=0)
@@ -169,7 +160,8 @@ def _autoseg(args: argparse.Namespace, name: str, device: torch.device, results:
                                       in_channels=len(plans.channel_names), num_classes=layout.num_outputs)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     results.add(f"autoseg_gpu_only[{name}]", {
-        "patch": config.patch_size, "batch": config.batch_size, "it_per_s": round(gpu_only, 3),
+        "patch": config.patch_size, "batch": config.batch_size, "compiled": device.type == "cuda",
+        "it_per_s": round(gpu_only, 3),
         "peak_bytes": peak, "planned_bytes": planned,
         "peak_over_planned": round(peak / planned, 3) if peak else "n/a (no CUDA)"})
     stream = DeviceFeeder(BatchStream(loader, CompactBatch(), workers=args.workers), device, transform=augmenter)

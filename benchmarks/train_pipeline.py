@@ -1,30 +1,35 @@
-"""How fast the training data pipeline is: ms per augmented batch with the CPU worker pipeline (``nnunet``,
-batchgenerators) against the batched torch pipeline (``nnunet_torch``), and how much of a training step waits for
-data with the real loader.
+"""How fast the training data pipeline is: ms per augmented batch with the CPU worker pipeline (``nnunet_cpu``,
+batchgenerators) against the batched torch pipeline (``nnunet``, the default), and how much of a training step waits
+for data with the real loader.
 
-    python benchmarks/train_pipeline.py [--device cpu|cuda] [--batches 8] [--steps 12] [--workers 1] [--preset cpu]
+    python benchmarks/train_pipeline.py [--device cpu|cuda] [--batches 8] [--epochs 3] [--iters 10] [--workers 1]
+                                        [--preset cpu] [--augmentations nnunet nnunet_cpu] [--skip-steps]
 
 Part 1, ms per augmented batch, one CPU thread for both (a worker process of the old pipeline has one thread):
 at the demo plan (the demo dataset planned with ``--preset``, 3d_fullres) and at nnU-Net's default brain plan
 (patch 40x112x128, batch 2, 4 channels, BraTS regions, deep supervision), on synthetic batches of the initial
 (rotation-covering) patch; the new path is timed on ``--device`` too when that is CUDA.
 
-Part 2, the real pipeline on the demo plan with ``--workers`` loader processes: iterations/s of training with the
-real stream (worker processes + the feeding thread) against one pre-made batch, for each augmentation, and the
-share of step time spent waiting for data (1 - real/pre-made); on CUDA the peak memory of a step next to the
-planner's estimate.
+Part 2, the real pipeline: fold 0 of the demo plan trained by ``autoseg.api.train`` with ``--workers`` loader
+processes for ``--epochs`` x ``--iters`` iterations (1 validation batch per epoch, no final validation), once per
+augmentation. The share of the training time spent waiting for data is read from the run's own ``log.jsonl``: the
+seconds the loop blocked on the next batch (``data_wait``) over the seconds of its training iterations
+(``train_time``), summed over the epochs after the first (worker start-up). On CUDA, the peak memory of training next
+to the planner's estimate.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from autoseg.api import plan, preprocess
+from autoseg.api import plan, preprocess, train
 from autoseg.data.synthetic import make_synthetic_dataset
 from autoseg.device import resolve_device
 from autoseg.inference.export import LabelLayout
@@ -32,10 +37,10 @@ from autoseg.io.dataset import load_dataset
 from autoseg.networks.memory import estimate_training_bytes
 from autoseg.networks.unet import build_network
 from autoseg.training.augmentation import augmentation_params, training_transforms
-from autoseg.training.augmentation_presets import nnunet, nnunet_torch
+from autoseg.training.augmentation_presets import nnunet, nnunet_cpu
 from autoseg.training.batch_augment import BatchAugmenter
 from autoseg.training.components import deep_supervision_scales
-from autoseg.training.dataloader import BatchStream, CaseStore, CompactBatch, DeviceFeeder, PatchLoader
+from autoseg.training.feeding import CompactBatch
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.losses import build_loss
 
@@ -58,8 +63,8 @@ def _augment_ms(patch, batch: int, channels: int, ds_scales, n: int, device: tor
     """ms per batch: old pipeline (numpy, in this process), new pipeline (torch on ``device``)."""
     aug = augmentation_params(patch)
     old = training_transforms(aug, label_values=None, regions=BRATS_REGIONS, ignore_label=None, ds_scales=ds_scales,
-                              mask_channels=(), preset=nnunet())
-    new = BatchAugmenter(aug, nnunet_torch(), regions=BRATS_REGIONS, ignore_label=None, ds_scales=ds_scales)
+                              mask_channels=(), preset=nnunet_cpu())
+    new = BatchAugmenter(aug, nnunet(), regions=BRATS_REGIONS, ignore_label=None, ds_scales=ds_scales)
     batches = [_synthetic(aug.initial_patch_size, batch, channels, k) for k in range(n)]
     t_old = 0.0
     for b in batches:
@@ -82,31 +87,20 @@ def _augment_ms(patch, batch: int, channels: int, ds_scales, n: int, device: tor
     return 1000 * t_old / n, 1000 * t_new / n
 
 
-def _timed(loop: TrainingLoop, batches, steps: int, device: torch.device) -> float:
-    for _ in range(2):  # warm-up (cudnn autotuning, worker start)
-        loop.train_step(next(batches))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        loop.train_step(next(batches))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t)
-
-
-def _demo(args: argparse.Namespace):
-    root = args.out / "Dataset001_SyntheticBraTS"
+def demo_plan(out: Path, preset: str = "cpu"):
+    """The demo dataset (generated once under ``out``) planned with ``preset`` and preprocessed (3d_fullres)."""
+    root = out / "Dataset001_SyntheticBraTS"
     if not (root / "dataset.json").is_file():
         make_synthetic_dataset(root, n_cases=12, shape=(64, 64, 64), n_channels=4, kind="brats", regions=True, seed=0)
-    wd = args.out / f"work_{args.preset}"
-    plans = plan(root, workdir=wd, preset=args.preset, progress=False)
+    wd = out / f"work_{preset}"
+    plans = plan(root, workdir=wd, preset=preset, progress=False)
     preprocess(root, ["3d_fullres"], workdir=wd, progress=False)
     return root, wd, plans, load_dataset(root)
 
 
-def _wait_share(args, wd, plans, ds, device, preset) -> tuple[float, float]:
-    """Iterations/s with the real stream and with one pre-made batch, for one augmentation preset."""
+def training_loop(plans, ds, device: torch.device, folder: Path, *, compile: bool = False):
+    """3d_fullres's U-Net, loss and training loop as training builds them (seed 0, AMP on CUDA): (config, label
+    layout, deep-supervision scales, loop)."""
     config = plans.configuration("3d_fullres")
     layout = LabelLayout.from_labels(plans.labels, ds.spec.regions_class_order)
     torch.manual_seed(0)
@@ -114,74 +108,69 @@ def _wait_share(args, wd, plans, ds, device, preset) -> tuple[float, float]:
     scales = deep_supervision_scales(config)
     loss = build_loss(regions=layout.regions is not None, batch_dice=config.batch_dice, ignore_label=None,
                       n_outputs=len(scales))
-    loop = TrainingLoop(net, loss, folder=args.out, device=device, regions=layout.regions is not None,
+    loop = TrainingLoop(net, loss, folder=folder, device=device, regions=layout.regions is not None,
                         ignore_label=None, amp=device.type == "cuda", initial_lr=1e-2, weight_decay=3e-5,
-                        momentum=0.99, grad_clip=12)
-    aug = augmentation_params(config.patch_size)
-    label_kw = {"regions": layout.regions, "ignore_label": None, "ds_scales": scales}
-    if preset.on_device:
-        worker, on_device = CompactBatch(), BatchAugmenter(aug, preset, **label_kw)
-    else:
-        worker, on_device = training_transforms(aug, label_values=None, preset=preset, **label_kw), None
-    loader = PatchLoader(CaseStore(wd / "preprocessed" / "3d_fullres", [c.case_id for c in ds.cases]),
-                         patch_size=aug.initial_patch_size, final_patch_size=config.patch_size,
-                         batch_size=config.batch_size, seed=0)
-    stream = DeviceFeeder(BatchStream(loader, worker, workers=args.workers), device, transform=on_device)
-    try:
-        real = _timed(loop, stream, args.steps, device)
-        batch = next(stream)
-    finally:
-        stream.close()
+                        momentum=0.99, grad_clip=12, compile=compile)
+    return config, layout, scales, loop
 
-    def same():
-        while True:
-            yield batch
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    return real, _timed(loop, same(), args.steps, device)
+def data_wait_share(args: argparse.Namespace, root: Path, wd: Path, augmentation: str) -> tuple[float, float]:
+    """Train fold 0 with ``augmentation``; from its log.jsonl (epochs after the first): (share of the training time
+    blocked on the next batch, seconds per iteration)."""
+    folder = wd / "models" / "3d_fullres" / "fold_0"
+    shutil.rmtree(folder, ignore_errors=True)
+    train(root, "3d_fullres", 0, workdir=wd, epochs=args.epochs, iters_per_epoch=args.iters, val_iters=1,
+          workers=args.workers, device=args.device, validate=False, progress=False,
+          recipe=(f"augmentation={augmentation}",))
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()][1:]
+    train_time = sum(r["train_time"] for r in log)
+    return sum(r["data_wait"] for r in log) / train_time, train_time / (len(log) * args.iters)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batches", type=int, default=8, help="batches timed per plan and path (part 1)")
-    ap.add_argument("--steps", type=int, default=12, help="training steps timed per measurement (part 2)")
+    ap.add_argument("--epochs", type=int, default=3, help="training epochs per augmentation (part 2)")
+    ap.add_argument("--iters", type=int, default=10, help="training iterations per epoch (part 2)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--augmentations", nargs="+", default=["nnunet", "nnunet_cpu"], help="trained in part 2")
     ap.add_argument("--skip-steps", action="store_true", help="part 1 only")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/train_pipeline"))
     args = ap.parse_args()
     device = resolve_device(args.device)
-    root, wd, plans, ds = _demo(args)
+    root, wd, plans, ds = demo_plan(args.out, args.preset)
     config = plans.configuration("3d_fullres")
     n_ch = len(plans.channel_names)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    print("ms per augmented batch, 1 CPU thread (old = nnunet on batchgenerators, new = nnunet_torch):")
+    print("ms per augmented batch, 1 CPU thread (old = nnunet_cpu on batchgenerators, new = nnunet):")
     brain_ds = [(1.0, 1.0, 1.0), (1.0, 0.5, 0.5), (0.5, 0.25, 0.25), (0.25, 0.125, 0.125), (0.125, 0.0625, 0.0625)]
     for name, patch, bs, ch, ds_scales in (
             ("demo plan", config.patch_size, config.batch_size, n_ch, deep_supervision_scales(config)),
             ("nnU-Net brain plan", (40, 112, 128), 2, 4, brain_ds)):
         old, new = _augment_ms(patch, bs, ch, ds_scales, args.batches, torch.device("cpu"))
         print(f"  {name} (patch {tuple(patch)}, batch {bs}, {ch} channels): old {old:.0f} ms, new {new:.0f} ms, "
-              f"{old / new:.1f}x faster")
+              f"{old / new:.1f}x faster", flush=True)
         if device.type == "cuda":
             _, gpu = _augment_ms(patch, bs, ch, ds_scales, args.batches, device)
             print(f"  {name}: new on {torch.cuda.get_device_name(device)}: {gpu:.1f} ms")
     if args.skip_steps:
         return 0
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"training steps on {device}, demo plan, {args.workers} loader worker(s):")
-    for preset in (nnunet(), nnunet_torch()):
-        real, premade = _wait_share(args, wd, plans, ds, device, preset)
-        print(f"  {'nnunet_torch' if preset.on_device else 'nnunet'}: real pipeline {real:.2f} it/s, pre-made batch "
-              f"{premade:.2f} it/s, waiting for data {max(0.0, 1 - real / premade):.0%} of the step")
-    planned = estimate_training_bytes(config.topology, config.patch_size, batch_size=config.batch_size,
-                                      in_channels=n_ch, num_classes=LabelLayout.from_labels(
-                                          plans.labels, ds.spec.regions_class_order).num_outputs)
+    torch.set_num_threads(threads)
+    print(f"training on {device} ({threads} torch threads), demo plan, {args.workers} loader worker(s), "
+          f"{args.epochs} x {args.iters} iterations, from log.jsonl (epochs after the first):")
+    for augmentation in args.augmentations:
+        share, s_iter = data_wait_share(args, root, wd, augmentation)
+        print(f"  {augmentation}: {s_iter:.2f} s per iteration, waiting for data {share:.1%} of the training time",
+              flush=True)
     if device.type == "cuda":
+        planned = estimate_training_bytes(config.topology, config.patch_size, batch_size=config.batch_size,
+                                          in_channels=n_ch, num_classes=LabelLayout.from_labels(
+                                              plans.labels, ds.spec.regions_class_order).num_outputs)
         peak = torch.cuda.max_memory_allocated(device)
-        print(f"CUDA peak memory of a step: {peak / 2**30:.2f} GiB, planned {planned / 2**30:.2f} GiB, "
+        print(f"CUDA peak memory of training: {peak / 2**30:.2f} GiB, planned {planned / 2**30:.2f} GiB, "
               f"ratio {peak / planned:.2f}")
     return 0
 

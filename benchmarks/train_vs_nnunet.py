@@ -1,7 +1,7 @@
 """Train fold 0 of the same dataset with autoseg and with nnU-Net v2, same epochs and iterations, on CPU.
 
     python benchmarks/train_vs_nnunet.py [DATASET] [--epochs 10] [--iters 25] [--val-iters 5] [--preset cpu]
-    python benchmarks/train_vs_nnunet.py --same-plan [--augmentation nnunet_torch] --epochs 2 --iters 10
+    python benchmarks/train_vs_nnunet.py --same-plan [--augmentation nnunet_cpu] --epochs 2 --iters 10
 
 Without DATASET the demo's synthetic BraTS-like dataset (12 cases, 64^3, 4 channels, 3 regions) is made.
 Both tools use the same fold-0 split (autoseg's ``splits.json`` is handed to nnU-Net as ``splits_final.json``)
@@ -107,7 +107,8 @@ def main() -> int:
     ap.add_argument("--nnunet-id", type=int, default=991)
     ap.add_argument("--skip-nnunet", action="store_true")
     ap.add_argument("--same-plan", action="store_true", help="autoseg plans with nnU-Net's rules (preset default)")
-    ap.add_argument("--augmentation", default="nnunet", help="autoseg's augmentation part (nnunet, nnunet_torch)")
+    ap.add_argument("--augmentation", default="nnunet",
+                    help="autoseg's augmentation part (nnunet: on the training device; nnunet_cpu: CPU workers)")
     ap.add_argument("--no-equal-time", action="store_true", help="skip the equal-wall-time autoseg run")
     args = ap.parse_args()
     if args.same_plan:

@@ -123,11 +123,15 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     t.add_argument("--val-iters", type=int, help="online validation iterations per epoch (default: the plan's)")
     t.add_argument("--lr", type=float, default=1e-2, help="initial learning rate (default 0.01, poly decay)")
     t.add_argument("--save-every", type=int, default=5, metavar="N", help="latest checkpoint every N epochs")
-    t.add_argument("--workers", type=int, help="augmentation worker processes (default: from the CPU count)")
+    t.add_argument("--workers", type=int, help="data-loading worker processes (default: from the CPU count)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint; with a larger --epochs, extend a finished run")
     t.add_argument("--deterministic", action="store_true", help="deterministic algorithms (reproducible runs)")
     t.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    t.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default="float16",
+                   help="mixed-precision type on CUDA: float16 (default, with a gradient scaler) or bfloat16 (no scaler)")
+    t.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the network and loss: auto (default: on for CUDA), on or off")
     t.add_argument("--save-probabilities", action="store_true",
                    help="final validation also writes probabilities (.npz) for ensembling")
     t.add_argument("--no-validation", action="store_true", help="skip the final full-volume validation")
@@ -227,7 +231,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, val_iters=args.val_iters,
                              initial_lr=args.lr, save_every=args.save_every, workers=args.workers,
                              device=args.device, deterministic=args.deterministic,
-                             amp=False if args.no_amp else None, save_probabilities=args.save_probabilities,
+                             amp=False if args.no_amp else None, amp_dtype=args.amp_dtype, compile=args.compile,
+                             save_probabilities=args.save_probabilities,
                              validate=not args.no_validation, progress=not args.quiet,
                              modality_dropout=args.modality_dropout, init_from=args.init_from,
                              recipe=tuple(args.recipe), log_to=args.log_to)

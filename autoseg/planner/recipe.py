@@ -23,7 +23,8 @@ from autoseg.errors import FileFormatError, PlanningError
 
 PART_KINDS = ("network", "loss", "optimizer", "schedule", "augmentation")
 MIRROR = "mirror_axes"
-VERSION = 1
+#: 2: augmentation ``nnunet`` runs on the training device; version-1 records mean the CPU workers (``nnunet_cpu``)
+VERSION = 2
 #: the network each encoder block type of a planner preset means by default
 DEFAULT_NETWORK = {"plain": "unet", "residual": "resenc_unet"}
 
@@ -124,6 +125,9 @@ class Recipe:
     def from_json(cls, data: Any) -> Recipe:
         """Read a recipe.
 
+        A version-1 record (plans, checkpoints and bundles of earlier releases) that names augmentation ``nnunet``
+        meant the CPU worker pipeline and reads as ``nnunet_cpu``, so a recorded run keeps its augmentation.
+
         Raises:
             FileFormatError: not a recipe object, or a newer version.
         """
@@ -131,9 +135,11 @@ class Recipe:
             raise FileFormatError(f"a recipe needs at least 'network' and 'loss', found {data!r}.")
         if int(data.get("version", 1)) > VERSION:
             raise FileFormatError(f"recipe version {data['version']} is newer than this autoseg reads; upgrade it.")
-        axes = data.get(MIRROR)
-        return cls(**{k: PartChoice.from_json(data[k]) for k in PART_KINDS if k in data},
-                   mirror_axes=None if axes is None else tuple(int(a) for a in axes), version=int(data.get("version", 1)))
+        axes, version = data.get(MIRROR), int(data.get("version", 1))
+        parts = {k: PartChoice.from_json(data[k]) for k in PART_KINDS if k in data}
+        if version < 2 and "augmentation" in parts and parts["augmentation"].name == "nnunet":
+            parts["augmentation"] = replace(parts["augmentation"], name="nnunet_cpu")
+        return cls(**parts, mirror_axes=None if axes is None else tuple(int(a) for a in axes), version=VERSION)
 
 
 def has_regions(labels: Mapping[str, Any]) -> bool:

@@ -4,7 +4,7 @@ The loader hands over ``{"data": float32 (B, C, *initial_patch), "seg": int16 (B
 where ``seg`` is -1 outside the imaged region (padding, or outside the nonzero mask). The initial patch
 is larger than the network patch so that rotation and scaling find image content in the corners.
 :func:`training_transforms` then applies, in nnU-Net's order (reference 5.4), with the probabilities and
-ranges of the default preset ``nnunet`` (others in :mod:`autoseg.training.augmentation_presets`: ``light``,
+ranges of the preset ``nnunet_cpu`` (the default ``nnunet`` runs them per batch on the device; others: ``light``,
 ``none``; a step whose probability is 0 in the preset is left out):
 
 1. (dummy 2D only) fold the first spatial axis into the channels;
@@ -67,7 +67,7 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 from batchgenerators.transforms.utility_transforms import RemoveLabelTransform
 
 from autoseg.errors import TrainingConfigError
-from autoseg.training.augmentation_presets import AugmentationPreset, nnunet
+from autoseg.training.augmentation_presets import AugmentationPreset, nnunet_cpu
 from autoseg.training.modality_dropout import ModalityDropout, check_modality_dropout
 from autoseg.training.transforms import (
     DownsampleTargets,
@@ -314,9 +314,9 @@ def _intensity_steps(params: AugmentationParams, p: AugmentationPreset) -> list[
 
 def _resolve_preset(preset: AugmentationPreset | None, elastic: bool | None, order_data: int | None,
                     order_seg: int | None) -> AugmentationPreset:
-    """The preset (None = ``nnunet()``) with the given keyword arguments replacing its values (validated)."""
+    """The preset (None = ``nnunet_cpu()``) with the given keyword arguments replacing its values (validated)."""
     given = {"elastic": elastic, "order_data": order_data, "order_seg": order_seg}
-    return dataclasses.replace(preset or nnunet(), **{k: v for k, v in given.items() if v is not None})
+    return dataclasses.replace(preset or nnunet_cpu(), **{k: v for k, v in given.items() if v is not None})
 
 
 def training_transforms(params: AugmentationParams, *, label_values: Sequence[int] | None,
@@ -336,12 +336,12 @@ def training_transforms(params: AugmentationParams, *, label_values: Sequence[in
         ds_scales: Deep-supervision scales per output, highest first (e.g. ``[(1, 1, 1), (.5, .5, .5)]``),
             or None for a single target.
         mask_channels: Channels set to 0 outside the imaged region (``seg < 0``).
-        elastic: Add elastic deformation (p 0.2 per sample); None = the preset's (off in ``nnunet``).
+        elastic: Add elastic deformation (p 0.2 per sample); None = the preset's (off in ``nnunet_cpu``).
         order_data: Spline order for the image in the spatial transform (3 = nnU-Net v1; 1 is ~5x
             faster for rotated/scaled samples and is what nnU-Net's current torch pipeline uses); None = the
-            preset's (3 in ``nnunet``).
+            preset's (3 in ``nnunet_cpu``).
         order_seg: 1 = per-label linear interpolation + argmax (smooth borders, ~13x slower than 0 with 5
-            labels); 0 = nearest neighbour; neither creates in-between labels. None = the preset's (1 in nnunet).
+            labels); 0 = nearest neighbour; neither creates in-between labels. None = the preset's (1 in nnunet_cpu).
         cascade_labels: Cascade (second stage) only: the previous stage's foreground labels. The loader
             then delivers ``seg`` with 2 channels (ground truth, previous prediction); the prediction
             becomes one one-hot image channel per label (appended after the image channels) and is
@@ -350,7 +350,7 @@ def training_transforms(params: AugmentationParams, *, label_values: Sequence[in
             the intensity augmentations (never all channels of a sample; cascade channels never). 0 = off.
         n_image_channels: the dataset's input channels; required when ``modality_dropout > 0``.
         preset: The augmentation's probabilities and ranges (:mod:`autoseg.training.augmentation_presets`);
-            None = ``nnunet()``, nnU-Net's pipeline. ``elastic``, ``order_data`` and ``order_seg``, when
+            None = ``nnunet_cpu()``, nnU-Net's pipeline. ``elastic``, ``order_data`` and ``order_seg``, when
             given, replace the preset's values.
 
     Returns:

@@ -7,8 +7,10 @@ handling, the initial patch and the mirrored axes, comes from the configuration'
 pipeline (it draws no random numbers). Each factory's parameters are keywords with typed defaults
 (``inspect.signature(factory, eval_str=True)`` lists them); its first docstring line describes it.
 
-- ``nnunet``: nnU-Net's pipeline, the default (bit-identical batches to the pipeline without a preset).
-- ``nnunet_torch``: the same steps per batch in torch on the training device (linear interpolation, no elastic).
+- ``nnunet``: nnU-Net's steps per batch in torch on the training device, the default (linear interpolation);
+  ``nnunet_torch`` is its former name. Elastic deformation or cubic interpolation run on the CPU workers instead.
+- ``nnunet_cpu``: nnU-Net's pipeline per sample in the CPU worker processes (batchgenerators; bit-identical
+  batches to the pipeline without a preset). The former default, kept for one release for comparison.
 - ``light``: rotation and scaling, mirroring, and mild multiplicative brightness and contrast only.
 - ``none``: nothing random; only the centre crop to the patch and the target steps.
 
@@ -27,7 +29,7 @@ from typing import Any
 
 from autoseg.errors import TrainingConfigError
 
-__all__ = ["AUGMENTATIONS", "AugmentationPreset", "light", "nnunet", "nnunet_torch", "none"]
+__all__ = ["AUGMENTATIONS", "AugmentationPreset", "light", "nnunet", "nnunet_cpu", "none"]
 
 _RANGES = ("scale_range", "noise_std", "blur_sigma", "brightness_range", "contrast_range", "low_res_zoom",
            "gamma_range")
@@ -104,7 +106,7 @@ class AugmentationPreset:
             raise TrainingConfigError(
                 f"augmentation 'AugmentationPreset': elastic={self.elastic}, order_data={self.order_data} is not "
                 "valid with on_device=True; valid: elastic False and order_data 0 or 1 (cubic interpolation and "
-                "elastic deformation need augmentation=nnunet, on the CPU workers).")
+                "elastic deformation need the CPU workers: augmentation=nnunet_cpu).")
         _orders("AugmentationPreset", self.order_data, self.order_seg)
 
     def to_json(self) -> dict[str, Any]:
@@ -146,33 +148,39 @@ def _orders(part: str, order_data: object, order_seg: object) -> None:
                                       f"{' or '.join(map(str, valid))} (interpolation order).")
 
 
-def nnunet(*, elastic: bool = False, order_data: int = 3, order_seg: int = 1) -> AugmentationPreset:
-    """nnU-Net's augmentation: rotation, scaling, noise, blur, brightness, contrast, low resolution, gamma, mirroring.
+def nnunet(*, elastic: bool = False, order_data: int = 1, order_seg: int = 1) -> AugmentationPreset:
+    """nnU-Net's augmentation per batch in torch on the training device (CPU or GPU), the default; workers only crop.
 
-    The default, bit-identical to the pipeline without a preset. ``elastic`` adds elastic deformation (p 0.2);
-    ``order_data`` (0, 1 or 3) is the image's spline order in the spatial transform (3 = nnU-Net v1; 1 is ~5x
-    faster for rotated or scaled samples); ``order_seg`` 1 = per-label linear + argmax, 0 = nearest.
+    Rotation, scaling, noise, blur, brightness, contrast, low resolution, gamma and mirroring with nnU-Net's
+    probabilities and ranges; rotation and scaling resample the batch in one call with ``order_data`` 1 (linear, as
+    nnU-Net's current pipeline) or 0, labels with ``order_seg`` 1 (per-label linear + argmax) or 0 (nearest).
+    ``elastic`` (elastic deformation, p 0.2) or ``order_data`` 3 (cubic) need the CPU workers: the preset then is
+    ``nnunet_cpu``'s. A cascade stage falls back to the CPU workers too (its perturbations run there).
 
     Raises:
         TrainingConfigError: a parameter out of range.
     """
     _flag("nnunet", "elastic", elastic)
     _orders("nnunet", order_data, order_seg)
-    return AugmentationPreset(elastic=elastic, order_data=order_data, order_seg=order_seg)
+    if elastic or order_data == 3:
+        return nnunet_cpu(elastic=elastic, order_data=order_data, order_seg=order_seg)
+    return AugmentationPreset(order_data=order_data, order_seg=order_seg, on_device=True)
 
 
-def nnunet_torch(*, order_data: int = 1, order_seg: int = 1) -> AugmentationPreset:
-    """nnU-Net's augmentation computed per batch in torch on the training device (CPU or GPU); workers only crop.
+def nnunet_cpu(*, elastic: bool = False, order_data: int = 3, order_seg: int = 1) -> AugmentationPreset:
+    """nnU-Net's augmentation per sample in the CPU worker processes (batchgenerators); the former default.
 
-    The probabilities and ranges of ``nnunet`` without elastic deformation; rotation and scaling resample the batch
-    in one call with ``order_data`` 1 (linear, as nnU-Net's current pipeline) or 0, labels with ``order_seg`` 1
-    (per-label linear + argmax) or 0 (nearest). The cascade's second stage needs ``nnunet``.
+    Bit-identical to the pipeline without a preset. ``elastic`` adds elastic deformation (p 0.2); ``order_data``
+    (0, 1 or 3) is the image's spline order in the spatial transform (3 = nnU-Net v1; 1 is ~5x faster for rotated or
+    scaled samples); ``order_seg`` 1 = per-label linear + argmax, 0 = nearest. Kept for one release to compare
+    with ``nnunet``.
 
     Raises:
         TrainingConfigError: a parameter out of range.
     """
-    _orders("nnunet_torch", order_data, order_seg)
-    return AugmentationPreset(order_data=order_data, order_seg=order_seg, on_device=True)
+    _flag("nnunet_cpu", "elastic", elastic)
+    _orders("nnunet_cpu", order_data, order_seg)
+    return AugmentationPreset(elastic=elastic, order_data=order_data, order_seg=order_seg)
 
 
 def light(*, order_data: int = 1, order_seg: int = 1) -> AugmentationPreset:
@@ -181,7 +189,7 @@ def light(*, order_data: int = 1, order_seg: int = 1) -> AugmentationPreset:
     Keeps nnU-Net's rotation (p 0.2) and scaling (p 0.2, the configuration's scale range), no elastic
     deformation, mirroring, multiplicative brightness (p 0.15, 0.9-1.1) and contrast (p 0.15, 0.9-1.1); drops
     noise, blur, simulated low resolution and both gamma steps. ``order_data`` (0, 1 or 3; default 1, linear)
-    and ``order_seg`` (0 or 1) as for ``nnunet``.
+    and ``order_seg`` (0 or 1) as for ``nnunet_cpu``.
 
     Raises:
         TrainingConfigError: a parameter out of range.
@@ -199,6 +207,7 @@ def none() -> AugmentationPreset:
                               mirror=False)
 
 
-#: Augmentation name -> factory; every parameter is keyword-only with a typed default.
-AUGMENTATIONS: dict[str, Callable[..., AugmentationPreset]] = {"nnunet": nnunet, "nnunet_torch": nnunet_torch,
-                                                               "light": light, "none": none}
+#: Augmentation name -> factory; every parameter is keyword-only with a typed default. ``nnunet_torch`` is the
+#: former name of ``nnunet`` (recipes that name it keep working).
+AUGMENTATIONS: dict[str, Callable[..., AugmentationPreset]] = {"nnunet": nnunet, "nnunet_torch": nnunet,
+                                                               "nnunet_cpu": nnunet_cpu, "light": light, "none": none}

@@ -1,4 +1,4 @@
-"""Batched training augmentation in torch, on the device the batch trains on (augmentation ``nnunet_torch``).
+"""Batched training augmentation in torch, on the device the batch trains on (augmentation ``nnunet``, the default).
 
 The same steps, probabilities and ranges as :func:`autoseg.training.augmentation.training_transforms` (nnU-Net's
 pipeline; the :class:`~autoseg.training.augmentation_presets.AugmentationPreset` gives them), computed for the
@@ -17,7 +17,8 @@ worker processes, which then only read and crop:
 3. mirroring along the configuration's mirror axes, zero image outside the imaged region in the masked
    channels, label -1 -> 0, region channels (+ ignore channel), deep-supervision targets (nearest).
 
-Elastic deformation and the cascade's previous-stage perturbations are not available here (use ``nnunet``).
+Elastic deformation and the cascade's previous-stage perturbations are not available here (they run on the CPU
+workers, ``nnunet_cpu``'s pipeline).
 
 Randomness: every per-sample parameter comes from a CPU ``torch.Generator`` seeded from ``(seed, batch index)``
 and the noise from a generator on the batch's device seeded the same way, so batch ``k`` is a pure function of
@@ -25,8 +26,8 @@ and the noise from a generator on the batch's device seeded the same way, so bat
 
 Example:
     >>> from autoseg.training.augmentation import augmentation_params
-    >>> from autoseg.training.augmentation_presets import nnunet_torch
-    >>> aug = BatchAugmenter(augmentation_params((16, 16, 16)), nnunet_torch(), regions=None, ignore_label=None,
+    >>> from autoseg.training.augmentation_presets import nnunet
+    >>> aug = BatchAugmenter(augmentation_params((16, 16, 16)), nnunet(), regions=None, ignore_label=None,
     ...                      ds_scales=None)
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from autoseg.device import Runtime
-from autoseg.errors import TrainingConfigError, TrainingError
+from autoseg.errors import TrainingError
 from autoseg.inference.export import LabelLayout, probabilities_path
 from autoseg.io.annotations import annotatable_names, annotated_outputs, dataset_annotations
 from autoseg.io.atomic import remove_stale_temporaries
@@ -29,7 +30,7 @@ from autoseg.networks.checkpoint import CheckpointMeta
 from autoseg.networks.error_head import error_head_of
 from autoseg.networks.parts import UNetPart
 from autoseg.planner.plans import ConfigurationPlan, Plans
-from autoseg.planner.recipe import Recipe, parse_recipe
+from autoseg.planner.recipe import PartChoice, Recipe, parse_recipe
 from autoseg.plugins.channels import training_channels
 from autoseg.training.augmentation import (
     AugmentationParams,
@@ -39,9 +40,11 @@ from autoseg.training.augmentation import (
 )
 from autoseg.training.augmentation_presets import AugmentationPreset
 from autoseg.training.batch_augment import BatchAugmenter
+from autoseg.training.batch_stream import BatchStream
 from autoseg.training.cascade import cascade_input_folder, prepare_cascade_inputs
-from autoseg.training.dataloader import BatchStream, CaseStore, CompactBatch, DeviceFeeder, PatchLoader
+from autoseg.training.dataloader import CaseStore, PatchLoader
 from autoseg.training.error_head import ErrorHeadLoss
+from autoseg.training.feeding import CompactBatch, DeviceFeeder
 from autoseg.training.loop import TrainingLoop
 from autoseg.training.losses import DeepSupervisionLoss, build_loss
 from autoseg.training.losses.partial import PartialLabelLoss
@@ -191,7 +194,8 @@ def build_components(run: PreparedFold, plans: Plans, ignore_label: int | None, 
                         grad_clip=settings.grad_clip, is_main=runtime.is_main,
                         optimizer=build_part("optimizer", recipe.optimizer)(network.parameters(), settings),
                         schedule=build_part("schedule", recipe.schedule)(),
-                        amp_dtype=getattr(torch, settings.amp_dtype))
+                        amp_dtype=getattr(torch, settings.amp_dtype),
+                        compile=settings.resolved_compile(device.type))
     aug = augmentation_params(config.patch_size, mirror_axes=recipe.mirror_axes_for(config.ndim))
     loop.state.extra = CheckpointMeta(
         configuration=config.name, fold=run.fold, in_channels=run.in_channels, num_outputs=run.layout.num_outputs,
@@ -222,7 +226,8 @@ def batch_streams(run: PreparedFold, plans: Plans, parts: Components, ignore_lab
     preset = build_part("augmentation", run.recipe.augmentation)()
     aug_kw = {"mask_channels": mask_channels, "modality_dropout": settings.modality_dropout,
               "n_image_channels": len(plans.channel_names)}
-    t_train, on_device = _train_transforms(parts.aug, preset, run.prev_labels, label_kw, aug_kw)
+    t_train, on_device = _train_transforms(parts.aug, preset, run.prev_labels, label_kw, aug_kw,
+                                           CompactBatch.for_step(runtime.device.type, runtime.amp))
     t_val = validation_transforms(cascade_labels=run.prev_labels, **label_kw)
     seed = derived_seed(plans.seed, config.name, run.fold_key, runtime.rank)
     workers = settings.resolved_workers(runtime.device.type)
@@ -234,27 +239,38 @@ def batch_streams(run: PreparedFold, plans: Plans, parts: Components, ignore_lab
                                   batch_size=batch, seed=seed + 1, start=epoch * run.val_iters,
                                   annotated=run.annotated), t_val,
                       workers=min(workers, 2))
-    # a thread receives, pins and copies the next batches (and augments them there with nnunet_torch) meanwhile
+    # a thread receives, pins and copies the next batches (and augments them there with nnunet) meanwhile
     device = runtime.device
     return (DeviceFeeder(train, device, transform=on_device), DeviceFeeder(val, device))
 
 
 def _train_transforms(aug: AugmentationParams, preset: AugmentationPreset, prev_labels: tuple[int, ...],
-                      label_kw: dict[str, Any], aug_kw: dict[str, Any]) -> tuple[Any, BatchAugmenter | None]:
-    """The workers' transform and, for an augmentation on the training device, the batch augmenter.
-
-    Raises:
-        TrainingConfigError: an on-device augmentation for a cascade stage (its perturbations run on the CPU).
-    """
+                      label_kw: dict[str, Any], aug_kw: dict[str, Any],
+                      compact: CompactBatch) -> tuple[Any, BatchAugmenter | None]:
+    """The workers' transform and, for an augmentation on the training device, the batch augmenter (the workers
+    then only ``compact`` the cropped batch). A cascade stage runs an on-device preset's steps on the CPU workers
+    (with the previous stage's perturbations), said once."""
+    if preset.on_device and prev_labels:
+        warnings.warn("augmentation: this cascade stage augments on the CPU workers (the previous stage's "
+                      "perturbations run there); the other configurations augment on the training device.",
+                      stacklevel=2)
+        preset = replace(preset, on_device=False)
     if not preset.on_device:
         return training_transforms(aug, preset=preset, cascade_labels=prev_labels, **aug_kw, **label_kw), None
-    if prev_labels:
-        raise TrainingConfigError("augmentation on the training device (nnunet_torch) does not support a cascade "
-                                  "stage (the previous stage's perturbations run on the CPU); train this "
-                                  "configuration with --recipe augmentation=nnunet.")
     augmenter = BatchAugmenter(aug, preset, regions=label_kw["regions"], ignore_label=label_kw["ignore_label"],
                                ds_scales=label_kw["ds_scales"], **aug_kw)
-    return CompactBatch(), augmenter
+    return compact, augmenter
+
+
+def keep_recorded_augmentation(run: PreparedFold, checkpoint: dict[str, Any], settings: TrainSettings) -> PreparedFold:
+    """The run resuming ``checkpoint`` with the augmentation the checkpoint recorded (a half-trained run keeps its
+    pipeline when the default changes or the plans are rewritten), unless this run's ``--recipe`` names one.
+    Checkpoints from before recipes were recorded trained with the CPU workers' ``nnunet_cpu``."""
+    if run.recipe is None or "augmentation" in parse_recipe(settings.recipe):
+        return run
+    recorded = checkpoint.get("recipe")
+    choice = Recipe.from_json(recorded).augmentation if recorded is not None else PartChoice("nnunet_cpu")
+    return replace(run, recipe=resolve_recipe(replace(run.recipe, augmentation=choice)))
 
 
 def _batch_per_rank(batch_size: int, world: int) -> int:

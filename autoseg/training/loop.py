@@ -21,12 +21,10 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -39,46 +37,14 @@ from autoseg.networks.error_head import gradient_groups
 from autoseg.parallel import WorkerError
 from autoseg.training.metrics import pseudo_dice, tp_fp_fn
 from autoseg.training.optim import poly, poly_lr, sgd
+from autoseg.training.preemption import PREEMPTION_SIGNALS, PreemptionSignals
 from autoseg.training.progress import TrainingLog, plot_progress
 from autoseg.training.tracking import Tracker
 
 __all__ = ["PREEMPTION_SIGNALS", "LoopState", "PreemptionSignals", "TrainingLoop", "poly_lr"]
 
-#: the signals that stop training with a checkpoint (those a platform lacks, e.g. SIGUSR1 on Windows, are skipped)
-PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 #: training losses are read from the device every this many steps (and at the end of an epoch or a stop)
 LOSS_READ_EVERY = 16
-
-
-class PreemptionSignals:
-    """Context manager: while inside, :data:`PREEMPTION_SIGNALS` only record that they arrived (``received``);
-    the previous handlers are restored on exit. Outside the main thread (where Python cannot set handlers) it
-    installs nothing."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def installed(self) -> list[int]:
-        """The signals handled now."""
-        return list(self._previous)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None:
-            self.received = signum
-
-    def __enter__(self) -> PreemptionSignals:
-        if threading.current_thread() is threading.main_thread():
-            for name in PREEMPTION_SIGNALS:
-                if (sig := getattr(signal, name, None)) is not None:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():  # None: a handler not set from Python; the default is closest
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -145,6 +111,8 @@ class TrainingLoop:
             ``weight_decay`` and ``momentum``. Its state is saved in every checkpoint.
         schedule: ``schedule(initial_lr, epoch, epochs) -> lr``, applied at the start of every epoch to each
             parameter group with the group's learning rate at construction as ``initial_lr``; None = poly.
+        compile: run the network's and the loss's forward through ``torch.compile`` (compiled at the first step).
+            ``network`` itself stays the eager module: checkpoints hold its own state (no ``_orig_mod.`` keys).
     """
 
     def __init__(self, network: torch.nn.Module, loss: Callable[[Any, Any], torch.Tensor], *, folder: Path,
@@ -152,8 +120,10 @@ class TrainingLoop:
                  weight_decay: float, momentum: float, grad_clip: float, is_main: bool = True,
                  optimizer: torch.optim.Optimizer | None = None,
                  schedule: Callable[[float, int, int], float] | None = None,
-                 amp_dtype: torch.dtype = torch.float16) -> None:
+                 amp_dtype: torch.dtype = torch.float16, compile: bool = False) -> None:
         self.network, self.loss, self.folder, self.device = network, loss, folder, device
+        # what the steps call: the compiled wrappers share the modules' parameters, state_dict stays the module's
+        self._forward, self._loss = (torch.compile(network), torch.compile(loss)) if compile else (network, loss)
         self.amp_dtype = amp_dtype
         self.regions, self.ignore_label, self.amp, self.grad_clip = regions, ignore_label, amp, grad_clip
         self.initial_lr, self.is_main = initial_lr, is_main
@@ -216,7 +186,7 @@ class TrainingLoop:
         data, target = _to(batch["data"], self.device), _to(batch["target"], self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss = self.loss(self.network(data), target, **_loss_extra(batch, self.device))
+            loss = self._loss(self._forward(data), target, **_loss_extra(batch, self.device))
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -234,8 +204,8 @@ class TrainingLoop:
         """Loss and TP/FP/FN per class on one validation batch (highest-resolution output)."""
         data, target = _to(batch["data"], self.device), _to(batch["target"], self.device)
         with self._autocast():
-            out = self.network(data)
-            loss = self.loss(out, target, **_loss_extra(batch, self.device))
+            out = self._forward(data)
+            loss = self._loss(out, target, **_loss_extra(batch, self.device))
         tp, fp, fn = tp_fp_fn(_first(out).float(), _first(target), regions=self.regions,
                               ignore_label=self.ignore_label)
         return float(loss), tp, fp, fn
@@ -325,8 +295,11 @@ class TrainingLoop:
         lrs = [self.schedule(base, epoch, epochs) for base in self.base_lrs]
         for group, group_lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = group_lr
-        if not self._train(train, iters, progress):
+        t_train = time.perf_counter()
+        data_wait = self._train(train, iters, progress)
+        if data_wait is None:
             return None
+        t_train = time.perf_counter() - t_train
         val_losses, dice = self._validate(val, val_iters)
         if val_losses is None:  # validation changes nothing: the resumed run validates this epoch again
             return None
@@ -339,28 +312,32 @@ class TrainingLoop:
                 "val_loss": float(np.mean(val_losses)) if val_losses else None,
                 "pseudo_dice": [None if math.isnan(d) else round(float(d), 5) for d in dice],
                 "mean_fg_dice": None if math.isnan(mean_dice) else mean_dice, "ema_fg_dice": st.ema,
-                "lr": lrs[0], "epoch_time": time.perf_counter() - start}
+                "lr": lrs[0], "epoch_time": time.perf_counter() - start, "train_time": t_train,
+                "data_wait": data_wait}
 
-    def _train(self, train: Iterator[dict[str, Any]], iters: int, progress: bool) -> bool:
-        """The epoch's training iterations from ``state.iteration`` on; False when a preemption signal stopped
-        them (after a finished iteration)."""
+    def _train(self, train: Iterator[dict[str, Any]], iters: int, progress: bool) -> float | None:
+        """The epoch's training iterations from ``state.iteration`` on. Returns the seconds spent blocked on the
+        next batch (the step waiting for data), or None when a preemption signal stopped them (after a finished
+        iteration)."""
         st = self.state
         self.network.train()
-        first = min(st.iteration, iters)
+        first, waited = min(st.iteration, iters), 0.0
         pending: list[torch.Tensor] = []  # losses read every LOSS_READ_EVERY steps: no wait for the device per step
         for _ in tqdm(range(first, iters), desc=f"epoch {st.epoch}", leave=False, initial=first, total=iters,
                       disable=not (progress and self.is_main)):
+            asked = time.perf_counter()
             batch = None if self._stop_requested() else self._next_batch(train)
+            waited += time.perf_counter() - asked
             if batch is None:
                 _read_losses(pending, st.train_losses)
-                return False
+                return None
             pending.append(self._step(batch))
             st.iteration += 1
             if len(pending) >= LOSS_READ_EVERY:
                 _read_losses(pending, st.train_losses)
         _read_losses(pending, st.train_losses)
         st.iteration = max(st.iteration, iters)
-        return True
+        return waited
 
     def _validate(self, val: Iterator[dict[str, Any]], val_iters: int) -> tuple[list[float] | None, np.ndarray]:
         """The epoch's online validation: its losses (None when a preemption signal stopped it) and the pseudo

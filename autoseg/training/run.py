@@ -21,6 +21,7 @@ from autoseg.training.components import (
     batch_streams,
     build_components,
     finish_preparing,
+    keep_recorded_augmentation,
     prepare_fold,
 )
 from autoseg.training.modality_dropout import check_modality_dropout
@@ -58,7 +59,8 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
         fold: fold index, or ``"all"`` (train on every case; validation then repeats training cases).
         workdir: work folder.
         settings: epochs, iterations, device, workers, ...
-        resume: continue from the latest/final checkpoint; with a larger ``epochs`` a finished run is extended.
+        resume: continue from the latest/final checkpoint; with a larger ``epochs`` a finished run is extended. The
+            run keeps the augmentation its checkpoint recorded unless ``settings.recipe`` names one.
         runtime: device, precision and torchrun position (default: from ``settings``; see :mod:`autoseg.device`).
         trackers: trackers of the caller's own, next to those ``settings.log_to`` names (see
             :mod:`autoseg.training.tracking`); they get the epochs, checkpoints and final validation (rank 0 only).
@@ -83,6 +85,8 @@ def train_fold(dataset: Dataset, plans: Plans, config_name: str, fold: int | str
     runtime = (runtime or settings.runtime()).start()
     run = prepare_fold(dataset, plans, config_name, fold, workdir, settings, runtime)
     ckpt = _checkpoint_to_resume(run.folder, resume)
+    if ckpt is not None:
+        run = keep_recorded_augmentation(run, ckpt, settings)
     run = finish_preparing(run, dataset, plans, workdir, settings, runtime)
     parts = build_components(run, plans, dataset.spec.ignore_label, settings, runtime, fine_tune=ckpt is None)
     if ckpt is not None:

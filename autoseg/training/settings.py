@@ -25,12 +25,16 @@ class TrainSettings:
         momentum: SGD Nesterov momentum.
         grad_clip: gradient-norm clipping threshold.
         save_every: write ``checkpoint_latest.pt`` every this many epochs.
-        workers: augmentation worker processes (None: half the CPU cores on CPU, up to 8 on a GPU; 0 = none).
+        workers: data-loading worker processes, which read and crop (and augment, with ``nnunet_cpu``) (None: half
+            the CPU cores on CPU, up to 8 on a GPU, at most one per 2 GiB of free memory; 0 = none).
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         deterministic: deterministic torch algorithms (bit-identical CPU runs for the same seed).
         amp: mixed precision (None: on for CUDA).
         amp_dtype: the mixed-precision type on CUDA: ``float16`` (with a gradient scaler, the default) or
             ``bfloat16`` (no scaler needed: float32's range).
+        compile: ``torch.compile`` the network and the loss: ``auto`` (on for CUDA with Triton installed, off
+            elsewhere: on a CPU the compiled step measured no faster, ``benchmarks/compile_step.py``), ``on`` or
+            ``off``.
         save_probabilities: final validation also writes probabilities (``.npz``) for ensembling.
         validate: run the full-volume validation of the held-out cases at the end.
         step_size: sliding-window step of the final validation (fraction of the patch).
@@ -47,7 +51,7 @@ class TrainSettings:
 
     Raises:
         TrainingConfigError: ``modality_dropout`` is not in [0, 1), ``log_to`` names an unknown tracker, or
-            ``amp_dtype`` is neither ``float16`` nor ``bfloat16``.
+            ``amp_dtype`` is neither ``float16`` nor ``bfloat16``, or ``compile`` is not auto, on or off.
     """
 
     epochs: int | None = None
@@ -63,6 +67,7 @@ class TrainSettings:
     deterministic: bool = False
     amp: bool | None = None
     amp_dtype: str = "float16"
+    compile: str = "auto"
     save_probabilities: bool = False
     validate: bool = True
     step_size: float = 0.5
@@ -81,6 +86,9 @@ class TrainSettings:
         if self.amp_dtype not in ("float16", "bfloat16"):
             raise TrainingConfigError(f"amp_dtype={self.amp_dtype!r} is not valid; valid: 'float16' (default, with a "
                                       "gradient scaler) or 'bfloat16'.")
+        if self.compile not in ("auto", "on", "off"):
+            raise TrainingConfigError(f"compile={self.compile!r} is not valid; valid: 'auto' (on for CUDA), 'on' or "
+                                      "'off'.")
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -94,6 +102,11 @@ class TrainSettings:
         """
         return Runtime.create(self.device, amp=self.amp, deterministic=self.deterministic, purpose="training")
 
+    def resolved_compile(self, device_type: str) -> bool:
+        """Whether to ``torch.compile`` on a device type (``auto``: on CUDA, where Triton, which compiles the GPU
+        kernels, is installed)."""
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda" and _triton_installed())
+
     def resolved_workers(self, device_type: str) -> int:
         """Worker count to use on a device type: from the cores (all but one, at most 8, on a GPU; half of them on
         the CPU), and at most one per 2 GiB of free memory (a worker holds a few batches of the initial patch)."""
@@ -102,6 +115,12 @@ class TrainSettings:
         cores = os.cpu_count() or 1
         by_cores = min(8, max(1, cores - 1)) if device_type == "cuda" else max(1, cores // 2)
         return max(1, min(by_cores, _free_memory_bytes() // (2 * 2**30)))
+
+
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _free_memory_bytes() -> int:

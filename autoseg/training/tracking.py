@@ -58,7 +58,8 @@ class Tracker:
 
     def on_epoch_end(self, record: Mapping[str, Any]) -> None:
         """An epoch ended; ``record`` is its line of ``log.jsonl`` (``epoch``, ``train_loss``, ``val_loss``,
-        ``pseudo_dice``, ``mean_fg_dice``, ``ema_fg_dice``, ``lr``, ``epoch_time``)."""
+        ``pseudo_dice``, ``mean_fg_dice``, ``ema_fg_dice``, ``lr``, ``epoch_time``, ``train_time``, ``data_wait``:
+        the seconds of the training iterations and, of those, blocked waiting for the next batch)."""
 
     def on_validation(self, summary: ValidationSummary) -> None:
         """The final full-volume validation of the fold finished."""

@@ -20,7 +20,8 @@ from autoseg.planner.recipe import default_recipe, parse_recipe
 from autoseg.training.parts import resolve_recipe
 
 #: fold 0 of the tiny region dataset (tests/conftest.make_planned), 2 epochs x 3 iterations, deterministic, trained by
-#: the code before recipes existed: the default recipe must reproduce these losses
+#: the code before recipes existed: the default recipe with the CPU workers' augmentation (``nnunet_cpu``, then the
+#: default) must reproduce these losses
 BEFORE_RECIPES = {
     "3d_fullres": [[0.5429359475771586, 0.5009922534227371], [0.4901437958081563, 0.4815715551376343]],
     "2d": [[0.5470020174980164, 0.5953242927789688], [0.5805715918540955, 0.5741676092147827]],
@@ -36,14 +37,15 @@ def _short(**kw):
             "validate": False, "progress": False, **kw}
 
 
-def test_the_default_recipe_trains_exactly_as_before_recipes(planned_factory, tmp_path):
+def test_the_default_recipe_with_cpu_augmentation_trains_exactly_as_before_recipes(planned_factory, tmp_path):
     ds, wd, plans = planned_factory(tmp_path)
     for config, expected in BEFORE_RECIPES.items():
-        (res,) = train(ds, config, 0, workdir=wd, **_short())
+        (res,) = train(ds, config, 0, workdir=wd, **_short(recipe=("augmentation=nnunet_cpu",)))
         got = [v for row in _losses(res.folder) for v in row]
         assert got == pytest.approx([v for row in expected for v in row], rel=1e-5), config
         meta = CheckpointMeta.from_json(load_checkpoint(res.folder / FINAL))
         assert meta.recipe["network"]["name"] == "unet" and meta.recipe["loss"]["name"] == "dice_bce"
+        assert meta.recipe["augmentation"]["name"] == "nnunet_cpu"
 
 
 def test_a_recipe_chosen_for_training_is_built_recorded_and_predicted_from(planned_factory, tmp_path):

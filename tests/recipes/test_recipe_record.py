@@ -30,6 +30,13 @@ def test_the_default_is_todays_training():
     assert default_recipe(regions=True).loss.name == "dice_bce"
 
 
+def test_a_recorded_nnunet_of_recipe_version_1_keeps_the_cpu_workers():
+    old = {"version": 1, "network": "unet", "loss": "dice_ce", "augmentation": {"name": "nnunet", "params": {}}}
+    assert Recipe.from_json(old).augmentation.name == "nnunet_cpu"  # what ``nnunet`` meant then
+    assert Recipe.from_json({**old, "version": 2}).augmentation.name == "nnunet"
+    assert Recipe.from_json(Recipe.from_json(old).to_json()) == Recipe.from_json(old)
+
+
 def test_a_parameter_alone_updates_the_current_part():
     base = resolve_recipe(default_recipe().with_overrides(parse_recipe("loss=dice_topk:k=20")))
     again = resolve_recipe(base.with_overrides(parse_recipe("loss=:k=5")))

@@ -30,7 +30,8 @@ from autoseg.io.dataset import load_dataset
 from autoseg.io.image import read_label
 from autoseg.parallel import WorkerError, imap_ordered
 from autoseg.planner.plans import Plans
-from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
+from autoseg.training.batch_stream import BatchStream
+from autoseg.training.dataloader import CaseStore, PatchLoader
 from autoseg.training.run import train_fold
 from autoseg.training.settings import TrainSettings
 

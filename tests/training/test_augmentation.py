@@ -28,7 +28,7 @@ from autoseg.training.augmentation import (
     training_transforms,
     validation_transforms,
 )
-from autoseg.training.augmentation_presets import AUGMENTATIONS, AugmentationPreset, light, nnunet, none
+from autoseg.training.augmentation_presets import AUGMENTATIONS, AugmentationPreset, light, nnunet, nnunet_cpu, none
 from autoseg.training.transforms import (
     FoldFirstAxis,
     GaussianBlur,
@@ -252,13 +252,13 @@ def _outputs(pipeline: Compose, params: AugmentationParams, *, n: int = 4, seed:
 
 @pytest.mark.parametrize("patch", [(12, 12, 12), (4, 16, 16), (16, 16)])
 @pytest.mark.parametrize("options", [{}, {"elastic": True}, {"order_data": 1, "order_seg": 0}])
-def test_nnunet_preset_is_bit_identical_to_the_pipeline_before_presets(patch, options) -> None:
+def test_nnunet_cpu_preset_is_bit_identical_to_the_pipeline_before_presets(patch, options) -> None:
     params = augmentation_params(patch)
     kw = {"label_values": (0, 1, 2), "regions": None, "ignore_label": None, "ds_scales": None}
     expected = _outputs(_reference_pipeline(params, **options), params)
     for pipeline in (training_transforms(params, **kw, **options),  # no preset: the keywords as before
-                     training_transforms(params, **kw, preset=nnunet(**options)),
-                     training_transforms(params, **kw, preset=nnunet(), **options)):  # keywords replace preset's
+                     training_transforms(params, **kw, preset=nnunet_cpu(**options)),
+                     training_transforms(params, **kw, preset=nnunet_cpu(), **options)):  # keywords replace preset's
         for got, want in zip(_outputs(pipeline, params), expected, strict=True):
             assert torch.equal(got["data"], want["data"]) and torch.equal(got["target"], want["target"])
 
@@ -274,8 +274,10 @@ def test_preset_factories_have_typed_keyword_defaults_and_a_summary() -> None:
 
 
 @pytest.mark.parametrize(("make", "words"), [
+    (lambda: nnunet_cpu(order_data=2), ["'nnunet_cpu'", "order_data=2", "0 or 1 or 3"]),
+    (lambda: nnunet_cpu(order_seg=3), ["'nnunet_cpu'", "order_seg=3", "0 or 1"]),
+    (lambda: nnunet_cpu(elastic=1), ["'nnunet_cpu'", "elastic=1", "True or False"]),
     (lambda: nnunet(order_data=2), ["'nnunet'", "order_data=2", "0 or 1 or 3"]),
-    (lambda: nnunet(order_seg=3), ["'nnunet'", "order_seg=3", "0 or 1"]),
     (lambda: nnunet(elastic=1), ["'nnunet'", "elastic=1", "True or False"]),
     (lambda: light(order_data=True), ["'light'", "order_data=True", "0 or 1 or 3"]),
     (lambda: light(order_seg=2), ["'light'", "order_seg=2", "0 or 1"]),

@@ -1,4 +1,4 @@
-"""The batched torch augmentation (nnunet_torch) against the batchgenerators pipeline and its own rules."""
+"""The batched torch augmentation (nnunet, the default) against the batchgenerators pipeline and its own rules."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from scipy.ndimage import map_coordinates
 
 from autoseg.errors import TrainingConfigError
 from autoseg.training.augmentation import augmentation_params, validation_transforms
-from autoseg.training.augmentation_presets import AUGMENTATIONS, nnunet, nnunet_torch, none
+from autoseg.training.augmentation_presets import AUGMENTATIONS, nnunet, nnunet_cpu, none
 from autoseg.training.batch_augment import BatchAugmenter, _Draws, batch_generator_seed
 from autoseg.training.transforms import GaussianBlur
 
@@ -143,7 +143,7 @@ def test_rotation_and_scaling_match_a_linear_interpolation_reference(patch):
 @pytest.mark.parametrize("patch", [(10, 12, 14), (4, 24, 24), (20, 18)])
 @pytest.mark.parametrize("order_seg", [0, 1])
 def test_no_new_label_values_ever(patch, order_seg):
-    preset = dataclasses.replace(nnunet_torch(order_seg=order_seg), p_rotation=0.7, p_scaling=0.7)
+    preset = dataclasses.replace(nnunet(order_seg=order_seg), p_rotation=0.7, p_scaling=0.7)
     params, aug = _augmenter(patch, preset, mask_channels=[0])
     assert aug.params.dummy_2d == (patch == (4, 24, 24))
     for k in range(4):
@@ -155,7 +155,7 @@ def test_no_new_label_values_ever(patch, order_seg):
 
 def test_application_probabilities_follow_the_preset():
     """Rotation/scaling, brightness and mirroring are applied at the preset's rates (seeded, so exact reruns)."""
-    params, aug = _augmenter((8, 8, 8), dataclasses.replace(nnunet_torch(), p_brightness=0.5))
+    params, aug = _augmenter((8, 8, 8), dataclasses.replace(nnunet(), p_brightness=0.5))
     n = 4000
     draws = _Draws(7)
     _, ident = aug._matrices(n, 3, draws)
@@ -173,16 +173,16 @@ def test_application_probabilities_follow_the_preset():
 
 
 def test_a_batch_is_a_function_of_seed_and_index():
-    params, aug = _augmenter((10, 12, 14), nnunet_torch(), regions=BRATS_REGIONS)
+    params, aug = _augmenter((10, 12, 14), nnunet(), regions=BRATS_REGIONS)
     a, b, c = (aug(_batch(params.initial_patch_size, k=k)) for k in (5, 5, 6))
     assert torch.equal(a["data"], b["data"]) and torch.equal(a["target"], b["target"])
     assert not torch.equal(a["data"], c["data"])
 
 
-def test_the_recipe_offers_it_and_it_refuses_what_it_cannot_do():
-    assert AUGMENTATIONS["nnunet_torch"]().on_device and not AUGMENTATIONS["nnunet"]().on_device
-    with pytest.raises(TrainingConfigError, match="order_data"):
-        nnunet_torch(order_data=3)
-    with pytest.raises(TrainingConfigError, match="elastic"):
-        dataclasses.replace(nnunet_torch(), elastic=True)
-    assert not nnunet().on_device
+def test_it_is_the_default_and_what_it_cannot_do_runs_on_the_cpu_workers():
+    assert AUGMENTATIONS["nnunet"] is AUGMENTATIONS["nnunet_torch"]  # the former name stays accepted
+    assert nnunet().on_device and not nnunet_cpu().on_device
+    assert nnunet(order_data=3) == nnunet_cpu()  # cubic or elastic: nnunet_cpu's pipeline
+    assert nnunet(elastic=True) == nnunet_cpu(elastic=True, order_data=1)
+    with pytest.raises(TrainingConfigError, match="nnunet_cpu"):
+        dataclasses.replace(nnunet(), elastic=True)

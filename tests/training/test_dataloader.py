@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from autoseg.parallel import WorkerError
-from autoseg.training.dataloader import BatchStream, CaseStore, PatchLoader
+from autoseg.training.batch_stream import BatchStream
+from autoseg.training.dataloader import CaseStore, PatchLoader
 
 
 def _store(tiny_brats, config="3d_fullres"):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from autoseg.errors import TrainingConfigError, WorkerError
 from autoseg.training import settings as settings_module
-from autoseg.training.dataloader import CompactBatch, DeviceFeeder
+from autoseg.training.feeding import CompactBatch, DeviceFeeder
 from autoseg.training.loop import LOSS_READ_EVERY, TrainingLoop, _read_losses
 from autoseg.training.optim import sgd
+from autoseg.training.progress import TrainingLog
 from autoseg.training.settings import TrainSettings
 
 
@@ -38,8 +41,24 @@ def test_the_feeder_keeps_order_passes_errors_and_closes_the_stream():
         next(feeder)
     feeder.close()
     assert stream.closed
-    compact = CompactBatch()(data=np.zeros(1), seg=np.array([-1, 3], np.int16))
-    assert compact["seg"].dtype == np.int8
+    compact = CompactBatch()(data=np.zeros(1, np.float32), seg=np.array([-1, 3], np.int16))
+    assert compact["seg"].dtype == np.int8 and compact["data"].dtype == np.float32
+
+
+def test_float16_images_cross_the_pipe_only_for_cuda_autocast_and_are_exact_enough():
+    assert CompactBatch.for_step("cuda", amp=True).half_images
+    assert not CompactBatch.for_step("cuda", amp=False).half_images
+    assert not CompactBatch.for_step("cpu", amp=True).half_images  # the CPU keeps float32
+    rng = np.random.default_rng(0)
+    zscored = rng.standard_normal((2, 4, 24, 24, 24)).astype(np.float32)  # max |x| about 5
+    seg = np.zeros((2, 1, 24, 24, 24), np.int16)
+    half = CompactBatch(half_images=True)(data=zscored.copy(), seg=seg)["data"]
+    assert half.dtype == np.float16 and half.nbytes == zscored.nbytes // 2
+    error = np.abs(half.astype(np.float32) - zscored)
+    assert error.max() <= 2**-11 * np.abs(zscored).max()  # 11 significant bits (0.0019 here, |x| <= 4.7)
+    assert (error <= 2**-11 * np.abs(zscored) + 2**-25).all() and error.max() < 2.5e-3  # 2**-25: subnormals
+    huge = np.full((1, 1, 2, 2, 2), 1e5, np.float32)  # beyond float16's range: stays float32
+    assert CompactBatch(half_images=True)(data=huge, seg=seg[:1, :, :2, :2, :2])["data"].dtype == np.float32
 
 
 def test_workers_are_sized_from_cores_and_free_memory(monkeypatch):
@@ -73,3 +92,21 @@ def test_step_options_are_checked_and_safe_on_the_cpu(tmp_path):
     _read_losses(pending, losses)
     assert not pending and len(losses) == LOSS_READ_EVERY and losses == sorted(losses, reverse=True)
     assert 0 < loop.train_step(batch) < losses[-1]
+
+
+def test_the_epoch_log_says_how_long_the_steps_waited_for_data(tmp_path):
+    net = torch.nn.Conv3d(1, 1, 1)
+    loop = TrainingLoop(net, lambda out, t: (out - t).square().mean(), folder=tmp_path, device=torch.device("cpu"),
+                        regions=False, ignore_label=None, amp=False, initial_lr=0.01, weight_decay=0.0, momentum=0.5,
+                        grad_clip=1.0)
+
+    def slow():  # a loader 4x slower than nothing: every batch keeps the step waiting 40 ms
+        while True:
+            time.sleep(0.04)
+            yield {"data": torch.ones(1, 1, 2, 2, 2), "target": torch.zeros(1, 1, 2, 2, 2)}
+
+    log = TrainingLog(tmp_path / "log.jsonl")
+    loop.run(slow(), iter(()), epochs=1, iters_per_epoch=5, val_iters=0, save_every=1, log=log, progress=False)
+    (record,) = log.records
+    assert 5 * 0.04 <= record["data_wait"] <= record["train_time"] <= record["epoch_time"]
+    assert record["data_wait"] / record["train_time"] > 0.5  # the share train_pipeline.py reports

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from autoseg.api import train
 from autoseg.cli import main as cli
@@ -49,11 +50,19 @@ def test_a_fold_trains_validates_and_writes_what_users_look_at(tiny_brats):
 
 def test_existing_checkpoints_need_resume_and_a_larger_epoch_count_extends(tiny_brats):
     ds, wd, _ = tiny_brats
-    train(ds.root, "3d_fullres", 1, workdir=wd, epochs=1, validate=False, **FAST)
+    (res,) = train(ds.root, "3d_fullres", 1, workdir=wd, epochs=1, validate=False, **FAST)
     with pytest.raises(TrainingError, match="--resume"):
         train(ds.root, "3d_fullres", 1, workdir=wd, epochs=1, validate=False, **FAST)
+    ckpt = load_checkpoint(res.folder / FINAL)
+    assert ckpt["recipe"]["augmentation"]["name"] == "nnunet"  # the default: on the training device
+    # a run begun by an earlier release, whose recipe (version 1) meant the CPU workers by ``nnunet``, keeps them
+    torch.save({**ckpt, "recipe": {**ckpt["recipe"], "version": 1, "augmentation": {
+        "name": "nnunet", "params": {"elastic": False, "order_data": 3, "order_seg": 1}}}}, res.folder / FINAL)
     (res,) = train(ds.root, "3d_fullres", 1, workdir=wd, epochs=3, validate=False, resume=True, **FAST)
-    assert load_checkpoint(res.folder / FINAL)["epoch"] == 3 and len(_losses(res.folder)) == 3
+    ckpt = load_checkpoint(res.folder / FINAL)
+    assert ckpt["epoch"] == 3 and len(_losses(res.folder)) == 3
+    assert ckpt["recipe"]["augmentation"] == {"name": "nnunet_cpu", "origin": "built-in",
+                                              "params": {"elastic": False, "order_data": 3, "order_seg": 1}}
 
 
 def test_kill_then_resume_reproduces_the_epochs_and_loss_trajectory(tiny_brats, tmp_path):
@@ -117,7 +126,8 @@ def test_cascade_needs_lowres_predictions_then_trains_on_them(tiny_brats):
     val.mkdir(parents=True)
     for c in ds.cases:  # stand-in CV predictions: the reference labels
         (val / c.label.name).write_bytes(c.label.read_bytes())
-    (res,) = train(ds.root, "3d_cascade_fullres", 0, workdir=work, epochs=1, **FAST)
+    with pytest.warns(UserWarning, match="cascade stage augments on the CPU workers"):  # the default's fallback
+        (res,) = train(ds.root, "3d_cascade_fullres", 0, workdir=work, epochs=1, **FAST)
     ckpt = load_checkpoint(res.folder / FINAL)
     assert ckpt["in_channels"] == 2 + 3 and ckpt["cascade_labels"] == [1, 2, 3]
     assert json.loads((res.folder / "val" / "summary.json").read_text())["mean_foreground_dice"] is not None
