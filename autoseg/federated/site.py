@@ -23,7 +23,7 @@ import numpy as np
 
 from autoseg.fingerprint.merge import site_statistics
 from autoseg.io.atomic import write_text_atomic
-from autoseg.io.dataset import Dataset
+from autoseg.io.dataset import Dataset, record_dataset_source
 from autoseg.io.model_folder import fold_folder
 from autoseg.networks.checkpoint import FINAL, LATEST, load_checkpoint, save_checkpoint
 from autoseg.planner.plans import Plans
@@ -68,6 +68,7 @@ class Site:
             plans.save(path)
         write_text_atomic(self.workdir / "dataset.json",
                           (self.dataset.root / "dataset.json").read_text(encoding="utf-8"))
+        record_dataset_source(self.workdir, self.dataset.root)  # for find-best at the site; it stays here
         preprocess_dataset(self.dataset, plans, configuration, self.workdir, jobs=self.jobs,
                            progress=self.settings.progress)
         if str(self.fold) != "all":
@@ -144,6 +145,8 @@ class Site:
         settings = dataclasses.replace(self.settings, epochs=done, validate=True, init_from=None)
         result = train_fold(self.dataset, plans, configuration, self.fold, self.workdir, settings=settings,
                             resume=True)
+        if (folder / LATEST).is_file():  # the global model, validated: a finished fold (find-best at the site)
+            (folder / LATEST).replace(folder / FINAL)
         summary = result.validation
         dice = summary.mean_foreground_dice if summary is not None else None
         return (float("nan") if dice is None else float(dice)), len(summary.cases) if summary is not None else 0
