@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--share-momentum", action="store_true", help="average the sites' momentum with the weights")
     ap.add_argument("--server-lr", type=float, default=None,
                     help="server learning rate (default: the number of sites; 1: plain FedAvg)")
+    ap.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM's server momentum")
+    ap.add_argument("--local-momentum", type=float, default=None, help="the sites' SGD momentum (default 0.99)")
     ap.add_argument("--federated-only", action="store_true", help="only the federated arm")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -167,7 +169,8 @@ def main() -> None:
     site_iters = args.iters if args.equal_steps else max(1, args.iters // 3)
     simulate(sites, wd, FederationSettings(rounds=args.rounds, min_sites=3, iters_per_epoch=site_iters,
                                            eval_every=args.rounds, share_momentum=args.share_momentum,
-                                           server_lr=args.server_lr),
+                                           server_lr=args.server_lr, server_momentum=args.server_momentum,
+                                           local_momentum=args.local_momentum),
              train=settings, fold="all", log=lambda s: None)
     arms["federated"] = (test_dice(wd, sites, "federated"), time.time() - t)
     history = json.loads((wd / "federation.json").read_text())["history"]

@@ -284,10 +284,43 @@ def test_momentum_buffers_travel_after_the_weights_and_the_server_steps_the_weig
         arrays = pack(weights, [z + value for z in zeros])
         results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), cases, {"site": str(cases)})))
     strategy.aggregate_fit(1, results, [])
-    network, rounds, momentum = load_global(wd, "3d_fullres")
+    network, rounds, momentum, _ = load_global(wd, "3d_fullres")
     assert rounds == 1 and len(momentum) == len(zeros) and all(np.allclose(m, 4.0) for m in momentum)
     # the weights move server_lr (default: the 2 sites that answered) times the average update; momentum is averaged
     assert all(np.allclose(v.numpy(), state[k].numpy() + 2 * (4.0 - state[k].numpy()), atol=1e-5)
                for k, v in network.items() if v.is_floating_point())
     record = json.loads((wd / HISTORY).read_text())["history"][0]
     assert 0 < record["mb_momentum_up"] < record["mb_up"]
+
+
+def test_server_momentum_adds_the_last_velocity_and_survives_a_restart(tmp_path):
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    from autoseg.federated.model import build_network, load_global, pack
+    from autoseg.federated.strategy import CheckpointingFedAvg
+    from autoseg.planner.plans import Plans
+
+    wd = _tiny_server_folder(tmp_path, _sites(tmp_path, n=1))
+    plans = Plans.load(wd / "plans.json")
+    state = build_network(plans, "3d_fullres").state_dict()
+    key = next(k for k, v in state.items() if v.is_floating_point())
+
+    def strategy(done, velocity, start):
+        return CheckpointingFedAvg(workdir=wd, plans=plans, configuration="3d_fullres", state=start, momentum=None,
+                                   done=done, total=3, min_sites=1, local_epochs=1, iters_per_epoch=1, eval_every=1,
+                                   proximal_mu=0.0, initial_lr=0.01, history=[], log=lambda s: None, server_lr=1.0,
+                                   server_momentum=0.5, velocity=velocity)
+
+    def answer(s, round_, weights):  # one site that always returns the global weights plus 1
+        arrays = pack({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, None)
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {"site": "a"})
+        return parameters_to_ndarrays(s.aggregate_fit(round_, [(None, res)], [])[0])
+
+    first = strategy(0, None, state)
+    answer(first, 1, state)  # velocity 1, weights + 1
+    network, done, _, velocity = load_global(wd, "3d_fullres")
+    assert done == 1 and np.allclose(velocity[0], 1.0)
+    resumed = strategy(done, velocity, network)  # a restarted coordinator continues with the saved velocity
+    answer(resumed, 1, network)  # velocity 0.5 * 1 + 1 = 1.5
+    network, done, _, _ = load_global(wd, "3d_fullres")
+    assert done == 2 and np.allclose(network[key].numpy(), state[key].numpy() + 2.5, atol=1e-5)

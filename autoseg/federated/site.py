@@ -95,11 +95,12 @@ class Site:
 
     def train_round(self, plans: Plans, configuration: str, state: dict[str, Any], *, round_: int, epochs: int,
                     iters_per_epoch: int | None, proximal_mu: float = 0.0, learning_rate: float | None = None,
-                    momentum: list[np.ndarray] | None = None
+                    momentum: list[np.ndarray] | None = None, sgd_momentum: float | None = None
                     ) -> tuple[dict[str, Any], list[np.ndarray] | None, int, float | None]:
         """``epochs`` local epochs from the global ``state`` and (shared) global ``momentum`` buffers (with FedProx's
         proximal term when ``proximal_mu > 0``: the ``fedprox`` optimiser, SGD with the term), at the coordinator's
-        ``learning_rate`` held constant (None: the recipe's schedule over the epochs so far); returns the new
+        ``learning_rate`` held constant (None: the recipe's schedule over the epochs so far) and SGD momentum
+        ``sgd_momentum`` (None: the site's training settings'); returns the new
         weights, the new momentum buffers (None when ``momentum`` is None), the training-case count and the last
         epoch's training loss."""
         from autoseg.training.run import train_fold
@@ -108,6 +109,8 @@ class Site:
         start = (round_ - 1) * epochs
         settings = dataclasses.replace(self.settings, epochs=start + epochs, iters_per_epoch=iters_per_epoch,
                                        validate=False, init_from=None)
+        if sgd_momentum is not None:
+            settings = dataclasses.replace(settings, momentum=sgd_momentum)
         if learning_rate is not None:
             settings = dataclasses.replace(settings, initial_lr=learning_rate,
                                            recipe=(*settings.recipe, "schedule=constant"))
