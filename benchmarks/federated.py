@@ -8,9 +8,11 @@ sites' statistics), shrunk to a 32^3 patch and a 3-stage 8-16-32 network so that
 on a loaded 2-core CPU. All arms train for the same total number of iterations:
 
 * centralised: the pooled training cases, ``epochs x iters`` (fold ``all``);
-* federated: ``rounds`` rounds of 1 local epoch of ``iters / 3`` iterations at each of the 3 sites (FedAvg weighted by
-  training cases with the default server learning rate, 3 = the number of sites; ``--server-lr 1``: plain FedAvg;
-  a real Flower server and sites on 127.0.0.1);
+* federated: ``rounds`` rounds of 1 local epoch of ``iters`` iterations at each of the 3 sites, as a deployment
+  with the plan's iterations per epoch runs it: each site makes the centralised run's sequential steps (FedAvg
+  weighted by training cases, the coordinator's defaults; a real Flower server and sites on 127.0.0.1). With
+  ``--equal-compute`` each site makes ``iters / 3`` per round instead, so the three sites together do the
+  centralised run's iterations (a third of its sequential steps);
 * each site alone: its own cases, ``epochs x iters``.
 
 Prints the test Dice (mean of the three regions, per test case, averaged) per site's test set and pooled, for each
@@ -18,8 +20,8 @@ arm; the federated traffic per round (MB, weights down + up, from the server's `
 wall time. One seed and short training: differences of a few Dice points are noise. Outputs under
 benchmarks/out/federated/.
 
-    python benchmarks/federated.py [--rounds 5] [--iters 30] [--no-single] [--equal-steps] [--federated-only]
-        [--server-lr X] [--share-momentum]
+    python benchmarks/federated.py [--rounds 5] [--iters 30] [--no-single] [--equal-compute] [--federated-only]
+        [--server-lr X] [--server-momentum B] [--local-momentum M] [--share-momentum]
 """
 
 from __future__ import annotations
@@ -135,11 +137,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="federated rounds = centralised epochs")
     ap.add_argument("--iters", type=int, default=30, help="iterations per centralised epoch (a site: iters / 3)")
     ap.add_argument("--no-single", action="store_true", help="skip the single-site arms (centralised vs federated)")
-    ap.add_argument("--equal-steps", action="store_true",
-                    help="each site trains --iters per round (the centralised run's sequential steps, 3x the compute)")
+    ap.add_argument("--equal-compute", action="store_true",
+                    help="each site trains --iters / 3 per round (the sites together: the centralised iterations)")
     ap.add_argument("--share-momentum", action="store_true", help="average the sites' momentum with the weights")
-    ap.add_argument("--server-lr", type=float, default=None,
-                    help="server learning rate (default: the number of sites; 1: plain FedAvg)")
+    ap.add_argument("--server-lr", type=float, default=1.0,
+                    help="server learning rate (default 1: plain FedAvg)")
     ap.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM's server momentum")
     ap.add_argument("--local-momentum", type=float, default=None, help="the sites' SGD momentum (default 0.99)")
     ap.add_argument("--federated-only", action="store_true", help="only the federated arm")
@@ -166,7 +168,7 @@ def main() -> None:
     wd.mkdir(parents=True)
     plans.save(wd / "plans.json")
     t = time.time()
-    site_iters = args.iters if args.equal_steps else max(1, args.iters // 3)
+    site_iters = max(1, args.iters // 3) if args.equal_compute else args.iters
     simulate(sites, wd, FederationSettings(rounds=args.rounds, min_sites=3, iters_per_epoch=site_iters,
                                            eval_every=args.rounds, share_momentum=args.share_momentum,
                                            server_lr=args.server_lr, server_momentum=args.server_momentum,

@@ -276,7 +276,7 @@ def test_momentum_buffers_travel_after_the_weights_and_the_server_steps_the_weig
     assert unpack(pack(state, None), state)[1] is None  # --no-share-momentum: weights alone
     strategy = CheckpointingFedAvg(workdir=wd, plans=plans, configuration="3d_fullres", state=state, momentum=zeros,
                                    done=0, total=1, min_sites=2, local_epochs=1, iters_per_epoch=1, eval_every=1,
-                                   proximal_mu=0.0, initial_lr=0.01, history=[], log=lambda s: None)
+                                   proximal_mu=0.0, initial_lr=0.01, history=[], log=lambda s: None, server_lr=2.0)
     assert strategy._config(1)["share_momentum"] is True
     results = []
     for value, cases in ((1.0, 1), (5.0, 3)):  # case-weighted mean: (1 * 1 + 5 * 3) / 4 = 4
@@ -286,7 +286,7 @@ def test_momentum_buffers_travel_after_the_weights_and_the_server_steps_the_weig
     strategy.aggregate_fit(1, results, [])
     network, rounds, momentum, _ = load_global(wd, "3d_fullres")
     assert rounds == 1 and len(momentum) == len(zeros) and all(np.allclose(m, 4.0) for m in momentum)
-    # the weights move server_lr (default: the 2 sites that answered) times the average update; momentum is averaged
+    # the weights move server_lr (2) times the average update; momentum is averaged
     assert all(np.allclose(v.numpy(), state[k].numpy() + 2 * (4.0 - state[k].numpy()), atol=1e-5)
                for k, v in network.items() if v.is_floating_point())
     record = json.loads((wd / HISTORY).read_text())["history"][0]

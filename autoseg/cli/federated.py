@@ -35,8 +35,8 @@ def _add_federation(p: argparse.ArgumentParser) -> None:
                    "(default 2; simulate: every site)")
     p.add_argument("--strategy", choices=("fedavg", "fedprox"), default="fedavg", help="aggregation (default fedavg)")
     p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu (default 0.01)")
-    p.add_argument("--server-lr", type=float, default=None, help="the global weights move this many times the sites' "
-                   "average update (default: the number of sites in the round; 1: plain FedAvg)")
+    p.add_argument("--server-lr", type=float, default=1.0, help="the global weights move this many times the sites' "
+                   "average update (default 1: plain FedAvg)")
     p.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM's server momentum (default 0)")
     p.add_argument("--local-momentum", type=float, default=None,
                    help="the sites' SGD momentum (default: the training default, 0.99)")

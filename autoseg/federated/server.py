@@ -48,8 +48,8 @@ class FederationSettings:
         initial_lr: learning rate of the first round, decayed as poly over the rounds (constant within a round).
         share_momentum: the sites' SGD momentum buffers travel with the weights and are averaged like them (each
             round starts from the global weights and the global momentum); False: each site keeps its own.
-        server_lr: the global weights move this many times the server's velocity (None: the number of sites that
-            answered the round; 1 with no server momentum: plain FedAvg).
+        server_lr: the global weights move this many times the server's velocity (1 with no server momentum:
+            plain FedAvg, the default; more only helps rounds of a few local steps, see the README).
         server_momentum: FedAvgM's server momentum: the velocity is the sites' case-weighted average update plus
             this times the last velocity (0: none).
         local_momentum: the sites' SGD momentum (None: the training settings' default, 0.99).
@@ -68,7 +68,7 @@ class FederationSettings:
     proximal_mu: float = 0.01
     initial_lr: float = 1e-2
     share_momentum: bool = False
-    server_lr: float | None = None
+    server_lr: float = 1.0
     server_momentum: float = 0.0
     local_momentum: float | None = None
     configuration: str | None = None
@@ -81,7 +81,7 @@ class FederationSettings:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise FederationError(f"strategy {self.strategy!r} is not known; use one of {', '.join(STRATEGIES)}.")
-        if self.server_lr is not None and not self.server_lr > 0:
+        if not self.server_lr > 0:
             raise FederationError(f"server_lr={self.server_lr} is not valid; it must be > 0 (1: plain FedAvg).")
         for name in ("server_momentum", "local_momentum"):
             value = getattr(self, name)

@@ -28,9 +28,7 @@ def _mb(parameters: Parameters, start: int = 0) -> float:
 
 class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
     """FedAvg over the sites that answered a round, when at least ``min_sites`` did (else the weights stay), with a
-    server learning rate: K sites that each take E local steps from the same weights see K times a centralised
-    step's batch but make only E sequential steps, so by default (``server_lr`` None) the global weights move K times
-    the sites' average update (the linear scaling rule for a K-times larger batch); ``server_lr=1`` is plain FedAvg.
+    server learning rate and server momentum (FedAvgM); ``server_lr=1`` without server momentum is plain FedAvg.
 
     With ``momentum`` (the global SGD momentum buffers) the buffers travel after the weights and are averaged with the
     same case-count weights, so every site starts a round from the global weights and the global momentum; with one
@@ -40,7 +38,7 @@ class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
                  momentum: list[Any] | None, done: int,
                  total: int, min_sites: int, local_epochs: int, iters_per_epoch: int | None, eval_every: int,
                  proximal_mu: float, initial_lr: float, history: list[dict[str, Any]],
-                 log: Callable[[str], None], server_lr: float | None = None, server_momentum: float = 0.0,
+                 log: Callable[[str], None], server_lr: float = 1.0, server_momentum: float = 0.0,
                  velocity: list[Any] | None = None, local_momentum: float | None = None) -> None:
         super().__init__(min_fit_clients=min_sites, min_evaluate_clients=min_sites, min_available_clients=min_sites,
                          accept_failures=True, initial_parameters=ndarrays_to_parameters(pack(state, momentum)))
@@ -91,7 +89,7 @@ class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
                      "model is unchanged")
             return None, {}
         parameters, metrics = super().aggregate_fit(server_round, results, failures)
-        arrays = self._server_step(parameters_to_ndarrays(parameters), len(results))
+        arrays = self._server_step(parameters_to_ndarrays(parameters))
         parameters = ndarrays_to_parameters(arrays)
         state, momentum = unpack(arrays, self.template)
         save_global(self.workdir, self.plans, self.configuration, state, round_=g, epochs=g * self.local_epochs,
@@ -101,12 +99,12 @@ class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
                  f"global model saved")
         return parameters, metrics
 
-    def _server_step(self, average: list[Any], answered: int) -> list[Any]:
-        """The new global arrays: the weights move ``server_lr`` (None: the number of sites that ``answered``) times
-        the server's velocity, which is the sites' case-weighted average update plus ``server_momentum`` times the
-        last velocity (FedAvgM, Hsu et al. 2019: Flower's ``FedAvgM`` rule); rate 1 and no server momentum is plain
-        FedAvg. Shared momentum buffers and integer buffers are the sites' average."""
-        rate = float(answered if self.server_lr is None else self.server_lr)
+    def _server_step(self, average: list[Any]) -> list[Any]:
+        """The new global arrays: the weights move ``server_lr`` times the server's velocity, which is the sites'
+        case-weighted average update plus ``server_momentum`` times the last velocity (FedAvgM, Hsu et al. 2019:
+        Flower's ``FedAvgM`` rule); rate 1 and no server momentum is plain FedAvg. Shared momentum buffers and
+        integer buffers are the sites' average."""
+        rate = float(self.server_lr)
         n = len(self.template)
         if rate != 1.0 or self.server_momentum:
             update = [new - old for old, new in zip(self.current[:n], average[:n], strict=True)]
