@@ -21,7 +21,7 @@ wall time. One seed and short training: differences of a few Dice points are noi
 benchmarks/out/federated/.
 
     python benchmarks/federated.py [--rounds 5] [--iters 30] [--no-single] [--equal-compute] [--federated-only]
-        [--server-lr X] [--server-momentum B] [--local-momentum M] [--share-momentum]
+        [--server-lr X] [--server-momentum B] [--local-momentum M] [--initial-lr LR] [--fedprox MU] [--share-momentum]
 """
 
 from __future__ import annotations
@@ -144,6 +144,8 @@ def main() -> None:
                     help="server learning rate (default 1: plain FedAvg)")
     ap.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM's server momentum")
     ap.add_argument("--local-momentum", type=float, default=None, help="the sites' SGD momentum (default 0.99)")
+    ap.add_argument("--initial-lr", type=float, default=1e-2, help="the sites' learning rate in round 1 (poly decay)")
+    ap.add_argument("--fedprox", type=float, default=0.0, metavar="MU", help="FedProx with this mu (0: FedAvg)")
     ap.add_argument("--federated-only", action="store_true", help="only the federated arm")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -172,13 +174,16 @@ def main() -> None:
     simulate(sites, wd, FederationSettings(rounds=args.rounds, min_sites=3, iters_per_epoch=site_iters,
                                            eval_every=args.rounds, share_momentum=args.share_momentum,
                                            server_lr=args.server_lr, server_momentum=args.server_momentum,
-                                           local_momentum=args.local_momentum),
+                                           local_momentum=args.local_momentum, initial_lr=args.initial_lr,
+                                           strategy="fedprox" if args.fedprox else "fedavg",
+                                           proximal_mu=args.fedprox or 0.01),
              train=settings, fold="all", log=lambda s: None)
     arms["federated"] = (test_dice(wd, sites, "federated"), time.time() - t)
     history = json.loads((wd / "federation.json").read_text())["history"]
     traffic = [h["mb_up"] + h.get("mb_down", 0.0) for h in history if h["kind"] == "fit"]
     momentum_up = [h.get("mb_momentum_up", 0.0) for h in history if h["kind"] == "fit"]
-    print(f"\ncentralised and single-site iterations: {args.rounds * args.iters}; federated: {args.rounds} rounds x 3 "
+    print(f"\nsettings: {vars(args)}")
+    print(f"centralised and single-site iterations: {args.rounds * args.iters}; federated: {args.rounds} rounds x 3 "
           f"sites x {site_iters}")
     print("arm            " + "  ".join(f"{k:>7}" for k in ("site0", "site1", "site2", "pooled")) + "   wall s")
     for name, (dice, wall) in arms.items():
