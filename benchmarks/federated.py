@@ -143,8 +143,10 @@ def main() -> None:
     ap.add_argument("--server-lr", type=float, default=1.0,
                     help="server learning rate (default 1: plain FedAvg)")
     ap.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM's server momentum")
-    ap.add_argument("--local-momentum", type=float, default=None, help="the sites' SGD momentum (default 0.99)")
-    ap.add_argument("--initial-lr", type=float, default=1e-2, help="the sites' learning rate in round 1 (poly decay)")
+    ap.add_argument("--local-momentum", type=float, default=None,
+                    help="SGD momentum of every arm (default: the coordinator's)")
+    ap.add_argument("--initial-lr", type=float, default=None,
+                    help="first learning rate of every arm (poly decay; default: the coordinator's)")
     ap.add_argument("--fedprox", type=float, default=0.0, metavar="MU", help="FedProx with this mu (0: FedAvg)")
     ap.add_argument("--federated-only", action="store_true", help="only the federated arm")
     args = ap.parse_args()
@@ -152,7 +154,12 @@ def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     sites = make_sites(OUT / "data")
     plans = small_plans(sites)
-    settings = TrainSettings(progress=False, device="cpu", workers=0, val_iters=2, validate=False)
+    # every arm trains with the same optimiser: the coordinator's (or the given) momentum and first learning rate
+    defaults = FederationSettings()
+    args.local_momentum = defaults.local_momentum if args.local_momentum is None else args.local_momentum
+    args.initial_lr = defaults.initial_lr if args.initial_lr is None else args.initial_lr
+    settings = TrainSettings(progress=False, device="cpu", workers=0, val_iters=2, validate=False,
+                             initial_lr=args.initial_lr, momentum=args.local_momentum)
     arms: dict[str, tuple[dict[str, float], float]] = {}
     candidates = [] if args.federated_only else [("centralised", pooled_dataset(sites, OUT / "data"))]
     if not (args.no_single or args.federated_only):

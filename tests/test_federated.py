@@ -252,10 +252,11 @@ def test_a_federation_of_one_site_trains_exactly_what_autoseg_train_trains(tmp_p
     alone = tmp_path / "alone"
     alone.mkdir()
     (alone / "plans.json").write_text((wd / "plans.json").read_text())
+    federation = FederationSettings(rounds=2, min_sites=1, iters_per_epoch=2, eval_every=2)
     settings = dataclasses.replace(TRAIN, validate=False)
-    train(site.dataset, "3d_fullres", "all", workdir=alone, settings=dataclasses.replace(settings, epochs=2,
-                                                                                          iters_per_epoch=2))
-    simulate([site.dataset.root], wd, FederationSettings(rounds=2, min_sites=1, iters_per_epoch=2, eval_every=2),
+    train(site.dataset, "3d_fullres", "all", workdir=alone, settings=dataclasses.replace(  # the federation's optimiser
+        settings, epochs=2, iters_per_epoch=2, momentum=federation.local_momentum, initial_lr=federation.initial_lr))
+    simulate([site.dataset.root], wd, federation,
              train=settings, fold="all", log=lambda s: None)
     final = "models/3d_fullres/fold_all/checkpoint_final.pt"
     a, f = (torch.load(p / final, weights_only=True) for p in (alone, wd))

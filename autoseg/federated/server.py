@@ -45,14 +45,18 @@ class FederationSettings:
         eval_every: rounds between federated validations (the last round is always validated).
         strategy: ``fedavg``, or ``fedprox`` (adds the proximal term ``mu/2 |w - w_global|^2`` at the sites).
         proximal_mu: FedProx's ``mu``.
-        initial_lr: learning rate of the first round, decayed as poly over the rounds (constant within a round).
+        initial_lr: the sites' learning rate in the first round, decayed as poly over the rounds (constant within a
+            round).
         share_momentum: the sites' SGD momentum buffers travel with the weights and are averaged like them (each
             round starts from the global weights and the global momentum); False: each site keeps its own.
         server_lr: the global weights move this many times the server's velocity (1 with no server momentum:
             plain FedAvg, the default; more only helps rounds of a few local steps, see the README).
         server_momentum: FedAvgM's server momentum: the velocity is the sites' case-weighted average update plus
             this times the last velocity (0: none).
-        local_momentum: the sites' SGD momentum (None: the training settings' default, 0.99).
+        local_momentum: the sites' SGD (Nesterov) momentum. The defaults, momentum 0.9 at learning rate 0.1, keep
+            nnU-Net's effective step (rate / (1 - momentum) = 1) with a buffer that forgets a site's own past
+            direction within ~10 steps instead of ~100, so it does not fight the averaged weights a round starts
+            from: measured +0.11 pooled Dice over nnU-Net's 0.99 at 0.01 (README, federated).
         configuration: configuration to train (None: ``3d_fullres``, else ``2d``).
         preset, gpu_memory_gb, seed: as for ``autoseg plan``.
         round_timeout: seconds a round waits for its sites (None: no limit).
@@ -66,11 +70,11 @@ class FederationSettings:
     eval_every: int = 1
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
-    initial_lr: float = 1e-2
+    initial_lr: float = 0.1
     share_momentum: bool = False
     server_lr: float = 1.0
     server_momentum: float = 0.0
-    local_momentum: float | None = None
+    local_momentum: float = 0.9
     configuration: str | None = None
     preset: str = "default"
     gpu_memory_gb: float = 8.0
@@ -83,9 +87,11 @@ class FederationSettings:
             raise FederationError(f"strategy {self.strategy!r} is not known; use one of {', '.join(STRATEGIES)}.")
         if not self.server_lr > 0:
             raise FederationError(f"server_lr={self.server_lr} is not valid; it must be > 0 (1: plain FedAvg).")
+        if not self.initial_lr > 0:
+            raise FederationError(f"initial_lr={self.initial_lr} is not valid; it must be > 0.")
         for name in ("server_momentum", "local_momentum"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value < 1:
+            if not 0 <= value < 1:
                 raise FederationError(f"{name}={value} is not valid; it must be in [0, 1).")
         for name in ("rounds", "min_sites", "local_epochs", "eval_every"):
             if int(getattr(self, name)) < 1:
