@@ -88,6 +88,7 @@ class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
             self.log(f"round {g}: {len(results)} site(s) answered, fewer than --min-sites {self.min_sites}; the global "
                      "model is unchanged")
             return None, {}
+        results = sorted(results, key=lambda r: str(r[1].metrics.get("site", "")))  # one summation order: repeatable
         parameters, metrics = super().aggregate_fit(server_round, results, failures)
         arrays = self._server_step(parameters_to_ndarrays(parameters))
         parameters = ndarrays_to_parameters(arrays)
