@@ -20,7 +20,7 @@ arm; the federated traffic per round (MB, weights down + up, from the server's `
 wall time. One seed and short training: differences of a few Dice points are noise. Outputs under
 benchmarks/out/federated/.
 
-    python benchmarks/federated.py [--rounds 5] [--iters 30] [--no-single] [--equal-compute] [--federated-only]
+    python benchmarks/federated.py [--rounds 5] [--iters 30] [--no-single] [--equal-compute] [--iid] [--federated-only]
         [--server-lr X] [--server-momentum B] [--local-momentum M] [--initial-lr LR] [--fedprox MU] [--share-momentum]
 """
 
@@ -93,6 +93,26 @@ def pooled_dataset(sites: list[Path], root: Path) -> Path:
     return pooled
 
 
+def iid_sites(pooled: Path, root: Path) -> list[Path]:
+    """The pooled training cases dealt at random into three sites (7/7/6 cases, every shift mixed): a sanity check
+    without heterogeneity."""
+    ids = sorted(f.name[:-len(".nii.gz")] for f in (pooled / "labelsTr").iterdir())
+    np.random.default_rng(0).shuffle(ids)
+    spec = json.loads((pooled / "dataset.json").read_text())
+    out = []
+    for k in range(3):
+        ds = root / f"iid{k}" / "Dataset052_Iid"
+        for sub in ("imagesTr", "labelsTr"):
+            (ds / sub).mkdir(parents=True)
+        for cid in ids[k::3]:
+            shutil.copy(pooled / "labelsTr" / f"{cid}.nii.gz", ds / "labelsTr")
+            for img in (pooled / "imagesTr").glob(f"{cid}_*"):
+                shutil.copy(img, ds / "imagesTr")
+        write_json_atomic(ds / "dataset.json", {**spec, "numTraining": len(ids[k::3])})
+        out.append(ds)
+    return out
+
+
 def small_plans(sites: list[Path]):
     _, plans = plan_federation([site_statistics(load_dataset(s), progress=False) for s in sites],
                                dataset_name="Dataset051_Pooled", preset="cpu")
@@ -148,6 +168,7 @@ def main() -> None:
     ap.add_argument("--initial-lr", type=float, default=None,
                     help="first learning rate of every arm (poly decay; default: the coordinator's)")
     ap.add_argument("--fedprox", type=float, default=0.0, metavar="MU", help="FedProx with this mu (0: FedAvg)")
+    ap.add_argument("--iid", action="store_true", help="sites: the pooled training cases dealt at random into three")
     ap.add_argument("--federated-only", action="store_true", help="only the federated arm")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -161,9 +182,11 @@ def main() -> None:
     settings = TrainSettings(progress=False, device="cpu", workers=0, val_iters=2, validate=False,
                              initial_lr=args.initial_lr, momentum=args.local_momentum)
     arms: dict[str, tuple[dict[str, float], float]] = {}
-    candidates = [] if args.federated_only else [("centralised", pooled_dataset(sites, OUT / "data"))]
+    pooled = pooled_dataset(sites, OUT / "data")
+    training = iid_sites(pooled, OUT / "data") if args.iid else sites  # the test sets stay the shifted sites'
+    candidates = [] if args.federated_only else [("centralised", pooled)]
     if not (args.no_single or args.federated_only):
-        candidates += [(f"site{k} alone", s) for k, s in enumerate(sites)]
+        candidates += [(f"site{k} alone", s) for k, s in enumerate(training)]
     for name, ds in candidates:
         wd = OUT / "work" / name.replace(" ", "_")
         wd.mkdir(parents=True)
@@ -178,7 +201,7 @@ def main() -> None:
     plans.save(wd / "plans.json")
     t = time.time()
     site_iters = max(1, args.iters // 3) if args.equal_compute else args.iters
-    simulate(sites, wd, FederationSettings(rounds=args.rounds, min_sites=3, iters_per_epoch=site_iters,
+    simulate(training, wd, FederationSettings(rounds=args.rounds, min_sites=3, iters_per_epoch=site_iters,
                                            eval_every=args.rounds, share_momentum=args.share_momentum,
                                            server_lr=args.server_lr, server_momentum=args.server_momentum,
                                            local_momentum=args.local_momentum, initial_lr=args.initial_lr,
