@@ -8,9 +8,11 @@ sites' statistics), shrunk to a 32^3 patch and a 3-stage 8-16-32 network so that
 on a loaded 2-core CPU. All arms train for the same total number of iterations:
 
 * centralised: the pooled training cases, ``epochs x iters`` (fold ``all``);
-* federated: ``rounds`` rounds of 1 local epoch of ``iters / 3`` iterations at each of the 3 sites (FedAvg weighted by
-  training cases with the default server learning rate, 3 = the number of sites; ``--server-lr 1``: plain FedAvg;
-  a real Flower server and sites on 127.0.0.1);
+* federated: ``rounds`` rounds of 1 local epoch of ``iters`` iterations at each of the 3 sites, as a deployment
+  with the plan's iterations per epoch runs it: each site makes the centralised run's sequential steps (FedAvg
+  weighted by training cases, the coordinator's defaults; a real Flower server and sites on 127.0.0.1). With
+  ``--equal-compute`` each site makes ``iters / 3`` per round instead, so the three sites together do the
+  centralised run's iterations (a third of its sequential steps);
 * each site alone: its own cases, ``epochs x iters``.
 
 Prints the test Dice (mean of the three regions, per test case, averaged) per site's test set and pooled, for each
@@ -18,8 +20,8 @@ arm; the federated traffic per round (MB, weights down + up, from the server's `
 wall time. One seed and short training: differences of a few Dice points are noise. Outputs under
 benchmarks/out/federated/.
 
-    python benchmarks/federated.py [--rounds 5] [--iters 30] [--no-single] [--equal-steps] [--federated-only]
-        [--server-lr X] [--share-momentum]
+    python benchmarks/federated.py [--rounds 5] [--iters 30] [--no-single] [--equal-compute] [--iid] [--federated-only]
+        [--server-lr X] [--server-momentum B] [--local-momentum M] [--initial-lr LR] [--fedprox MU] [--share-momentum]
 """
 
 from __future__ import annotations
@@ -91,6 +93,26 @@ def pooled_dataset(sites: list[Path], root: Path) -> Path:
     return pooled
 
 
+def iid_sites(pooled: Path, root: Path) -> list[Path]:
+    """The pooled training cases dealt at random into three sites (7/7/6 cases, every shift mixed): a sanity check
+    without heterogeneity."""
+    ids = sorted(f.name[:-len(".nii.gz")] for f in (pooled / "labelsTr").iterdir())
+    np.random.default_rng(0).shuffle(ids)
+    spec = json.loads((pooled / "dataset.json").read_text())
+    out = []
+    for k in range(3):
+        ds = root / f"iid{k}" / "Dataset052_Iid"
+        for sub in ("imagesTr", "labelsTr"):
+            (ds / sub).mkdir(parents=True)
+        for cid in ids[k::3]:
+            shutil.copy(pooled / "labelsTr" / f"{cid}.nii.gz", ds / "labelsTr")
+            for img in (pooled / "imagesTr").glob(f"{cid}_*"):
+                shutil.copy(img, ds / "imagesTr")
+        write_json_atomic(ds / "dataset.json", {**spec, "numTraining": len(ids[k::3])})
+        out.append(ds)
+    return out
+
+
 def small_plans(sites: list[Path]):
     _, plans = plan_federation([site_statistics(load_dataset(s), progress=False) for s in sites],
                                dataset_name="Dataset051_Pooled", preset="cpu")
@@ -135,22 +157,36 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="federated rounds = centralised epochs")
     ap.add_argument("--iters", type=int, default=30, help="iterations per centralised epoch (a site: iters / 3)")
     ap.add_argument("--no-single", action="store_true", help="skip the single-site arms (centralised vs federated)")
-    ap.add_argument("--equal-steps", action="store_true",
-                    help="each site trains --iters per round (the centralised run's sequential steps, 3x the compute)")
+    ap.add_argument("--equal-compute", action="store_true",
+                    help="each site trains --iters / 3 per round (the sites together: the centralised iterations)")
     ap.add_argument("--share-momentum", action="store_true", help="average the sites' momentum with the weights")
-    ap.add_argument("--server-lr", type=float, default=None,
-                    help="server learning rate (default: the number of sites; 1: plain FedAvg)")
+    ap.add_argument("--server-lr", type=float, default=1.0,
+                    help="server learning rate (default 1: plain FedAvg)")
+    ap.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM's server momentum")
+    ap.add_argument("--local-momentum", type=float, default=None,
+                    help="SGD momentum of every arm (default: the coordinator's)")
+    ap.add_argument("--initial-lr", type=float, default=None,
+                    help="first learning rate of every arm (poly decay; default: the coordinator's)")
+    ap.add_argument("--fedprox", type=float, default=0.0, metavar="MU", help="FedProx with this mu (0: FedAvg)")
+    ap.add_argument("--iid", action="store_true", help="sites: the pooled training cases dealt at random into three")
     ap.add_argument("--federated-only", action="store_true", help="only the federated arm")
     args = ap.parse_args()
     torch.set_num_threads(1)
     shutil.rmtree(OUT, ignore_errors=True)
     sites = make_sites(OUT / "data")
     plans = small_plans(sites)
-    settings = TrainSettings(progress=False, device="cpu", workers=0, val_iters=2, validate=False)
+    # every arm trains with the same optimiser: the coordinator's (or the given) momentum and first learning rate
+    defaults = FederationSettings()
+    args.local_momentum = defaults.local_momentum if args.local_momentum is None else args.local_momentum
+    args.initial_lr = defaults.initial_lr if args.initial_lr is None else args.initial_lr
+    settings = TrainSettings(progress=False, device="cpu", workers=0, val_iters=2, validate=False,
+                             initial_lr=args.initial_lr, momentum=args.local_momentum)
     arms: dict[str, tuple[dict[str, float], float]] = {}
-    candidates = [] if args.federated_only else [("centralised", pooled_dataset(sites, OUT / "data"))]
+    pooled = pooled_dataset(sites, OUT / "data")
+    training = iid_sites(pooled, OUT / "data") if args.iid else sites  # the test sets stay the shifted sites'
+    candidates = [] if args.federated_only else [("centralised", pooled)]
     if not (args.no_single or args.federated_only):
-        candidates += [(f"site{k} alone", s) for k, s in enumerate(sites)]
+        candidates += [(f"site{k} alone", s) for k, s in enumerate(training)]
     for name, ds in candidates:
         wd = OUT / "work" / name.replace(" ", "_")
         wd.mkdir(parents=True)
@@ -164,16 +200,20 @@ def main() -> None:
     wd.mkdir(parents=True)
     plans.save(wd / "plans.json")
     t = time.time()
-    site_iters = args.iters if args.equal_steps else max(1, args.iters // 3)
-    simulate(sites, wd, FederationSettings(rounds=args.rounds, min_sites=3, iters_per_epoch=site_iters,
+    site_iters = max(1, args.iters // 3) if args.equal_compute else args.iters
+    simulate(training, wd, FederationSettings(rounds=args.rounds, min_sites=3, iters_per_epoch=site_iters,
                                            eval_every=args.rounds, share_momentum=args.share_momentum,
-                                           server_lr=args.server_lr),
+                                           server_lr=args.server_lr, server_momentum=args.server_momentum,
+                                           local_momentum=args.local_momentum, initial_lr=args.initial_lr,
+                                           strategy="fedprox" if args.fedprox else "fedavg",
+                                           proximal_mu=args.fedprox or 0.01),
              train=settings, fold="all", log=lambda s: None)
     arms["federated"] = (test_dice(wd, sites, "federated"), time.time() - t)
     history = json.loads((wd / "federation.json").read_text())["history"]
     traffic = [h["mb_up"] + h.get("mb_down", 0.0) for h in history if h["kind"] == "fit"]
     momentum_up = [h.get("mb_momentum_up", 0.0) for h in history if h["kind"] == "fit"]
-    print(f"\ncentralised and single-site iterations: {args.rounds * args.iters}; federated: {args.rounds} rounds x 3 "
+    print(f"\nsettings: {vars(args)}")
+    print(f"centralised and single-site iterations: {args.rounds * args.iters}; federated: {args.rounds} rounds x 3 "
           f"sites x {site_iters}")
     print("arm            " + "  ".join(f"{k:>7}" for k in ("site0", "site1", "site2", "pooled")) + "   wall s")
     for name, (dice, wall) in arms.items():

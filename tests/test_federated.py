@@ -252,10 +252,11 @@ def test_a_federation_of_one_site_trains_exactly_what_autoseg_train_trains(tmp_p
     alone = tmp_path / "alone"
     alone.mkdir()
     (alone / "plans.json").write_text((wd / "plans.json").read_text())
+    federation = FederationSettings(rounds=2, min_sites=1, iters_per_epoch=2, eval_every=2)
     settings = dataclasses.replace(TRAIN, validate=False)
-    train(site.dataset, "3d_fullres", "all", workdir=alone, settings=dataclasses.replace(settings, epochs=2,
-                                                                                          iters_per_epoch=2))
-    simulate([site.dataset.root], wd, FederationSettings(rounds=2, min_sites=1, iters_per_epoch=2, eval_every=2),
+    train(site.dataset, "3d_fullres", "all", workdir=alone, settings=dataclasses.replace(  # the federation's optimiser
+        settings, epochs=2, iters_per_epoch=2, momentum=federation.local_momentum, initial_lr=federation.initial_lr))
+    simulate([site.dataset.root], wd, federation,
              train=settings, fold="all", log=lambda s: None)
     final = "models/3d_fullres/fold_all/checkpoint_final.pt"
     a, f = (torch.load(p / final, weights_only=True) for p in (alone, wd))
@@ -276,7 +277,7 @@ def test_momentum_buffers_travel_after_the_weights_and_the_server_steps_the_weig
     assert unpack(pack(state, None), state)[1] is None  # --no-share-momentum: weights alone
     strategy = CheckpointingFedAvg(workdir=wd, plans=plans, configuration="3d_fullres", state=state, momentum=zeros,
                                    done=0, total=1, min_sites=2, local_epochs=1, iters_per_epoch=1, eval_every=1,
-                                   proximal_mu=0.0, initial_lr=0.01, history=[], log=lambda s: None)
+                                   proximal_mu=0.0, initial_lr=0.01, history=[], log=lambda s: None, server_lr=2.0)
     assert strategy._config(1)["share_momentum"] is True
     results = []
     for value, cases in ((1.0, 1), (5.0, 3)):  # case-weighted mean: (1 * 1 + 5 * 3) / 4 = 4
@@ -284,10 +285,43 @@ def test_momentum_buffers_travel_after_the_weights_and_the_server_steps_the_weig
         arrays = pack(weights, [z + value for z in zeros])
         results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), cases, {"site": str(cases)})))
     strategy.aggregate_fit(1, results, [])
-    network, rounds, momentum = load_global(wd, "3d_fullres")
+    network, rounds, momentum, _ = load_global(wd, "3d_fullres")
     assert rounds == 1 and len(momentum) == len(zeros) and all(np.allclose(m, 4.0) for m in momentum)
-    # the weights move server_lr (default: the 2 sites that answered) times the average update; momentum is averaged
+    # the weights move server_lr (2) times the average update; momentum is averaged
     assert all(np.allclose(v.numpy(), state[k].numpy() + 2 * (4.0 - state[k].numpy()), atol=1e-5)
                for k, v in network.items() if v.is_floating_point())
     record = json.loads((wd / HISTORY).read_text())["history"][0]
     assert 0 < record["mb_momentum_up"] < record["mb_up"]
+
+
+def test_server_momentum_adds_the_last_velocity_and_survives_a_restart(tmp_path):
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    from autoseg.federated.model import build_network, load_global, pack
+    from autoseg.federated.strategy import CheckpointingFedAvg
+    from autoseg.planner.plans import Plans
+
+    wd = _tiny_server_folder(tmp_path, _sites(tmp_path, n=1))
+    plans = Plans.load(wd / "plans.json")
+    state = build_network(plans, "3d_fullres").state_dict()
+    key = next(k for k, v in state.items() if v.is_floating_point())
+
+    def strategy(done, velocity, start):
+        return CheckpointingFedAvg(workdir=wd, plans=plans, configuration="3d_fullres", state=start, momentum=None,
+                                   done=done, total=3, min_sites=1, local_epochs=1, iters_per_epoch=1, eval_every=1,
+                                   proximal_mu=0.0, initial_lr=0.01, history=[], log=lambda s: None, server_lr=1.0,
+                                   server_momentum=0.5, velocity=velocity)
+
+    def answer(s, round_, weights):  # one site that always returns the global weights plus 1
+        arrays = pack({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, None)
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {"site": "a"})
+        return parameters_to_ndarrays(s.aggregate_fit(round_, [(None, res)], [])[0])
+
+    first = strategy(0, None, state)
+    answer(first, 1, state)  # velocity 1, weights + 1
+    network, done, _, velocity = load_global(wd, "3d_fullres")
+    assert done == 1 and np.allclose(velocity[0], 1.0)
+    resumed = strategy(done, velocity, network)  # a restarted coordinator continues with the saved velocity
+    answer(resumed, 1, network)  # velocity 0.5 * 1 + 1 = 1.5
+    network, done, _, _ = load_global(wd, "3d_fullres")
+    assert done == 2 and np.allclose(network[key].numpy(), state[key].numpy() + 2.5, atol=1e-5)

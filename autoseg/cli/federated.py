@@ -35,8 +35,12 @@ def _add_federation(p: argparse.ArgumentParser) -> None:
                    "(default 2; simulate: every site)")
     p.add_argument("--strategy", choices=("fedavg", "fedprox"), default="fedavg", help="aggregation (default fedavg)")
     p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu (default 0.01)")
-    p.add_argument("--server-lr", type=float, default=None, help="the global weights move this many times the sites' "
-                   "average update (default: the number of sites in the round; 1: plain FedAvg)")
+    p.add_argument("--server-lr", type=float, default=1.0, help="the global weights move this many times the sites' "
+                   "average update (default 1: plain FedAvg)")
+    p.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM's server momentum (default 0)")
+    p.add_argument("--local-momentum", type=float, default=0.9, help="the sites' SGD momentum (default 0.9)")
+    p.add_argument("--initial-lr", type=float, default=0.1,
+                   help="the sites' learning rate in round 1, poly decay over the rounds (default 0.1)")
     p.add_argument("--share-momentum", action="store_true",
                    help="average the sites' SGD momentum buffers with the weights (default: each site keeps its own)")
     p.add_argument("--local-epochs", type=int, default=1, help="epochs each site trains per round (default 1)")
@@ -60,7 +64,9 @@ def _settings(args: argparse.Namespace, default_min_sites: int) -> object:
                               strategy=args.strategy, proximal_mu=args.proximal_mu, local_epochs=args.local_epochs,
                               iters_per_epoch=args.iters_per_epoch, eval_every=args.eval_every,
                               configuration=args.configuration, preset=args.preset, round_timeout=args.round_timeout,
-                              share_momentum=args.share_momentum, server_lr=args.server_lr)
+                              share_momentum=args.share_momentum, server_lr=args.server_lr,
+                              server_momentum=args.server_momentum, local_momentum=args.local_momentum,
+                              initial_lr=args.initial_lr)
 
 
 def _train_settings(args: argparse.Namespace) -> object:

@@ -40,7 +40,8 @@ def make_client(site: Site, name: str) -> Any:
                 plans, configuration, state, round_=int(config["round"]), epochs=int(config["local_epochs"]),
                 iters_per_epoch=iters, proximal_mu=float(config.get("proximal_mu", 0.0)),
                 learning_rate=float(config["learning_rate"]) if "learning_rate" in config else None,
-                momentum=momentum if config.get("share_momentum", False) else None)
+                momentum=momentum if config.get("share_momentum", False) else None,
+                sgd_momentum=float(config["sgd_momentum"]) if "sgd_momentum" in config else None)
             return pack(new, buffers), n, {"site": name, "train_loss": float("nan") if loss is None else loss}
 
         def evaluate(self, parameters: list[Any], config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:

@@ -81,9 +81,11 @@ def global_checkpoint(workdir: Path, configuration: str) -> Path:
 
 
 def save_global(workdir: Path, plans: Plans, configuration: str, state: dict[str, torch.Tensor], *, round_: int,
-                epochs: int, momentum: list[np.ndarray] | None = None) -> Path:
+                epochs: int, momentum: list[np.ndarray] | None = None, velocity: list[np.ndarray] | None = None
+                ) -> Path:
     """Write the global model atomically as an ordinary checkpoint (plus ``plans.json`` next to the configuration);
-    the global momentum buffers, when shared, go with it for a resumed coordinator."""
+    the global momentum buffers (when shared) and the server's velocity (server momentum) go with it for a resumed
+    coordinator."""
     config = plans.configuration(configuration)
     layout = LabelLayout.from_labels(plans.labels, None)
     recipe = plans.recipe(configuration)
@@ -99,18 +101,21 @@ def save_global(workdir: Path, plans: Plans, configuration: str, state: dict[str
     if (workdir / "dataset.json").is_file() and not (folder / "dataset.json").is_file():  # labels, region order
         write_text_atomic(folder / "dataset.json", (workdir / "dataset.json").read_text(encoding="utf-8"))
     extra = {"federated_momentum": [torch.as_tensor(m) for m in momentum]} if momentum is not None else {}
+    if velocity is not None:
+        extra["federated_velocity"] = [torch.as_tensor(v) for v in velocity]
     save_checkpoint(path, {"network": state, "epoch": epochs, "federated_round": round_, **meta.to_json(), **extra})
     return path
 
 
-def load_global(workdir: Path, configuration: str
-                ) -> tuple[dict[str, Any], int, list[np.ndarray] | None] | None:
-    """The saved global weights, the rounds they include and the global momentum buffers (None: not shared), or None
-    before the first round."""
+def load_global(workdir: Path, configuration: str) -> tuple[dict[str, Any], int, list[np.ndarray] | None,
+                                                          list[np.ndarray] | None] | None:
+    """The saved global weights, the rounds they include, the global momentum buffers (None: not shared) and the
+    server's velocity (None: no server momentum), or None before the first round."""
     path = global_checkpoint(workdir, configuration)
     if not path.is_file():
         return None
     state = load_checkpoint(path)
-    momentum = state.get("federated_momentum")
+    momentum, velocity = state.get("federated_momentum"), state.get("federated_velocity")
     return (state["network"], int(state.get("federated_round", 0)),
-            None if momentum is None else [m.numpy() for m in momentum])
+            None if momentum is None else [m.numpy() for m in momentum],
+            None if velocity is None else [v.numpy() for v in velocity])

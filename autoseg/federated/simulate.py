@@ -1,11 +1,13 @@
 """A whole federation on one machine: the coordinator and one site per dataset as threads talking Flower's gRPC over
-127.0.0.1 (a free port), for trying federated training out and for tests."""
+127.0.0.1 (a free port), for trying federated training out and for tests. The sites work one at a time, so a
+simulation repeats exactly (see :class:`_OneAtATime`)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,27 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@dataclass
+class _OneAtATime(Site):
+    """A simulated site whose work holds a lock shared by all of them: sites in one process share numpy's and torch's
+    global random generators, which the data pipeline seeds per batch, so two sites training at once would draw each
+    other's numbers and a simulation would not repeat."""
+
+    lock: Any = None
+
+    def describe(self, *, statistics: bool = True) -> dict[str, Any]:
+        with self.lock:
+            return super().describe(statistics=statistics)
+
+    def train_round(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return super().train_round(*args, **kwargs)
+
+    def validate(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return super().validate(*args, **kwargs)
 
 
 class _Thread(threading.Thread):
@@ -51,9 +74,9 @@ def simulate(datasets: Sequence[str | Path], workdir: str | Path, settings: Fede
     address = f"127.0.0.1:{free_port()}"
     server = _Thread(lambda: run_server(workdir, settings, address=address, log=log), "federated-server")
     server.start()
-    sites = []
+    sites, lock = [], threading.Lock()
     for k, root in enumerate(datasets):
-        site = Site(load_dataset(root), workdir / "sites" / f"site{k}", fold=fold, settings=train)
+        site = _OneAtATime(load_dataset(root), workdir / "sites" / f"site{k}", fold=fold, settings=train, lock=lock)
         sites.append(_Thread(lambda s=site, n=f"site{k}": run_site(s, n, address, max_wait_time=60.0), f"site{k}"))
         sites[-1].start()
     server.join(timeout)

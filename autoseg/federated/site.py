@@ -23,7 +23,7 @@ import numpy as np
 
 from autoseg.fingerprint.merge import site_statistics
 from autoseg.io.atomic import write_text_atomic
-from autoseg.io.dataset import Dataset
+from autoseg.io.dataset import Dataset, record_dataset_source
 from autoseg.io.model_folder import fold_folder
 from autoseg.networks.checkpoint import FINAL, LATEST, load_checkpoint, save_checkpoint
 from autoseg.planner.plans import Plans
@@ -68,6 +68,7 @@ class Site:
             plans.save(path)
         write_text_atomic(self.workdir / "dataset.json",
                           (self.dataset.root / "dataset.json").read_text(encoding="utf-8"))
+        record_dataset_source(self.workdir, self.dataset.root)  # for find-best at the site; it stays here
         preprocess_dataset(self.dataset, plans, configuration, self.workdir, jobs=self.jobs,
                            progress=self.settings.progress)
         if str(self.fold) != "all":
@@ -76,9 +77,10 @@ class Site:
             get_splits(self.workdir, [c.case_id for c in self.dataset.cases], seed=plans.seed)
 
     def _start_from(self, configuration: str, state: dict[str, Any], epoch: int,
-                    momentum: list[np.ndarray] | None = None) -> bool:
-        """Put the global weights (and ``momentum`` buffers) into the site's furthest checkpoint at ``epoch`` (False:
-        none exists yet)."""
+                    momentum: list[np.ndarray] | None = None, sgd_momentum: float | None = None) -> bool:
+        """Put the global weights (and ``momentum`` buffers, and the coordinator's ``sgd_momentum``, which a
+        restored optimiser would otherwise take from the checkpoint) into the site's furthest checkpoint at ``epoch``
+        (False: none exists yet)."""
         folder = fold_folder(self.workdir, configuration, self.fold)
         found = [load_checkpoint(folder / n) for n in (FINAL, LATEST) if (folder / n).is_file()]
         if not found:
@@ -88,17 +90,21 @@ class Site:
             ckpt.pop(key, None)
         if momentum is not None:
             ckpt["optimizer"] = _with_momentum(ckpt["optimizer"], momentum)
+        if sgd_momentum is not None:
+            groups = [{**g, "momentum": sgd_momentum} for g in ckpt["optimizer"]["param_groups"]]
+            ckpt["optimizer"] = {**ckpt["optimizer"], "param_groups": groups}
         save_checkpoint(folder / LATEST, {**ckpt, "network": state, "epoch": epoch})
         (folder / FINAL).unlink(missing_ok=True)
         return True
 
     def train_round(self, plans: Plans, configuration: str, state: dict[str, Any], *, round_: int, epochs: int,
                     iters_per_epoch: int | None, proximal_mu: float = 0.0, learning_rate: float | None = None,
-                    momentum: list[np.ndarray] | None = None
+                    momentum: list[np.ndarray] | None = None, sgd_momentum: float | None = None
                     ) -> tuple[dict[str, Any], list[np.ndarray] | None, int, float | None]:
         """``epochs`` local epochs from the global ``state`` and (shared) global ``momentum`` buffers (with FedProx's
         proximal term when ``proximal_mu > 0``: the ``fedprox`` optimiser, SGD with the term), at the coordinator's
-        ``learning_rate`` held constant (None: the recipe's schedule over the epochs so far); returns the new
+        ``learning_rate`` held constant (None: the recipe's schedule over the epochs so far) and SGD momentum
+        ``sgd_momentum`` (None: the site's training settings'); returns the new
         weights, the new momentum buffers (None when ``momentum`` is None), the training-case count and the last
         epoch's training loss."""
         from autoseg.training.run import train_fold
@@ -107,12 +113,14 @@ class Site:
         start = (round_ - 1) * epochs
         settings = dataclasses.replace(self.settings, epochs=start + epochs, iters_per_epoch=iters_per_epoch,
                                        validate=False, init_from=None)
+        if sgd_momentum is not None:
+            settings = dataclasses.replace(settings, momentum=sgd_momentum)
         if learning_rate is not None:
             settings = dataclasses.replace(settings, initial_lr=learning_rate,
                                            recipe=(*settings.recipe, "schedule=constant"))
         if proximal_mu > 0:
             settings = dataclasses.replace(settings, recipe=(*settings.recipe, f"optimizer=fedprox:mu={proximal_mu}"))
-        if not self._start_from(configuration, state, start, momentum):
+        if not self._start_from(configuration, state, start, momentum, sgd_momentum):
             init = self.workdir / "federated_global.pt"
             save_checkpoint(init, {"network": state})
             settings = dataclasses.replace(settings, epochs=epochs, init_from=str(init))
@@ -144,6 +152,8 @@ class Site:
         settings = dataclasses.replace(self.settings, epochs=done, validate=True, init_from=None)
         result = train_fold(self.dataset, plans, configuration, self.fold, self.workdir, settings=settings,
                             resume=True)
+        if (folder / LATEST).is_file():  # the global model, validated: a finished fold (find-best at the site)
+            (folder / LATEST).replace(folder / FINAL)
         summary = result.validation
         dice = summary.mean_foreground_dice if summary is not None else None
         return (float("nan") if dice is None else float(dice)), len(summary.cases) if summary is not None else 0

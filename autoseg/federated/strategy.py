@@ -28,9 +28,7 @@ def _mb(parameters: Parameters, start: int = 0) -> float:
 
 class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
     """FedAvg over the sites that answered a round, when at least ``min_sites`` did (else the weights stay), with a
-    server learning rate: K sites that each take E local steps from the same weights see K times a centralised
-    step's batch but make only E sequential steps, so by default (``server_lr`` None) the global weights move K times
-    the sites' average update (the linear scaling rule for a K-times larger batch); ``server_lr=1`` is plain FedAvg.
+    server learning rate and server momentum (FedAvgM); ``server_lr=1`` without server momentum is plain FedAvg.
 
     With ``momentum`` (the global SGD momentum buffers) the buffers travel after the weights and are averaged with the
     same case-count weights, so every site starts a round from the global weights and the global momentum; with one
@@ -40,7 +38,8 @@ class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
                  momentum: list[Any] | None, done: int,
                  total: int, min_sites: int, local_epochs: int, iters_per_epoch: int | None, eval_every: int,
                  proximal_mu: float, initial_lr: float, history: list[dict[str, Any]],
-                 log: Callable[[str], None], server_lr: float | None = None) -> None:
+                 log: Callable[[str], None], server_lr: float = 1.0, server_momentum: float = 0.0,
+                 velocity: list[Any] | None = None, local_momentum: float | None = None) -> None:
         super().__init__(min_fit_clients=min_sites, min_evaluate_clients=min_sites, min_available_clients=min_sites,
                          accept_failures=True, initial_parameters=ndarrays_to_parameters(pack(state, momentum)))
         self.workdir, self.plans, self.configuration, self.template = workdir, plans, configuration, state
@@ -48,6 +47,7 @@ class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
         self.iters, self.eval_every, self.mu, self.history, self.log = (iters_per_epoch, eval_every, proximal_mu,
                                                                           history, log)
         self.initial_lr, self.share_momentum, self.server_lr = initial_lr, momentum is not None, server_lr
+        self.server_momentum, self.velocity, self.local_momentum = server_momentum, velocity, local_momentum
         self.current = pack(state, momentum)
         self._plans_json = json.dumps(plans.to_json())
 
@@ -58,7 +58,8 @@ class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
         return {"round": g, "local_epochs": self.local_epochs, "iters_per_epoch": self.iters or 0,
                 "plans": self._plans_json, "configuration": self.configuration, "proximal_mu": self.mu,
                 "learning_rate": poly_lr(self.initial_lr, g - 1, self.total),
-                "share_momentum": self.share_momentum}
+                "share_momentum": self.share_momentum,
+                **({} if self.local_momentum is None else {"sgd_momentum": self.local_momentum})}
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[Any]:
         pairs = super().configure_fit(server_round, parameters, client_manager)
@@ -87,25 +88,32 @@ class CheckpointingFedAvg(FedAvg):  # type: ignore[misc]
             self.log(f"round {g}: {len(results)} site(s) answered, fewer than --min-sites {self.min_sites}; the global "
                      "model is unchanged")
             return None, {}
+        results = sorted(results, key=lambda r: str(r[1].metrics.get("site", "")))  # one summation order: repeatable
         parameters, metrics = super().aggregate_fit(server_round, results, failures)
-        arrays = self._server_step(parameters_to_ndarrays(parameters), len(results))
+        arrays = self._server_step(parameters_to_ndarrays(parameters))
         parameters = ndarrays_to_parameters(arrays)
         state, momentum = unpack(arrays, self.template)
         save_global(self.workdir, self.plans, self.configuration, state, round_=g, epochs=g * self.local_epochs,
-                    momentum=momentum)
+                    momentum=momentum, velocity=self.velocity)
         self._record({**record, "aggregated": True, "mb_down": round(_mb(parameters) * (len(results) + len(failures)), 4)})
         self.log(f"round {g}: averaged {len(results)} site(s) ({', '.join(sites)}), {len(failures)} failed; "
                  f"global model saved")
         return parameters, metrics
 
-    def _server_step(self, average: list[Any], answered: int) -> list[Any]:
-        """The new global arrays: the weights move ``server_lr`` (None: the number of sites that ``answered``) times
-        the sites' case-weighted average update; 1 is plain FedAvg. Momentum and integer buffers are the average."""
-        rate = float(answered if self.server_lr is None else self.server_lr)
-        if rate != 1.0:
-            n = len(self.template)
-            average = [old + rate * (new - old) if k < n and new.dtype.kind == "f" else new
-                       for k, (old, new) in enumerate(zip(self.current, average, strict=True))]
+    def _server_step(self, average: list[Any]) -> list[Any]:
+        """The new global arrays: the weights move ``server_lr`` times the server's velocity, which is the sites'
+        case-weighted average update plus ``server_momentum`` times the last velocity (FedAvgM, Hsu et al. 2019:
+        Flower's ``FedAvgM`` rule); rate 1 and no server momentum is plain FedAvg. Shared momentum buffers and
+        integer buffers are the sites' average."""
+        rate = float(self.server_lr)
+        n = len(self.template)
+        if rate != 1.0 or self.server_momentum:
+            update = [new - old for old, new in zip(self.current[:n], average[:n], strict=True)]
+            if self.server_momentum and self.velocity is not None:
+                update = [self.server_momentum * v + u for v, u in zip(self.velocity, update, strict=True)]
+            self.velocity = update if self.server_momentum else None
+            average = [old + rate * u if new.dtype.kind == "f" else new
+                       for old, new, u in zip(self.current[:n], average[:n], update, strict=True)] + average[n:]
         self.current = list(average)
         return self.current
 
