@@ -14,6 +14,9 @@ again with as many more epochs as fit in nnU-Net's wall time (the goal: Dice >= 
 ``--same-plan`` plans autoseg with the ``default`` preset (nnU-Net's rules: the same patch, batch and U-Net as
 nnU-Net's own plan) and prints the seconds per training iteration of both (median epoch time / iterations, the
 epoch's validation batches included) and their ratio; ``--augmentation`` picks autoseg's augmentation part.
+It then times the bare training step of both (forward, loss, backward, clipping, SGD; one pre-made batch of the
+plan's patch with labels 0-3, no data pipeline; ``--step-iters`` timed steps after 2 warm-up steps, one process at a time), so a
+gap in seconds per iteration can be told apart into the step and the data pipeline.
 """
 
 from __future__ import annotations
@@ -42,6 +45,75 @@ class nnUNetTrainer_AutosegBench(nnUNetTrainer):
         self.num_iterations_per_epoch = {iters}
         self.num_val_iterations_per_epoch = {val_iters}
 '''
+
+
+NNUNET_STEP = '''
+import json, os, sys, time, torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+pre, n = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(os.cpu_count())  # as nnUNetv2_train does on the CPU
+plans, dj = json.load(open(pre + "/nnUNetPlans.json")), json.load(open(pre + "/dataset.json"))
+plans["continue_training"] = False
+trainer = nnUNetTrainer(plans, "3d_fullres", 0, dj, device=torch.device("cpu"))
+trainer.initialize()
+patch, batch = trainer.configuration_manager.patch_size, trainer.configuration_manager.batch_size
+g = torch.Generator().manual_seed(0)
+heads, regions = trainer.label_manager.num_segmentation_heads, trainer.label_manager.has_regions
+shapes = [[int(round(p * f)) for p, f in zip(patch, s)] for s in trainer._get_deep_supervision_scales()]
+target = [(torch.rand(batch, heads, *s, generator=g) > 0.7).float() if regions
+          else torch.randint(0, heads, (batch, 1, *s), generator=g).float() for s in shapes]
+step = {"data": torch.randn(batch, len(dj["channel_names"]), *patch, generator=g), "target": target}
+for _ in range(2):
+    trainer.train_step(step)
+t = time.perf_counter()
+for _ in range(n):
+    trainer.train_step(step)
+print("STEP", (time.perf_counter() - t) / n)
+'''
+
+
+def _autoseg_step(dataset: Path, out: Path, n: int) -> float:
+    """Seconds per bare training step of autoseg's 3d_fullres loop on one pre-made augmented batch."""
+    import time
+
+    import numpy as np
+    import torch
+    from train_pipeline import _synthetic, training_loop
+
+    from autoseg.io.dataset import load_dataset
+    from autoseg.planner.plans import Plans
+    from autoseg.training.augmentation import augmentation_params
+    from autoseg.training.augmentation_presets import nnunet
+    from autoseg.training.batch_augment import BatchAugmenter
+    from autoseg.training.feeding import CompactBatch
+
+    plans = Plans.load(out / "autoseg_work" / "plans.json")
+    config, layout, scales, loop = training_loop(plans, load_dataset(dataset), torch.device("cpu"), out / "step_only")
+    aug = augmentation_params(config.patch_size)
+    raw = CompactBatch()(**_synthetic(aug.initial_patch_size, config.batch_size, len(plans.channel_names), 0))
+    step = BatchAugmenter(aug, nnunet(), regions=layout.regions, ignore_label=None, ds_scales=scales)(
+        {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in raw.items()})
+    for _ in range(2):
+        loop.train_step(step)
+    t = time.perf_counter()
+    for _ in range(n):
+        loop.train_step(step)
+    return (time.perf_counter() - t) / n
+
+
+def _nnunet_step(out: Path, args: argparse.Namespace) -> float:
+    """Seconds per bare training step of nnU-Net's own trainer (its network, loss and optimiser) at its plan."""
+    pre = next((out / "nnunet" / "nnUNet_preprocessed").glob(f"Dataset{args.nnunet_id:03d}_*"))
+    script = out / "nnunet_step.py"
+    script.write_text(NNUNET_STEP)
+    env, _ = nnunet_layout(Path(args.dataset_used), out / "nnunet", dataset_id=args.nnunet_id)
+    env["OMP_NUM_THREADS"] = str(os.cpu_count())
+    run = run_measured([str(args.nnunet_venv.resolve() / "bin" / "python"), str(script), str(pre),
+                        str(args.step_iters)], env=env)
+    lines = [ln for ln in run.output.splitlines() if ln.startswith("STEP ")]
+    if run.returncode or not lines:
+        raise SystemExit(run.output[-4000:])
+    return float(lines[-1].split()[1])
 
 
 def _autoseg(dataset: Path, out: Path, args: argparse.Namespace, epochs: int | None = None) -> dict:
@@ -109,6 +181,7 @@ def main() -> int:
     ap.add_argument("--same-plan", action="store_true", help="autoseg plans with nnU-Net's rules (preset default)")
     ap.add_argument("--augmentation", default="nnunet",
                     help="autoseg's augmentation part (nnunet: on the training device; nnunet_cpu: CPU workers)")
+    ap.add_argument("--step-iters", type=int, default=6, help="timed bare steps per tool (--same-plan)")
     ap.add_argument("--no-equal-time", action="store_true", help="skip the equal-wall-time autoseg run")
     args = ap.parse_args()
     if args.same_plan:
@@ -123,6 +196,7 @@ def main() -> int:
             make_synthetic_dataset(dataset, n_cases=12, shape=(64, 64, 64), n_channels=4, kind="brats",
                                    regions=True, n_test=2, seed=0)
     dataset = dataset.resolve()
+    args.dataset_used = dataset
     print(f"dataset {dataset.name}, fold 0, {args.epochs} epochs x {args.iters} iterations "
           f"(+{args.val_iters} validation), CPU, {os.cpu_count()} cores")
     ours = _autoseg(dataset, args.out, args)
@@ -137,6 +211,9 @@ def main() -> int:
     if args.same_plan:
         print(f"same plan, seconds per iteration: autoseg ({args.augmentation}) {ours['epoch_s'] / args.iters:.2f}, "
               f"nnU-Net {theirs['epoch_s'] / args.iters:.2f}, autoseg/nnU-Net {ours['epoch_s'] / theirs['epoch_s']:.2f}")
+        mine, nn = _autoseg_step(dataset, args.out, args.step_iters), _nnunet_step(args.out, args)
+        print(f"same plan, bare training step (pre-made batch, no data pipeline): autoseg {mine:.2f} s, "
+              f"nnU-Net {nn:.2f} s, autoseg/nnU-Net {mine / nn:.2f}")
     print(f"ratio nnU-Net/autoseg train command wall time: {theirs['train_s'] / ours['train_s']:.2f}x")
     print(f"ratio nnU-Net/autoseg peak RSS: {theirs['rss_mb'] / ours['rss_mb']:.2f}x")
     print(f"Dice difference autoseg - nnU-Net at equal iterations: {ours['dice'] - theirs['dice']:+.4f}")

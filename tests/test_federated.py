@@ -169,13 +169,24 @@ def test_federation_trains_on_127_0_0_1_and_a_dropped_site_does_not_stop_the_rou
                 raise SystemExit("site lost")
             return super().train_round(*a, **kw)
 
+    b_started = threading.Event()
+
+    class Waiting(Site):  # round 1 lasts until siteB has had time to connect, so round 2 always samples it
+        def train_round(self, *a, **kw):
+            if kw["round_"] == 1:
+                b_started.wait(60)
+                time.sleep(3.0)
+            return super().train_round(*a, **kw)
+
     dropping = Dropping(sites[1].dataset, sites[1].workdir, fold=0, settings=TRAIN)
+    waiting = Waiting(sites[0].dataset, sites[0].workdir, fold=0, settings=TRAIN)
     settings = FederationSettings(rounds=2, min_sites=1, iters_per_epoch=2, eval_every=2, wait_timeout=60, round_timeout=120,
                                   share_momentum=True)  # the resumed coordinator below shares none (the default)
     result = {}
     server = _thread(lambda: result.setdefault("r", run_server(wd, settings, address=address, log=lambda s: None)))
-    first = _thread(lambda: run_site(sites[0], "siteA", address, max_wait_time=60))
+    first = _thread(lambda: run_site(waiting, "siteA", address, max_wait_time=60))
     time.sleep(1.0)
+    b_started.set()
     _thread(lambda: run_site(dropping, "siteB", address, max_wait_time=60)).join(60)
     server.join(120)
     first.join(30)
