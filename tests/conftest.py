@@ -38,6 +38,18 @@ def make_planned(root: Path, *, kind: str = "brats", regions: bool = True, n_cas
     return load_dataset(ds), wd, plans
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: tests that run a server and its clients as threads of this process
+    keep a loaded machine responsive."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_brats(tmp_path_factory):
     """A planned + preprocessed 6-case 2-channel region (BraTS-style) dataset: (dataset, workdir, plans)."""

@@ -35,15 +35,7 @@ from autoseg.training.settings import TrainSettings  # noqa: E402
 TRAIN = TrainSettings(progress=False, val_iters=1, workers=0, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The server and the sites share this process: one intra-op thread each keeps a loaded machine responsive."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_merged_site_statistics_plan_like_the_pooled_dataset(tmp_path):

@@ -28,14 +28,7 @@ from autoseg.training.settings import TrainSettings  # noqa: E402
 TRAIN = TrainSettings(progress=False, val_iters=1, workers=0, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _site(tmp_path, k=0):
