@@ -77,10 +77,9 @@ class Site:
             get_splits(self.workdir, [c.case_id for c in self.dataset.cases], seed=plans.seed)
 
     def _start_from(self, configuration: str, state: dict[str, Any], epoch: int,
-                    momentum: list[np.ndarray] | None = None, sgd_momentum: float | None = None) -> bool:
-        """Put the global weights (and ``momentum`` buffers, and the coordinator's ``sgd_momentum``, which a
-        restored optimiser would otherwise take from the checkpoint) into the site's furthest checkpoint at ``epoch``
-        (False: none exists yet)."""
+                    momentum: list[np.ndarray] | None = None) -> bool:
+        """Put the global weights (and ``momentum`` buffers) into the site's furthest checkpoint at ``epoch`` (False:
+        none exists yet)."""
         folder = fold_folder(self.workdir, configuration, self.fold)
         found = [load_checkpoint(folder / n) for n in (FINAL, LATEST) if (folder / n).is_file()]
         if not found:
@@ -90,9 +89,6 @@ class Site:
             ckpt.pop(key, None)
         if momentum is not None:
             ckpt["optimizer"] = _with_momentum(ckpt["optimizer"], momentum)
-        if sgd_momentum is not None:
-            groups = [{**g, "momentum": sgd_momentum} for g in ckpt["optimizer"]["param_groups"]]
-            ckpt["optimizer"] = {**ckpt["optimizer"], "param_groups": groups}
         save_checkpoint(folder / LATEST, {**ckpt, "network": state, "epoch": epoch})
         (folder / FINAL).unlink(missing_ok=True)
         return True
@@ -120,7 +116,7 @@ class Site:
                                            recipe=(*settings.recipe, "schedule=constant"))
         if proximal_mu > 0:
             settings = dataclasses.replace(settings, recipe=(*settings.recipe, f"optimizer=fedprox:mu={proximal_mu}"))
-        if not self._start_from(configuration, state, start, momentum, sgd_momentum):
+        if not self._start_from(configuration, state, start, momentum):
             init = self.workdir / "federated_global.pt"
             save_checkpoint(init, {"network": state})
             settings = dataclasses.replace(settings, epochs=epochs, init_from=str(init))

@@ -164,9 +164,14 @@ class TrainingLoop:
         self.tracker.on_checkpoint(self.folder / name)
 
     def restore(self, ckpt: dict[str, Any]) -> None:
-        """Continue from a loaded checkpoint."""
+        """Continue from a loaded checkpoint: its weights, optimiser state (momentum buffers) and learning rate; the
+        optimiser's other settings (momentum, weight decay, ...) stay this run's, as it was built."""
         self._module().load_state_dict(ckpt["network"])
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                      for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(own)
         if self.scaler is not None and ckpt.get("grad_scaler"):
             self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.state.epoch = int(ckpt["epoch"])

@@ -209,3 +209,20 @@ def test_adamw_with_cosine_trains_and_resumes_identically(tmp_path: Path) -> Non
     assert [(r["train_loss"], r["lr"]) for r in got] == [(r["train_loss"], r["lr"]) for r in expected]
     for a, b in zip(straight.network.parameters(), resumed.network.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_restore_takes_the_checkpoints_state_and_rate_and_keeps_this_runs_optimiser_settings(tmp_path: Path) -> None:
+    first = _loop(tmp_path / "a", _net())
+    _run(first, _batches(2), epochs=2)
+    ckpt = load_checkpoint(first.folder / "checkpoint_final.pt")
+    saved = ckpt["optimizer"]["param_groups"][0]
+    again = TrainingLoop(_net(), _loss, folder=tmp_path / "b", device=torch.device("cpu"), regions=False,
+                         ignore_label=None, amp=False, initial_lr=1e-2, weight_decay=1e-4, momentum=0.9,
+                         grad_clip=12.0)
+    again.restore(ckpt)
+    group = again.optimizer.param_groups[0]
+    assert saved["momentum"] == 0.99 and group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
+    assert group["lr"] == saved["lr"]
+    state = again.optimizer.state_dict()["state"]
+    assert all(torch.equal(state[k]["momentum_buffer"], v["momentum_buffer"])
+               for k, v in ckpt["optimizer"]["state"].items())
